@@ -1,0 +1,126 @@
+"""Models and tokenizers the project can build without any download.
+
+The built-in default world is a small Llama-style causal LM built from a config, with a byte-level
+tokenizer that has a chat template. Both are deterministic for a seed, so tests and the default run are
+reproducible on any machine. A user's own model is a local Hugging Face directory (``load_model``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+TINY_MODEL_NAME = "tiny-llama"
+"""Name that ``load_model`` resolves to the built-in tiny Llama (no files needed)."""
+
+_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>")
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + 6 specials) with BOS/EOS/PAD and a chat template.
+
+    Every UTF-8 string round-trips through it, so it suits any text the shipped data or proxy sampling
+    produces. It needs no training and no files.
+    """
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in _SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(_SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 160,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama-family causal LM (float32), deterministic for ``seed``.
+
+    Grouped-query attention (``num_kv_heads < num_heads``) makes k/v narrower than q, so shapes
+    differ between modules that share an input, as in real Llama checkpoints.
+    """
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=1024,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float().eval()
+
+
+def load_model(
+    name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from a local Hugging Face directory, or build the tiny default.
+
+    Args:
+        name_or_path: ``"tiny-llama"`` for the built-in model, or a local directory with
+            ``config.json``, weights and a tokenizer. Hub names are refused: this project runs offline.
+        seed: initialisation seed of the tiny model (ignored for directories).
+        dtype: dtype of the loaded weights.
+
+    Raises:
+        FileNotFoundError: the path does not exist or lacks ``config.json``.
+    """
+    if name_or_path == TINY_MODEL_NAME:
+        tokenizer = build_byte_tokenizer()
+        model = build_tiny_llama(
+            len(tokenizer),
+            seed=seed,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return model.to(dtype), tokenizer
+    path = Path(os.path.expanduser(name_or_path))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: expected a local directory with config.json (or {TINY_MODEL_NAME!r}); "
+            "hub downloads are not used by folora_ds"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.eval(), tokenizer

@@ -1,0 +1,334 @@
+"""The FoLoRA math: generalized eigensolve, gates, low-rank projector, and the solve failure policy.
+
+Pure torch: no ``torch.distributed`` here (collectives live in ``folora_ds.distributed``).
+
+For one adapted input (shared by e.g. q/k/v) with input dimension d:
+
+    C̃ = C_pre + δ·(tr C_pre / d)·I                          (relative ridge)
+    C_task v = λ C̃ v      ⇔   L = chol(C̃),  L⁻¹ C_task L⁻ᵀ = Q Λ Qᵀ,  V = L⁻ᵀ Q
+    Vᵀ C̃ V = I,   Vᵀ C_task V = Λ,   C̃ V = L Q
+
+A row u (1×d) of the Adam update of LoRA-A has spectral coordinates c = u·C̃V (so u = c·Vᵀ). The gated row is
+u·P_g = c·diag(g)·Vᵀ. Directions with g = 1 pass unchanged, so only the k most-attenuated directions are
+stored:  u·P_g = u − ((u·C̃V_k)·diag(1 − g_k))·V_kᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from folora_ds.config import FoLoRAConfig
+
+
+class SpectralSolveError(RuntimeError):
+    """A generalized eigensolve failed for the input named ``layer``."""
+
+    def __init__(self, layer: str, reason: str) -> None:
+        super().__init__(f"spectral solve failed for {layer!r}: {reason}")
+        self.layer = layer
+        self.reason = reason
+
+
+class NonFiniteStatisticsError(SpectralSolveError):
+    """C_task or C_pre of ``layer`` contains NaN or Inf (e.g. an overflowing activation or a bad rank)."""
+
+
+class ConsecutiveSolveFailuresError(RuntimeError):
+    """The solve of one input failed more times in a row than the configured policy tolerates."""
+
+
+@dataclass(frozen=True)
+class GeneralizedEigenResult:
+    """Solution of C_task v = λ C̃ v for one input.
+
+    Attributes:
+        eigenvalues: (d,) ascending generalized eigenvalues λ.
+        eigenvectors: (d, d) V, columns C̃-orthonormal (Vᵀ C̃ V = I).
+        c_tilde_v: (d, d) C̃ V (= L Q), the map from a row to its spectral coordinates.
+        ridge: the relative ridge δ finally used (after escalations).
+        dtype: the dtype the successful solve ran in.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    c_tilde_v: torch.Tensor
+    ridge: float
+    dtype: torch.dtype
+
+
+def _check_statistics(c_task: torch.Tensor, c_pre: torch.Tensor, layer: str) -> None:
+    for name, matrix in (("C_task", c_task), ("C_pre", c_pre)):
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"{layer!r}: {name} must be a square (d, d) matrix, got shape {tuple(matrix.shape)}")
+    if c_task.shape != c_pre.shape:
+        raise ValueError(f"{layer!r}: C_task {tuple(c_task.shape)} and C_pre {tuple(c_pre.shape)} differ in shape")
+    for name, matrix in (("C_task", c_task), ("C_pre", c_pre)):
+        if not bool(torch.isfinite(matrix).all()):
+            raise NonFiniteStatisticsError(layer, f"{name} contains NaN or Inf")
+
+
+def _solve_once(c_task: torch.Tensor, c_pre: torch.Tensor, ridge: float, max_ridge_escalations: int,
+                layer: str) -> GeneralizedEigenResult:
+    d = c_pre.shape[0]
+    scale = float(torch.trace(c_pre)) / d
+    if not scale > 0:
+        raise SpectralSolveError(layer, "C_pre has zero trace (no proxy tokens reached this input)")
+    identity = torch.eye(d, dtype=c_pre.dtype, device=c_pre.device)
+    for escalation in range(max_ridge_escalations + 1):
+        ridge_used = ridge * 10.0**escalation
+        lower, info = torch.linalg.cholesky_ex(c_pre + (ridge_used * scale) * identity)
+        if int(info) == 0:
+            break
+    else:
+        raise SpectralSolveError(layer, f"Cholesky of C̃ failed up to ridge {ridge_used:g}")
+    half = torch.linalg.solve_triangular(lower, c_task, upper=False)  # L⁻¹ C_task
+    whitened = torch.linalg.solve_triangular(lower, half.mT, upper=False)  # L⁻¹ C_task L⁻ᵀ
+    whitened = 0.5 * (whitened + whitened.mT)
+    try:
+        eigenvalues, q = torch.linalg.eigh(whitened)
+    except torch.linalg.LinAlgError as error:
+        raise SpectralSolveError(layer, f"eigh did not converge in {c_pre.dtype}: {error}") from error
+    eigenvectors = torch.linalg.solve_triangular(lower.mT, q, upper=True)
+    c_tilde_v = lower @ q
+    if not (torch.isfinite(eigenvalues).all() and torch.isfinite(eigenvectors).all()):
+        raise SpectralSolveError(layer, f"non-finite eigenpairs in {c_pre.dtype}")
+    return GeneralizedEigenResult(eigenvalues, eigenvectors, c_tilde_v, ridge_used, c_pre.dtype)
+
+
+def solve_generalized_eigenproblem(
+    c_task: torch.Tensor,
+    c_pre: torch.Tensor,
+    *,
+    ridge: float = 1e-3,
+    max_ridge_escalations: int = 6,
+    solve_dtype: torch.dtype = torch.float64,
+    retry_float64: bool = True,
+    layer: str = "<unnamed>",
+) -> GeneralizedEigenResult:
+    """Solve C_task v = λ (C_pre + δ·(tr C_pre/d)·I) v with ridge escalation and a float64 retry.
+
+    Args:
+        c_task: (d, d) symmetric PSD task input covariance.
+        c_pre: (d, d) symmetric PSD pretraining-proxy input covariance.
+        ridge: relative ridge δ; multiplied by 10 after each Cholesky failure.
+        max_ridge_escalations: escalations tried before giving up.
+        solve_dtype: dtype of the solve (float64 is exact enough everywhere; float32 is faster on GPUs).
+        retry_float64: if a float32 solve fails, retry once in float64.
+        layer: name used in errors.
+
+    Returns:
+        The eigenpairs in ascending order, C̃V, the ridge and the dtype actually used.
+
+    Raises:
+        NonFiniteStatisticsError: an input holds NaN/Inf.
+        SpectralSolveError: C_pre is zero, or the solve failed in every allowed precision and ridge.
+        ValueError: shapes are not (d, d) or differ.
+    """
+    _check_statistics(c_task, c_pre, layer)
+    try:
+        return _solve_once(c_task.to(solve_dtype), c_pre.to(solve_dtype), ridge, max_ridge_escalations, layer)
+    except SpectralSolveError:
+        if solve_dtype == torch.float64 or not retry_float64:
+            raise
+    return _solve_once(c_task.to(torch.float64), c_pre.to(torch.float64), ridge, max_ridge_escalations, layer)
+
+
+def generalized_eigh(c_task: torch.Tensor, c_pre: torch.Tensor, ridge: float = 1e-3,
+                     **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(eigenvalues (d,), V (d, d))`` ascending like ``torch.linalg.eigh``; see solve_generalized_eigenproblem."""
+    result = solve_generalized_eigenproblem(c_task, c_pre, ridge=ridge, **kwargs)
+    return result.eigenvalues, result.eigenvectors
+
+
+def effective_tau(eigenvalues: torch.Tensor, tau: float, tau_mode: str) -> float:
+    """τ in eigenvalue units: ``tau`` itself ("absolute") or ``tau`` × the median positive λ ("relative_median").
+
+    The median is taken over positive eigenvalues because with fewer task tokens than d, C_task is rank
+    deficient and most λ are exactly zero; the median of all λ would then be zero.
+    """
+    if tau_mode == "absolute":
+        return float(tau)
+    if tau_mode != "relative_median":
+        raise ValueError(f"tau_mode={tau_mode!r}; allowed: 'relative_median', 'absolute'")
+    positive = eigenvalues[eigenvalues > 0]
+    if positive.numel() == 0:
+        raise ValueError("relative τ needs at least one positive eigenvalue; C_task is zero for this input")
+    return float(tau) * float(positive.median())  # the lower middle value for an even count
+
+
+def gate_values(eigenvalues: torch.Tensor, *, kind: str, tau: float, temperature: float = 1.0) -> torch.Tensor:
+    """Per-direction gates g ∈ [0, 1] from eigenvalues λ (any shape) and an absolute τ > 0.
+
+    rational: λ/(λ+τ), the minimiser of ‖Δ′−Δ‖²_{C_task} + τ‖Δ′‖²_{C̃};
+    sigmoid:  sigmoid((ln λ − ln τ)/T), equal to the rational gate at T = 1;
+    hard:     1 where λ ≥ τ, else 0 (the T → 0 limit).
+    Slightly negative λ (round-off of a PSD pencil) count as 0.
+    """
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"gate needs a finite τ > 0, got {tau!r}")
+    lam = eigenvalues.clamp_min(0)
+    if kind == "rational":
+        return lam / (lam + tau)
+    if kind == "sigmoid":
+        if not temperature > 0:
+            raise ValueError(f"sigmoid gate needs temperature > 0, got {temperature!r}")
+        log_lam = torch.log(lam.clamp_min(torch.finfo(lam.dtype).tiny))
+        return torch.sigmoid((log_lam - math.log(tau)) / temperature)
+    if kind == "hard":
+        return (lam >= tau).to(lam.dtype)
+    raise ValueError(f"gate kind {kind!r}; allowed: 'rational', 'sigmoid', 'hard'")
+
+
+@dataclass(frozen=True)
+class Projector:
+    """Low-rank storage of P_g over the k most-attenuated directions of one input.
+
+    Attributes:
+        c_tilde_v: (d, k) columns C̃ v_i.
+        v: (d, k) generalized eigenvectors v_i.
+        gates: (k,) their gates g_i.
+    """
+
+    c_tilde_v: torch.Tensor
+    v: torch.Tensor
+    gates: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.c_tilde_v.ndim != 2 or self.c_tilde_v.shape != self.v.shape:
+            raise ValueError(f"projector c_tilde_v {tuple(self.c_tilde_v.shape)} and v {tuple(self.v.shape)} "
+                             "must both be (d, k)")
+        if self.gates.shape != (self.v.shape[1],):
+            raise ValueError(f"projector gates {tuple(self.gates.shape)} must be ({self.v.shape[1]},)")
+
+    @property
+    def dim(self) -> int:
+        """Input dimension d."""
+        return self.v.shape[0]
+
+    @property
+    def rank(self) -> int:
+        """Stored directions k."""
+        return self.v.shape[1]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Projector:
+        return Projector(self.c_tilde_v.to(device=device, dtype=dtype), self.v.to(device=device, dtype=dtype),
+                         self.gates.to(device=device, dtype=dtype))
+
+
+def build_projector(result: GeneralizedEigenResult, gates: torch.Tensor, k: int | None = None) -> Projector:
+    """Keep the ``k`` most-attenuated directions (smallest gates) of a solve; ``k=None`` keeps all d."""
+    d = result.eigenvectors.shape[0]
+    if gates.shape != (d,):
+        raise ValueError(f"gates {tuple(gates.shape)} must be ({d},) to match the solve")
+    if k is not None and not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"projector rank k={k!r} must be None or an integer >= 1")
+    keep = d if k is None else min(k, d)
+    order = torch.argsort(gates, stable=True)[:keep]
+    return Projector(result.c_tilde_v[:, order].contiguous(), result.eigenvectors[:, order].contiguous(),
+                     gates[order].contiguous())
+
+
+def apply_projector(update: torch.Tensor, projector: Projector) -> torch.Tensor:
+    """Gate the rows of ``update`` (..., d): u ↦ u − ((u·C̃V_k)·diag(1 − g_k))·V_kᵀ.
+
+    The result never has a larger C̃-norm than ``u`` (row by row) but may be longer in the Euclidean norm.
+    """
+    if update.shape[-1] != projector.dim:
+        raise ValueError(f"update rows have {update.shape[-1]} columns but the projector is for d={projector.dim}")
+    coordinates = update @ projector.c_tilde_v  # (..., k)
+    return update - (coordinates * (1 - projector.gates)) @ projector.v.mT
+
+
+def cap_row_norms(gated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Rescale rows of ``gated`` (..., d) that are longer (Euclidean) than the same rows of ``reference``."""
+    gated_norm = gated.norm(dim=-1, keepdim=True)
+    reference_norm = reference.norm(dim=-1, keepdim=True)
+    scale = torch.where(gated_norm > reference_norm, reference_norm / gated_norm.clamp_min(1e-30),
+                        torch.ones_like(gated_norm))
+    return gated * scale
+
+
+def project_rows(rows: torch.Tensor, projector: Projector) -> torch.Tensor:
+    """Projected initialisation: gate the rows (r, d) of A₀ and give each its original Euclidean norm back."""
+    projected = apply_projector(rows, projector)
+    norms = projected.norm(dim=-1, keepdim=True)
+    return projected * (rows.norm(dim=-1, keepdim=True) / norms.clamp_min(1e-30))
+
+
+@dataclass(frozen=True)
+class SolveReport:
+    """What one solve of one input produced (for logging and the per-layer summary).
+
+    Attributes:
+        key: the input's name.
+        eigenvalues: (d,) ascending λ of the basis in use.
+        gates: (d,) gates of all directions (effective rank = gates.sum()).
+        tau: absolute τ used.
+        ridge: relative ridge used.
+        failed: this attempt failed and the previous basis was kept.
+        consecutive_failures: failures in a row for this key after this attempt.
+    """
+
+    key: str
+    eigenvalues: torch.Tensor
+    gates: torch.Tensor
+    tau: float
+    ridge: float
+    failed: bool
+    consecutive_failures: int
+
+
+class SpectralSolver:
+    """Solves bases per input key under the configured failure policy, keeping the last good basis.
+
+    A first solve that fails raises (training must not start without a basis). A later failed re-solve keeps
+    the previous basis and counts the failure; ``max_consecutive_failures`` failures in a row raise
+    ``ConsecutiveSolveFailuresError`` naming the input.
+    """
+
+    def __init__(self, config: FoLoRAConfig) -> None:
+        self.config = config
+        self._projectors: dict[str, Projector] = {}
+        self._reports: dict[str, SolveReport] = {}
+        self._consecutive_failures: dict[str, int] = {}
+
+    def solve(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor) -> tuple[Projector, SolveReport]:
+        """Solve one input; returns the projector in use and a report. See the class docstring for failures."""
+        cfg = self.config
+        try:
+            result = solve_generalized_eigenproblem(
+                c_task, c_pre, ridge=cfg.ridge, max_ridge_escalations=cfg.max_ridge_escalations,
+                solve_dtype=getattr(torch, cfg.solve_dtype), retry_float64=cfg.retry_float64, layer=key)
+            if not bool((result.eigenvalues > 0).any()):
+                raise SpectralSolveError(key, "C_task is zero (no task tokens reached this input)")
+            tau = effective_tau(result.eigenvalues, cfg.tau, cfg.tau_mode)
+            gates = gate_values(result.eigenvalues, kind=cfg.gate, tau=tau, temperature=cfg.temperature)
+        except SpectralSolveError as error:
+            if key not in self._projectors:
+                raise
+            failures = self._consecutive_failures[key] + 1
+            self._consecutive_failures[key] = failures
+            if failures >= cfg.max_consecutive_failures:
+                raise ConsecutiveSolveFailuresError(
+                    f"{key!r}: {failures} consecutive solve failures (max_consecutive_failures="
+                    f"{cfg.max_consecutive_failures}); last: {error}") from error
+            previous = self._reports[key]
+            report = SolveReport(key, previous.eigenvalues, previous.gates, previous.tau, previous.ridge,
+                                 failed=True, consecutive_failures=failures)
+            self._reports[key] = report
+            return self._projectors[key], report
+        projector = build_projector(result, gates, cfg.k)
+        report = SolveReport(key, result.eigenvalues, gates, tau, result.ridge, failed=False,
+                             consecutive_failures=0)
+        self._projectors[key] = projector
+        self._reports[key] = report
+        self._consecutive_failures[key] = 0
+        return projector, report
+
+    @property
+    def reports(self) -> dict[str, SolveReport]:
+        """Latest report per key."""
+        return dict(self._reports)

@@ -1,0 +1,228 @@
+"""Input covariance statistics of every LoRA-adapted linear, collected by forward pre-hooks.
+
+For each adapted input, the collector keeps float32 sums Σ xᵢ xᵢᵀ (d, d) over unmasked tokens and their
+count, per source ("pre" for the pretraining proxy, "task" for task data). The covariance is sum / tokens.
+
+Modules fed the very same tensor (q/k/v of one attention block; gate/up of one MLP) share one accumulator: on
+the first collecting forward, a module whose input *is* the tensor a module before it received in the same
+forward joins that module's key. The key is the first module's qualified name. Sharing is fixed after that
+forward and checked on every later one.
+
+State lives in the collector, never on the modules. Hooks do nothing unless a ``collect(...)`` context is
+active, and never modify the input, so a model with the collector attached computes exactly what it computed
+before. Recomputation of the forward during backward (activation checkpointing) is not counted twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from folora_ds.peft_utils import lora_layers
+
+SOURCES = ("pre", "task")
+
+
+@dataclass
+class CovarianceSums:
+    """Unnormalised statistics of one input from one source.
+
+    Attributes:
+        sum: (d, d) float32 Σ x xᵀ over counted tokens.
+        tokens: 0-dim int64 number of counted tokens.
+    """
+
+    sum: torch.Tensor
+    tokens: torch.Tensor
+
+    def covariance(self, *, name: str = "<input>") -> torch.Tensor:
+        """sum / tokens (d, d). Raises ValueError naming the input when no token was counted."""
+        tokens = int(self.tokens)
+        if tokens == 0:
+            raise ValueError(f"{name!r}: zero unmasked tokens were counted; check the attention/label masks and "
+                             "that the calibration set is not empty")
+        return self.sum / tokens
+
+
+class CovarianceCollector:
+    """Forward pre-hooks on every peft LoRA layer of ``model`` that accumulate input second moments.
+
+    Usage::
+
+        collector = CovarianceCollector(peft_model)
+        with collector.collect("pre", attention_mask=batch["attention_mask"]):
+            peft_model(**batch)
+        c_pre = collector.covariance("pre", key)     # (d, d)
+        collector.remove()
+
+    Inputs must be (batch, seq, d) when a mask is given (the mask is (batch, seq)); without a mask any
+    (..., d) input counts every token.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._layer_names = list(lora_layers(model))
+        self._key_of: dict[str, str] = {}
+        self._live_inputs: dict[str, weakref.ref] = {}
+        self._sums: dict[str, dict[str, CovarianceSums]] = {source: {} for source in SOURCES}
+        self._source: str | None = None
+        self._mask: torch.Tensor | None = None
+        self._handles = [
+            module.register_forward_pre_hook(self._make_hook(name))
+            for name, module in model.named_modules() if name in set(self._layer_names)
+        ]
+
+    # ------------------------------------------------------------------ public API
+    @contextlib.contextmanager
+    def collect(self, source: str, *, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> Iterator[None]:
+        """Count the inputs of the forwards run inside this context towards ``source``.
+
+        Args:
+            source: "pre" or "task".
+            attention_mask: (batch, seq); tokens with 0 are padding and are not counted.
+            labels: (batch, seq); if given, only tokens with label != -100 are counted as well.
+        """
+        if source not in SOURCES:
+            raise ValueError(f"source {source!r}; allowed: {SOURCES}")
+        if self._source is not None:
+            raise RuntimeError("collect() contexts cannot be nested")
+        mask = None if attention_mask is None else attention_mask.bool()
+        if labels is not None:
+            label_mask = labels != -100
+            mask = label_mask if mask is None else mask & label_mask
+        self._source, self._mask = source, mask
+        try:
+            yield
+        finally:
+            self._source, self._mask = None, None
+
+    def keys(self) -> list[str]:
+        """Input keys in first-forward order. Raises if no collecting forward has run yet."""
+        if not self._key_of:
+            raise RuntimeError("no statistics have been collected yet; run a forward inside collect() first")
+        return list(dict.fromkeys(self._key_of[name] for name in self._layer_names if name in self._key_of))
+
+    def members(self) -> dict[str, list[str]]:
+        """Module names sharing each input key."""
+        groups: dict[str, list[str]] = {key: [] for key in self.keys()}
+        for name in self._layer_names:
+            if name in self._key_of:
+                groups[self._key_of[name]].append(name)
+        return groups
+
+    def key_of(self, module_name: str) -> str:
+        """The input key of one LoRA module."""
+        if module_name not in self._key_of:
+            raise KeyError(f"{module_name!r} has not been seen by a collecting forward (or is not a LoRA layer)")
+        return self._key_of[module_name]
+
+    def sums(self, source: str) -> dict[str, CovarianceSums]:
+        """The raw sums and token counts of ``source`` per key (what distributed reduction moves)."""
+        return dict(self._sums[source])
+
+    def covariance(self, source: str, key: str) -> torch.Tensor:
+        """Token-mean covariance (d, d) of input ``key`` under ``source``."""
+        if key not in self._sums[source]:
+            raise KeyError(f"no {source!r} statistics for {key!r}; known keys: {list(self._sums[source])[:5]}...")
+        return self._sums[source][key].covariance(name=f"{key} [{source}]")
+
+    def reset(self, source: str) -> None:
+        """Forget the sums of ``source`` (the sharing of inputs is kept)."""
+        self._sums[source] = {}
+
+    def remove(self) -> None:
+        """Remove every hook. The collected statistics stay readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ hooks
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self._source is None or torch._C._current_graph_task_id() != -1:
+                return  # not collecting, or a recompute inside backward (activation checkpointing)
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise TypeError(f"{name!r}: expected the input tensor as the first positional argument")
+            self._observe(name, args[0])
+
+        return hook
+
+    def _observe(self, name: str, inputs: torch.Tensor) -> None:
+        key = self._key_of.get(name)
+        if key is None:
+            key = next((k for k, ref in self._live_inputs.items() if ref() is inputs), name)
+            self._key_of[name] = key
+        elif key != name:
+            if self._live_inputs.get(key, lambda: None)() is not inputs:
+                raise RuntimeError(f"{name!r} was found to share its input with {key!r} on the first collecting "
+                                   "forward but received a different tensor now; the model's data flow changed")
+            return
+        if key != name:
+            return
+        self._live_inputs[key] = weakref.ref(inputs)
+        self._accumulate(key, inputs)
+
+    @torch.no_grad()
+    def _accumulate(self, key: str, inputs: torch.Tensor) -> None:
+        inputs = inputs.detach()
+        d = inputs.shape[-1]
+        if self._mask is None:
+            rows = inputs.reshape(-1, d).float()
+            weights = None
+        else:
+            if inputs.ndim != 3 or inputs.shape[:2] != self._mask.shape:
+                raise ValueError(f"{key!r}: input of shape {tuple(inputs.shape)} does not match the token mask "
+                                 f"{tuple(self._mask.shape)}; expected (batch, seq, d)")
+            rows = inputs.reshape(-1, d).float()
+            weights = self._mask.reshape(-1, 1).to(device=rows.device, dtype=rows.dtype)
+        sums = self._sums[self._source].get(key)
+        if sums is None:
+            sums = CovarianceSums(torch.zeros(d, d, dtype=torch.float32, device=inputs.device),
+                                  torch.zeros((), dtype=torch.int64, device=inputs.device))
+            self._sums[self._source][key] = sums
+        elif sums.sum.shape[0] != d:
+            raise ValueError(f"{key!r}: input width changed from {sums.sum.shape[0]} to {d}")
+        if weights is None:
+            sums.sum.addmm_(rows.mT, rows)
+            sums.tokens += rows.shape[0]
+        else:
+            sums.sum.addmm_((rows * weights).mT, rows)
+            sums.tokens += weights.sum().to(torch.int64)
+
+
+class CovarianceEMA:
+    """Exponential moving average of per-key covariances across windows (C_task during training).
+
+    ``update(key, window)`` sets the estimate to ``window`` the first time and to
+    ``decay·previous + (1 − decay)·window`` afterwards.
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay {decay!r} must be in [0, 1)")
+        self.decay = decay
+        self._estimates: dict[str, torch.Tensor] = {}
+
+    def update(self, key: str, window: torch.Tensor) -> torch.Tensor:
+        previous = self._estimates.get(key)
+        estimate = window.clone() if previous is None else self.decay * previous + (1 - self.decay) * window
+        self._estimates[key] = estimate
+        return estimate
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._estimates[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._estimates
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "estimates": dict(self._estimates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self._estimates = dict(state["estimates"])

@@ -1,0 +1,172 @@
+"""FoLoRAController: calibrate → solve → init → deliver → refresh, on a tiny peft Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from folora_ds.config import FoLoRAConfig
+from folora_ds.controller import FoLoRAController
+from folora_ds.models import build_tiny_llama
+from folora_ds.optim import GatedAdamW, folora_param_groups
+from folora_ds.peft_utils import lora_a_weight, lora_b_weight, lora_layers, lora_scaling
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    base = build_tiny_llama(64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                            seed=seed)
+    return get_peft_model(base, LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS))
+
+
+def _batches(count: int, seed: int, *, labels: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, 64, (4, 12), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if labels:
+            batch["labels"] = ids.masked_fill(mask == 0, -100)
+        batches.append(batch)
+    return batches
+
+
+def _ready(config: FoLoRAConfig, seed: int = 0):
+    model = _model(seed)
+    controller = FoLoRAController(model, config)
+    controller.calibrate(_batches(3, 1), _batches(3, 2))
+    controller.solve()
+    return model, controller
+
+
+def test_solve_produces_one_projector_per_shared_input():
+    model, controller = _ready(FoLoRAConfig(k=5))
+    assert len(controller.projectors) == 8  # 4 inputs per block (attn-in, o-in, mlp-in, down-in) × 2 blocks
+    for projector in controller.projectors.values():
+        assert projector.rank == 5
+
+
+def test_projected_init_keeps_row_norms_and_model_output():
+    model, controller = _ready(FoLoRAConfig())
+    before = {name: lora_a_weight(layer).detach().clone() for name, layer in controller.layers.items()}
+    ids = _batches(1, 9)[0]
+    with torch.no_grad():
+        logits_before = model(**ids).logits
+    controller.initialize_lora_a()
+    with torch.no_grad():
+        logits_after = model(**ids).logits
+    assert torch.equal(logits_before, logits_after)  # B = 0: the adapter contributes nothing yet
+    changed = 0
+    for name, layer in controller.layers.items():
+        after = lora_a_weight(layer).detach()
+        torch.testing.assert_close(after.norm(dim=1), before[name].norm(dim=1), rtol=1e-5, atol=1e-6)
+        changed += int(not torch.allclose(after, before[name]))
+    assert changed == len(controller.layers)
+
+
+def test_kaiming_init_leaves_lora_a_untouched():
+    model, controller = _ready(FoLoRAConfig(init="kaiming"))
+    before = [lora_a_weight(layer).detach().clone() for layer in controller.layers.values()]
+    controller.initialize_lora_a()
+    for weight, layer in zip(before, controller.layers.values()):
+        assert torch.equal(weight, lora_a_weight(layer))
+
+
+def _train(model, controller, optimizer, steps: int):
+    for batch in _batches(steps, 5, labels=True):
+        with controller.track_task(batch):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.after_optimizer_step()
+
+
+def test_training_gates_every_step_and_refreshes_on_schedule():
+    model, controller = _ready(FoLoRAConfig(refresh_interval=3))
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach_optimizer(optimizer)
+    first = {key: projector.v.clone() for key, projector in controller.projectors.items()}
+    _train(model, controller, optimizer, 7)
+    assert controller.refreshes == 2
+    assert set(optimizer.gated_step_counts().values()) == {7}
+    assert len(optimizer.gated_step_counts()) == len(controller.layers)
+    # the running C_task changed the bases, and the optimizer got the new ones
+    assert any(not torch.allclose(first[key], controller.projectors[key].v) for key in first)
+    for name, layer in controller.layers.items():
+        delivered = optimizer.projector(lora_a_weight(layer))
+        torch.testing.assert_close(delivered.v, controller.projectors[controller.collector.key_of(name)].v)
+
+
+def test_refresh_without_tracked_forwards_names_the_problem():
+    model, controller = _ready(FoLoRAConfig(refresh_interval=1))
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach_optimizer(optimizer)
+    batch = _batches(1, 5, labels=True)[0]
+    model(**batch).loss.backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="track_task"):
+        controller.after_optimizer_step()
+
+
+def test_forgetting_penalty_matches_explicit_trace():
+    model, controller = _ready(FoLoRAConfig())
+    with torch.no_grad():
+        for layer in controller.layers.values():
+            lora_b_weight(layer).normal_()
+    penalties = controller.forgetting_penalty()
+    for name, layer in controller.layers.items():
+        delta = lora_scaling(layer) * lora_b_weight(layer).detach().double() @ lora_a_weight(layer).detach().double()
+        c_pre = controller.pre_covariance(controller.collector.key_of(name)).double()
+        assert penalties[name] == pytest.approx(float(torch.trace(delta @ c_pre @ delta.T)), rel=1e-9)
+
+
+def test_empty_calibration_sets_are_refused():
+    model = _model()
+    controller = FoLoRAController(model, FoLoRAConfig())
+    with pytest.raises(ValueError, match="proxy calibration set"):
+        controller.calibrate([], _batches(1, 2))
+    with pytest.raises(ValueError, match="task calibration set"):
+        controller.calibrate(_batches(1, 1), [])
+
+
+def test_all_padding_task_data_is_refused_naming_an_input():
+    model = _model()
+    controller = FoLoRAController(model, FoLoRAConfig())
+    padded = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}]
+    with pytest.raises(ValueError, match="zero unmasked tokens"):
+        controller.calibrate(_batches(1, 1), padded)
+
+
+def test_label_mask_restricts_task_statistics():
+    model = _model()
+    controller = FoLoRAController(model, FoLoRAConfig(task_token_mask="labels"))
+    batch = _batches(1, 3, labels=True)[0]
+    batch["labels"][:, :6] = -100
+    key = next(iter(lora_layers(model)))
+    captured = []
+    handle = lora_layers(model)[key].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    controller.calibrate(_batches(1, 1), [batch])
+    handle.remove()
+    inputs = captured[-1].detach()  # the task pass runs after the proxy pass
+    mask = (batch["labels"] != -100) & (batch["attention_mask"] == 1)
+    rows = inputs[mask]
+    assert rows.shape[0] == 4 * 6 - 3
+    torch.testing.assert_close(controller.task_ema[key], rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_solve_before_calibrate_is_an_error():
+    controller = FoLoRAController(_model(), FoLoRAConfig())
+    with pytest.raises(RuntimeError, match="calibrate"):
+        controller.solve()
+
+
+def test_every_lora_module_is_mapped_to_an_input_key():
+    model, controller = _ready(FoLoRAConfig())
+    assert set(lora_layers(model)) == {name for members in controller.collector.members().values()
+                                       for name in members}
