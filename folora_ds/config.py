@@ -23,6 +23,7 @@ VARIANTS = ("A", "B")
 INITS = ("projected", "kaiming")
 TASK_TOKEN_MASKS = ("attention", "labels")
 SOLVE_DTYPES = ("float64", "float32")
+STATISTICS_DTYPES = ("float32", "float64")
 PROXY_PROMPTS = ("bos", "random_token", "chat_empty_user", "mixed")
 
 
@@ -117,6 +118,8 @@ class FoLoRAConfig:
         cap_update_norm: rescale each gated row to be no longer (Euclidean) than the ungated row.
         init: "projected" (Kaiming rows of A projected by P_g, renormalised) or "kaiming" (peft's default).
         task_token_mask: tokens counted for C_task: "attention" (all real tokens) or "labels" (response only).
+        statistics_dtype: accumulation dtype of the covariance sums. "float64" makes the statistics (and so the
+            bases) independent of summation order across ranks up to ~1e-16; useful for ill-conditioned inputs.
         max_seq_len: tokens per task example after truncation.
         proxy: how the pretraining-proxy calibration set is obtained.
     """
@@ -142,6 +145,7 @@ class FoLoRAConfig:
     cap_update_norm: bool = False
     init: str = "projected"
     task_token_mask: str = "attention"
+    statistics_dtype: str = "float32"
     max_seq_len: int = 256
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
@@ -174,6 +178,7 @@ class FoLoRAConfig:
         _require(isinstance(self.cap_update_norm, bool), "cap_update_norm", self.cap_update_norm, "true or false")
         _require_choice("init", self.init, INITS)
         _require_choice("task_token_mask", self.task_token_mask, TASK_TOKEN_MASKS)
+        _require_choice("statistics_dtype", self.statistics_dtype, STATISTICS_DTYPES)
         _require_int("max_seq_len", self.max_seq_len, 2)
         if isinstance(self.proxy, Mapping):
             object.__setattr__(self, "proxy", _from_mapping(ProxyConfig, self.proxy, prefix="proxy."))

@@ -66,7 +66,7 @@ class FoLoRAController:
         self.model = model
         self.config = config
         self.layers = lora_layers(model)
-        self.collector = CovarianceCollector(model)
+        self.collector = CovarianceCollector(model, dtype=getattr(torch, config.statistics_dtype))
         self.task_ema = CovarianceEMA(config.ema_decay)
         self.solver = SpectralSolver(config)
         self.projectors: dict[str, Projector] = {}

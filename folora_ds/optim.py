@@ -17,15 +17,35 @@ really ran gated, so callers can assert that gating happened.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from folora_ds.flat import CutRow, Fragment, gate_flat_update
 from folora_ds.peft_utils import lora_a_weight, lora_layers
 from folora_ds.spectral import Projector, apply_projector, cap_row_norms
 
 VARIANTS = ("A", "B")
+
+
+@dataclass
+class FlatPartitionLayout:
+    """Where the LoRA-A weights live in one flat partition that DeepSpeed hands to the optimizer.
+
+    Attributes:
+        fragments: the LoRA-A pieces inside the partition (see ``folora_ds.flat``).
+        cut_rows: the rows cut by any rank's partition boundary, identical on every rank of the group.
+        sum_across_ranks: all-reduce (sum) over the group, supplied by ``folora_ds.distributed``.
+        gated_steps: steps on which this partition's gate ran (counted on every rank, pieces or not).
+    """
+
+    fragments: Sequence[Fragment]
+    cut_rows: Sequence[CutRow]
+    sum_across_ranks: Callable[[torch.Tensor], torch.Tensor]
+    gated_steps: int = 0
+    steps_by_name: dict[str, int] = field(default_factory=dict)
 
 
 class GatedAdamW(torch.optim.Optimizer):
@@ -68,6 +88,8 @@ class GatedAdamW(torch.optim.Optimizer):
                         gated=False)
         self.variant = variant
         self.cap_update_norm = cap_update_norm
+        self._flat_layouts: dict[int, tuple[torch.Tensor, FlatPartitionLayout]] = {}
+        self._named_projectors: dict[str, Projector] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -137,6 +159,34 @@ class GatedAdamW(torch.optim.Optimizer):
         state["projector_refreshes"] = state.get("projector_refreshes", 0) + 1
         state.setdefault("gated_steps", 0)
 
+    def register_flat_partition(self, flat: torch.Tensor, layout: FlatPartitionLayout) -> None:
+        """Declare that ``flat`` (a 1-D partition in a gated group) holds the LoRA-A pieces of ``layout``.
+
+        Raises:
+            ValueError: Variant B or the row-norm cap is requested (both need whole rows; not supported on
+                partitions).
+        """
+        if self.variant != "A" or self.cap_update_norm:
+            raise ValueError("gating ZeRO flat partitions supports variant='A' without cap_update_norm")
+        if flat.ndim != 1:
+            raise ValueError(f"flat partition must be 1-D, got shape {tuple(flat.shape)}")
+        self._flat_layouts[id(flat)] = (flat, layout)
+
+    def set_named_projector(self, name: str, projector: Projector) -> None:
+        """Install the projector of the LoRA-A called ``name`` for the flat partitions that hold pieces of it."""
+        columns = {fragment.cols for _, layout in self._flat_layouts.values() for fragment in layout.fragments
+                   if fragment.name == name}
+        if not columns:
+            raise ValueError(f"set_named_projector: no flat partition of this rank holds {name!r}")
+        if columns != {projector.dim}:
+            raise ValueError(f"set_named_projector: {name!r} has {columns.pop()} columns but the projector is for "
+                             f"d={projector.dim}")
+        self._named_projectors[name] = projector
+
+    def flat_gated_steps(self) -> list[int]:
+        """Gated steps of every registered flat partition (equal to the optimizer steps when gating ran)."""
+        return [layout.gated_steps for _, layout in self._flat_layouts.values()]
+
     def projector(self, param: nn.Parameter) -> Projector | None:
         """The projector in use for ``param`` (None before one is set)."""
         state = self.state.get(param, {})
@@ -204,6 +254,13 @@ class GatedAdamW(torch.optim.Optimizer):
                     second = exp_avg_sq
                 bias_correction1 = 1 - beta1**step
                 denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                flat = self._flat_layouts.get(id(param)) if group["gated"] else None
+                if flat is not None and flat[0] is param:
+                    self._step_flat(param, flat[1], exp_avg / denom / bias_correction1, lr)
+                    continue
+                if group["gated"] and param.ndim == 1:
+                    raise RuntimeError("GatedAdamW got a flat partition of a gated group without a registered "
+                                       "layout; its LoRA-A update would go ungated (use folora_ds.initialize)")
                 if not gated:
                     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
                     continue
@@ -220,6 +277,19 @@ class GatedAdamW(torch.optim.Optimizer):
                 param.add_(gated_update, alpha=-lr)
                 state["gated_steps"] += 1
         return loss
+
+    def _step_flat(self, flat: torch.Tensor, layout: FlatPartitionLayout, update: torch.Tensor, lr: float) -> None:
+        projectors = {}
+        for fragment in layout.fragments:
+            projector = self._named_projectors.get(fragment.name)
+            if projector is None:
+                raise RuntimeError(f"no projector for {fragment.name!r} on this rank; its update would go ungated")
+            projectors[fragment.name] = projector.to(device=flat.device, dtype=flat.dtype)
+        gate_flat_update(update, layout.fragments, projectors, layout.cut_rows, layout.sum_across_ranks)
+        flat.add_(update, alpha=-lr)
+        layout.gated_steps += 1
+        for fragment in layout.fragments:
+            layout.steps_by_name[fragment.name] = layout.steps_by_name.get(fragment.name, 0) + 1
 
 
 def folora_param_groups(model: nn.Module, *, weight_decay: float = 0.0) -> list[dict]:

@@ -33,7 +33,7 @@ class CovarianceSums:
     """Unnormalised statistics of one input from one source.
 
     Attributes:
-        sum: (d, d) float32 Σ x xᵀ over counted tokens.
+        sum: (d, d) Σ x xᵀ over counted tokens (float32, or float64 when asked for).
         tokens: 0-dim int64 number of counted tokens.
     """
 
@@ -64,10 +64,14 @@ class CovarianceCollector:
     (..., d) input counts every token.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"statistics dtype must be float32 or float64, got {dtype}")
+        self.dtype = dtype
         self._layer_names = list(lora_layers(model))
         self._key_of: dict[str, str] = {}
         self._live_inputs: dict[str, weakref.ref] = {}
+        self._dims: dict[str, int] = {}
         self._sums: dict[str, dict[str, CovarianceSums]] = {source: {} for source in SOURCES}
         self._source: str | None = None
         self._mask: torch.Tensor | None = None
@@ -121,6 +125,10 @@ class CovarianceCollector:
             raise KeyError(f"{module_name!r} has not been seen by a collecting forward (or is not a LoRA layer)")
         return self._key_of[module_name]
 
+    def input_dims(self) -> dict[str, int]:
+        """Width d of every input key (keys in first-forward order)."""
+        return {key: self._dims[key] for key in self.keys()}
+
     def sums(self, source: str) -> dict[str, CovarianceSums]:
         """The raw sums and token counts of ``source`` per key (what distributed reduction moves)."""
         return dict(self._sums[source])
@@ -165,6 +173,7 @@ class CovarianceCollector:
         if key != name:
             return
         self._live_inputs[key] = weakref.ref(inputs)
+        self._dims[key] = inputs.shape[-1]
         self._accumulate(key, inputs)
 
     @torch.no_grad()
@@ -172,17 +181,17 @@ class CovarianceCollector:
         inputs = inputs.detach()
         d = inputs.shape[-1]
         if self._mask is None:
-            rows = inputs.reshape(-1, d).float()
+            rows = inputs.reshape(-1, d).to(self.dtype)
             weights = None
         else:
             if inputs.ndim != 3 or inputs.shape[:2] != self._mask.shape:
                 raise ValueError(f"{key!r}: input of shape {tuple(inputs.shape)} does not match the token mask "
                                  f"{tuple(self._mask.shape)}; expected (batch, seq, d)")
-            rows = inputs.reshape(-1, d).float()
+            rows = inputs.reshape(-1, d).to(self.dtype)
             weights = self._mask.reshape(-1, 1).to(device=rows.device, dtype=rows.dtype)
         sums = self._sums[self._source].get(key)
         if sums is None:
-            sums = CovarianceSums(torch.zeros(d, d, dtype=torch.float32, device=inputs.device),
+            sums = CovarianceSums(torch.zeros(d, d, dtype=self.dtype, device=inputs.device),
                                   torch.zeros((), dtype=torch.int64, device=inputs.device))
             self._sums[self._source][key] = sums
         elif sums.sum.shape[0] != d:

@@ -1,0 +1,313 @@
+"""``folora_ds.initialize``: FoLoRA on a DeepSpeed engine (ZeRO 0, 1, 2; fp32, and bf16 at ZeRO 1/2).
+
+    engine, controller = folora_ds.initialize(peft_model, "ds_configs/zero2.json",
+                                              proxy_batches=my_proxy_shard, task_batches=my_task_shard)
+    for batch in loader:                         # this rank's micro-batches
+        with controller.track_task(batch):       # C_task keeps being collected (reduced at refreshes)
+            loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        controller.after_engine_step()           # counts optimizer steps; refreshes every K of them
+    controller.check_gating()                    # raises unless every optimizer step was gated on this rank
+
+Before DeepSpeed wraps the model, every rank runs its calibration shard through the (replicated) model; the
+statistics are reduced to their owner ranks, owners solve, and the projected LoRA-A init is broadcast from the
+owners. DeepSpeed then builds the engine around ``GatedAdamW``; the ZeRO partitions are mapped
+(``distributed/zero_layout.py``) and each owner sends its projectors only to the ranks holding rows they gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from folora_ds.config import FoLoRAConfig
+from folora_ds.distributed import comm
+from folora_ds.distributed.ownership import assign_owners
+from folora_ds.distributed.statistics import (
+    agree_on_inputs,
+    deliver_projectors,
+    raise_if_any,
+    reduce_to_owners,
+)
+from folora_ds.distributed.zero_layout import register_zero_partitions
+from folora_ds.optim import FlatPartitionLayout, GatedAdamW, folora_param_groups
+from folora_ds.peft_utils import lora_a_weight, lora_layers
+from folora_ds.spectral import Projector, SpectralSolveError, SpectralSolver, project_rows
+from folora_ds.stats import CovarianceCollector, CovarianceEMA
+
+_ADAMW_TYPES = ("adamw", "adam")
+
+
+def _load_ds_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"DeepSpeed config {str(path)!r} does not exist")
+        return json.loads(path.read_text())
+    return copy.deepcopy(dict(config))
+
+
+def _refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> int:
+    """Stop combinations FoLoRA does not handle, before any work; returns the ZeRO stage."""
+    zero = ds_config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage == 3:
+        raise NotImplementedError("ZeRO stage 3 is not supported yet by folora_ds; use ds_configs/zero2.json")
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ValueError(f"zero_optimization.{key}.device={device!r}: offloaded optimizer/parameters would step "
+                             "outside GatedAdamW; remove the offload block")
+    if zero.get("round_robin_gradients"):
+        raise ValueError("zero_optimization.round_robin_gradients=true reorders ZeRO partitions; set it to false")
+    for key in ("zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size"):
+        if zero.get(key):
+            raise ValueError(f"zero_optimization.{key} (ZeRO++) is not supported with FoLoRA; remove it")
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        raise ValueError("fp16 is not supported with FoLoRA yet; use bf16 (ZeRO 1/2) or fp32")
+    if (ds_config.get("bf16") or {}).get("enabled") and stage == 0:
+        raise ValueError("bf16 at ZeRO stage 0 wraps the client optimizer; use ZeRO stage 1 or 2 for bf16")
+    if stage > 0 and (folora.variant != "A" or folora.cap_update_norm):
+        raise ValueError("variant='B' and cap_update_norm need whole LoRA-A rows; use ZeRO stage 0 for them")
+    optimizer = ds_config.get("optimizer")
+    if optimizer is not None and str(optimizer.get("type", "")).lower() not in _ADAMW_TYPES:
+        raise ValueError(f"DeepSpeed optimizer type {optimizer.get('type')!r} would replace FoLoRA's GatedAdamW; use "
+                         '"AdamW" (its params are passed to GatedAdamW) or remove the "optimizer" block')
+    return stage
+
+
+def _optimizer_arguments(ds_config: dict[str, Any]) -> dict[str, Any]:
+    block = ds_config.pop("optimizer", None)
+    params = dict((block or {}).get("params", {}))
+    allowed = {"lr", "betas", "eps", "weight_decay"}
+    unknown = sorted(set(params) - allowed - {"torch_adam", "adam_w_mode"})
+    if unknown:
+        raise ValueError(f"optimizer.params {unknown} are not supported by GatedAdamW (allowed: {sorted(allowed)})")
+    arguments = {key: params[key] for key in allowed if key in params}
+    if "betas" in arguments:
+        arguments["betas"] = tuple(arguments["betas"])
+    arguments.setdefault("weight_decay", 0.0)
+    return arguments
+
+
+class DistributedFoLoRAController:
+    """FoLoRA state of one rank of a data-parallel DeepSpeed run (see the module docstring for the life cycle)."""
+
+    def __init__(self, model: nn.Module, config: FoLoRAConfig, *, group=None) -> None:
+        self.model = model
+        self.config = config
+        self.group = group
+        self.layers = lora_layers(model)
+        self.collector = CovarianceCollector(model, dtype=getattr(torch, config.statistics_dtype))
+        self.solver = SpectralSolver(config)
+        self.task_ema = CovarianceEMA(config.ema_decay)
+        self.pre_covariances: dict[str, torch.Tensor] = {}
+        self.owned_projectors: dict[str, Projector] = {}
+        self.dims: dict[str, int] = {}
+        self.owners: dict[str, int] = {}
+        self.engine = None
+        self.optimizer: GatedAdamW | None = None
+        self.layouts: list[FlatPartitionLayout] = []
+        self.held_projectors: dict[str, Projector] = {}
+        self.optimizer_steps = 0
+        self.refreshes = 0
+        self._last_global_steps = 0
+        self._device = next(model.parameters()).device
+
+    # ------------------------------------------------------------------ statistics and solves
+    def _forward(self, source: str, batches: Iterable[Mapping[str, torch.Tensor]], progress: bool) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        use_labels = source == "task" and self.config.task_token_mask == "labels"
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=f"{source} statistics", disable=not progress, leave=False):
+                batch = {name: tensor.to(self._device) for name, tensor in batch.items()}
+                with self.collector.collect(source, attention_mask=batch.get("attention_mask"),
+                                            labels=batch.get("labels") if use_labels else None):
+                    self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        self.model.train(was_training)
+
+    def calibrate(self, proxy_batches, task_batches, *, progress: bool = False) -> None:
+        """Collective: statistics of this rank's shards, reduced to owners; owners keep C_pre and seed the EMA."""
+        self._forward("pre", proxy_batches, progress)
+        self._forward("task", task_batches, progress)
+        self.dims = agree_on_inputs(self.collector, self.group)
+        self.owners = assign_owners(self.dims, comm.world_size(self.group))
+        pre = reduce_to_owners(self.collector, "pre", self.dims, self.owners, self._device, self.group)
+        error = None
+        try:
+            self.pre_covariances = {key: sums.covariance(name=f"{key} [pre]") for key, sums in pre.items()}
+        except ValueError as problem:
+            error = str(problem)
+        raise_if_any(error, self.group)
+        self.collector.reset("pre")
+        self._fold_task_window()
+
+    def _fold_task_window(self) -> None:
+        task = reduce_to_owners(self.collector, "task", self.dims, self.owners, self._device, self.group)
+        self.collector.reset("task")
+        error = None
+        try:
+            for key, sums in task.items():
+                self.task_ema.update(key, sums.covariance(name=f"{key} [task]"))
+        except ValueError as problem:
+            error = str(problem)
+        raise_if_any(error, self.group)
+
+    def solve(self) -> None:
+        """Collective: owners solve their inputs; any failure is raised on every rank."""
+        error = None
+        try:
+            for key in self.pre_covariances:
+                projector, _ = self.solver.solve(key, self.task_ema[key], self.pre_covariances[key])
+                self.owned_projectors[key] = projector.to(dtype=torch.float32)
+        except (SpectralSolveError, RuntimeError) as problem:
+            error = str(problem)
+        raise_if_any(error, self.group)
+
+    def projector_rank(self, key: str) -> int:
+        """k of the projector of ``key`` (identical on every rank)."""
+        return self.dims[key] if self.config.k is None else min(self.config.k, self.dims[key])
+
+    def initialize_lora_a(self) -> None:
+        """Collective: owners project the (replicated) initial LoRA-A rows of their inputs and broadcast them."""
+        if self.config.init != "projected":
+            return
+        me = comm.rank(self.group)
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                key = self.collector.key_of(name)
+                weight = lora_a_weight(layer)
+                owner = self.owners[key]
+                value = weight.detach().clone().float()
+                if owner == me:
+                    value = project_rows(value, self.owned_projectors[key].to(value.device))
+                weight.copy_(comm.broadcast(value, owner, self.group))
+
+    # ------------------------------------------------------------------ engine
+    def attach(self, engine, optimizer: GatedAdamW) -> None:
+        """Map the engine's ZeRO partitions and deliver projectors to the ranks that need them."""
+        self.engine, self.optimizer = engine, optimizer
+        lora_a_names = {id(lora_a_weight(layer)): name for name, layer in self.layers.items()}
+        key_of_name = {name: self.collector.key_of(name) for name in self.layers}
+        self.layouts = register_zero_partitions(engine, optimizer,
+                                                lora_a_names, lambda name: self.projector_rank(key_of_name[name]))
+        self._deliver()
+
+    def _needed_keys(self) -> set[str]:
+        if not self.layouts:  # ZeRO 0: every rank steps whole parameters
+            return set(self.dims)
+        names = {fragment.name for layout in self.layouts for fragment in layout.fragments}
+        return {self.collector.key_of(name) for name in names}
+
+    def _deliver(self) -> None:
+        shapes = {key: (dim, self.projector_rank(key)) for key, dim in self.dims.items()}
+        self.held_projectors = deliver_projectors(self.owned_projectors, self.owners, self._needed_keys(), shapes,
+                                                  self._device, self.group)
+        held_names = {fragment.name for layout in self.layouts for fragment in layout.fragments}
+        for name, layer in self.layers.items():
+            key = self.collector.key_of(name)
+            if not self.layouts:
+                self.optimizer.set_projector(lora_a_weight(layer), self.held_projectors[key])
+            elif name in held_names:
+                self.optimizer.set_named_projector(name, self.held_projectors[key])
+
+    def projector_bytes(self) -> int:
+        """Bytes of projector tensors this rank holds (delivered, not counting the copies it owns and sends)."""
+        return sum(t.numel() * t.element_size() for p in self.held_projectors.values()
+                   for t in (p.c_tilde_v, p.v, p.gates))
+
+    @contextlib.contextmanager
+    def track_task(self, batch: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Count the training forward run inside this context towards the running C_task."""
+        use_labels = self.config.task_token_mask == "labels"
+        with self.collector.collect("task", attention_mask=batch.get("attention_mask"),
+                                    labels=batch.get("labels") if use_labels else None):
+            yield
+
+    def after_engine_step(self) -> bool:
+        """Call after every ``engine.step()``; acts only when DeepSpeed took an optimizer step (accumulation
+        boundary). Every ``refresh_interval`` optimizer steps: reduce C_task, re-solve, re-deliver (collective).
+
+        Returns:
+            Whether a refresh ran.
+        """
+        global_steps = self.engine.global_steps
+        if global_steps == self._last_global_steps:
+            return False
+        self._last_global_steps = global_steps
+        self.optimizer_steps += 1
+        interval = self.config.refresh_interval
+        if interval == 0 or self.optimizer_steps % interval != 0:
+            return False
+        self._fold_task_window()
+        self.solve()
+        self._deliver()
+        self.refreshes += 1
+        return True
+
+    def gated_step_counts(self) -> list[int]:
+        """Gated steps of this rank: one entry per flat partition (ZeRO 1/2) or per LoRA-A parameter (ZeRO 0)."""
+        if self.layouts:
+            return self.optimizer.flat_gated_steps()
+        return list(self.optimizer.gated_step_counts().values())
+
+    def check_gating(self) -> None:
+        """Raise unless every optimizer step so far was gated on this rank (no silent fallback)."""
+        counts = self.gated_step_counts()
+        if not counts or set(counts) != {self.optimizer_steps}:
+            raise RuntimeError(f"gated steps {counts} differ from optimizer steps {self.optimizer_steps}: the gate "
+                               "did not run on every step")
+
+
+def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, proxy_batches, task_batches,
+               lr_scheduler=None, progress: bool = False):
+    """Build a DeepSpeed engine that trains ``model`` (a peft LoRA model) with FoLoRA's gated AdamW.
+
+    Args:
+        model: the same peft model on every rank (not yet wrapped by DeepSpeed).
+        config: DeepSpeed config (JSON path or dict) with a ``"folora"`` block. An ``"optimizer"`` block may only
+            be AdamW; its params (lr, betas, eps, weight_decay) go to GatedAdamW.
+        proxy_batches: this rank's shard of proxy calibration batches (``input_ids``, ``attention_mask``).
+        task_batches: this rank's shard of task calibration batches (plus ``labels``).
+        lr_scheduler: passed to ``deepspeed.initialize``.
+
+    Returns:
+        ``(engine, controller)``.
+
+    Raises:
+        KeyError: no ``"folora"`` block. ValueError / NotImplementedError: an unsupported combination (before any
+        work). DistributedStatisticsError: a rank without data, mismatched LoRA modules, bad statistics.
+    """
+    import deepspeed
+
+    ds_config = _load_ds_config(config)
+    folora = FoLoRAConfig.from_deepspeed_config(ds_config)
+    _refuse_unsupported(ds_config, folora)
+    ds_config.pop("folora")
+    optimizer_arguments = _optimizer_arguments(ds_config)
+    ds_config["zero_allow_untested_optimizer"] = True  # GatedAdamW under ZeRO is what tests/distributed/ checks
+
+    controller = DistributedFoLoRAController(model, folora)
+    controller.calibrate(proxy_batches, task_batches, progress=progress)
+    controller.solve()
+    controller.initialize_lora_a()
+    optimizer = GatedAdamW(folora_param_groups(model, weight_decay=optimizer_arguments.pop("weight_decay")),
+                           **optimizer_arguments, variant=folora.variant, cap_update_norm=folora.cap_update_norm)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           lr_scheduler=lr_scheduler)
+    client = engine.optimizer if engine.zero_optimization_stage() == 0 else engine.optimizer.optimizer
+    if client is not optimizer:
+        raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__}; FoLoRA cannot "
+                           "guarantee the gate runs inside it")
+    controller.attach(engine, optimizer)
+    return engine, controller
