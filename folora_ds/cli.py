@@ -82,6 +82,20 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-baseline", action="store_true", help="skip the plain AdamW comparison run")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    distributed = commands.add_parser("train-ds", help="FoLoRA under the DeepSpeed engine (run one per rank: "
+                                      "deepspeed / torchrun / mpirun launch/train.py --deepspeed CONFIG)")
+    distributed.add_argument("--deepspeed", required=True, metavar="CONFIG",
+                             help='DeepSpeed JSON config with a "folora" block (e.g. ds_configs/zero2.json)')
+    distributed.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for flag in ("--model", "--data", "--output-dir"):
+        distributed.add_argument(flag, default=getattr(defaults, flag.strip("-").replace("-", "_")))
+    for flag, kind in (("--steps", int), ("--eval-fraction", float), ("--calibration-batches", int),
+                       ("--seed", int)):
+        distributed.add_argument(flag, type=kind, default=getattr(defaults, flag.strip("-").replace("-", "_")))
+    distributed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override one folora config field")
+    distributed.add_argument("--no-progress", action="store_true")
+
     sample = commands.add_parser("sample-proxy", help="sample a pretraining-proxy calibration set to JSONL")
     _add_config_arguments(sample)
     sample.add_argument("--model", default=defaults.model)
@@ -90,9 +104,35 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_deepspeed(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from folora_ds.ds_train import run_deepspeed
+    from folora_ds.engine import load_ds_config
+    from folora_ds.run import RunSettings
+
+    try:
+        ds_config = load_ds_config(args.deepspeed)
+        block = FoLoRAConfig.from_deepspeed_config(ds_config).to_dict()
+        ds_config["folora"] = FoLoRAConfig.from_dict(_merge(block, _parse_overrides(args.overrides))).to_dict()
+        settings = RunSettings(model=args.model, data=args.data, output_dir=args.output_dir, steps=args.steps,
+                               eval_fraction=args.eval_fraction, calibration_batches=args.calibration_batches,
+                               seed=args.seed, baseline=False, progress=not args.no_progress)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        print(f"folora-ds: config error: {error}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as scratch:
+        merged = Path(scratch) / "ds_config.json"
+        merged.write_text(json.dumps(ds_config))
+        run_deepspeed(settings, str(merged))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``folora-ds``; returns the exit code."""
     args = _build_parser().parse_args(argv)
+    if args.command == "train-ds":
+        return _train_deepspeed(args)
     try:
         config = load_folora_config(args.config, args.overrides)
     except (ValueError, KeyError, FileNotFoundError) as error:

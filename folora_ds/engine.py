@@ -47,7 +47,8 @@ from folora_ds.stats import CovarianceCollector, CovarianceEMA
 _ADAMW_TYPES = ("adamw", "adam")
 
 
-def _load_ds_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+def load_ds_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A private copy of a DeepSpeed config given as a JSON path or a dict."""
     if isinstance(config, (str, Path)):
         path = Path(config)
         if not path.is_file():
@@ -290,7 +291,7 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, prox
     """
     import deepspeed
 
-    ds_config = _load_ds_config(config)
+    ds_config = load_ds_config(config)
     folora = FoLoRAConfig.from_deepspeed_config(ds_config)
     _refuse_unsupported(ds_config, folora)
     ds_config.pop("folora")

@@ -72,7 +72,7 @@ class RunSettings:
             raise ValueError(f"run settings: eval_fraction={self.eval_fraction!r} must be in (0, 1)")
 
 
-def _batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     """Example indices of every step: reshuffled each epoch with a seeded generator (same for both runs)."""
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -81,7 +81,8 @@ def _batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> l
     return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
-def _batches(dataset, index_lists: list[list[int]], collate: TaskCollator) -> Iterator[dict[str, torch.Tensor]]:
+def iterate_batches(dataset, index_lists: list[list[int]],
+                    collate: TaskCollator) -> Iterator[dict[str, torch.Tensor]]:
     for indices in index_lists:
         yield collate([dataset[i] for i in indices])
 
@@ -150,19 +151,19 @@ def run_comparison(settings: RunSettings, config: FoLoRAConfig) -> dict:
                                              lora_dropout=config.lora_dropout, target_modules=targets))
     initial_state = _trainable_state(model)
     base_eval_loss = _eval_loss(model, eval_set, collate, settings.batch_size)
-    order = _batch_order(len(train_set), settings.batch_size, settings.steps, settings.seed)
+    order = batch_order(len(train_set), settings.batch_size, settings.steps, settings.seed)
 
     controller = FoLoRAController(model, config)
     calibration = order[:settings.calibration_batches]
     controller.calibrate(proxy_batches(samples, batch_size=config.proxy.batch_size,
                                        pad_token_id=tokenizer.pad_token_id),
-                         _batches(train_set, calibration, collate), progress=settings.progress)
+                         iterate_batches(train_set, calibration, collate), progress=settings.progress)
     controller.solve(progress=settings.progress)
     controller.initialize_lora_a()
     optimizer = GatedAdamW(folora_param_groups(model, weight_decay=settings.weight_decay), lr=settings.lr,
                            variant=config.variant, cap_update_norm=config.cap_update_norm)
     controller.attach_optimizer(optimizer)
-    folora_losses = _train(model, optimizer, _batches(train_set, order, collate), settings.steps,
+    folora_losses = _train(model, optimizer, iterate_batches(train_set, order, collate), settings.steps,
                            controller=controller, description="FoLoRA (gated AdamW)", progress=settings.progress)
     gated_counts = optimizer.gated_step_counts()
     ungated = {name: count for name, count in gated_counts.items() if count != settings.steps}
@@ -184,7 +185,7 @@ def run_comparison(settings: RunSettings, config: FoLoRAConfig) -> dict:
                     param.copy_(initial_state[name])
         plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                   weight_decay=settings.weight_decay)
-        plain_losses = _train(model, plain, _batches(train_set, order, collate), settings.steps, controller=None,
+        plain_losses = _train(model, plain, iterate_batches(train_set, order, collate), settings.steps, controller=None,
                               description="plain LoRA (AdamW)", progress=settings.progress)
         baseline = {"train_loss_last10": sum(plain_losses[-10:]) / len(plain_losses[-10:]),
                     "eval_loss": _eval_loss(model, eval_set, collate, settings.batch_size),

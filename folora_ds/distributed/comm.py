@@ -64,3 +64,27 @@ def broadcast(tensor: torch.Tensor, source: int, group=None) -> torch.Tensor:
     """Overwrite ``tensor`` on every rank with ``source``'s (a group rank) and return it."""
     dist.broadcast(tensor, src=global_rank(group, source), group=group)
     return tensor
+
+
+def init_distributed(timeout_seconds: float = 600.0) -> None:
+    """Start the process group from the launcher's environment (deepspeed, torchrun, SLURM-less MPI via mpi4py).
+
+    On CPU-only machines the gloo backend is used. DeepSpeed's CPU accelerator would JIT-compile its shared-memory
+    inference all-reduce op here (~55 s on a fresh machine); training never uses it, so that build is skipped.
+    Every collective then fails after ``timeout_seconds`` instead of hanging forever when a rank dies.
+    """
+    import datetime
+    import importlib
+    import os
+
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    backend = None if torch.cuda.is_available() else "gloo"
+    mpi = "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi,
+                               timeout=datetime.timedelta(seconds=timeout_seconds))

@@ -1,0 +1,43 @@
+"""Unsupported DeepSpeed combinations stop at initialize with a message saying what to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from folora_ds.config import FoLoRAConfig
+from folora_ds.engine import _optimizer_arguments, _refuse_unsupported
+
+
+@pytest.mark.parametrize(("ds_config", "match"), [
+    ({"zero_optimization": {"stage": 3}}, "stage 3"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
+    ({"zero_optimization": {"stage": 1, "round_robin_gradients": True}}, "round_robin_gradients"),
+    ({"zero_optimization": {"stage": 2, "zero_quantized_weights": True}}, "ZeRO\\+\\+"),
+    ({"fp16": {"enabled": True}}, "fp16"),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "bf16"),
+    ({"optimizer": {"type": "OneBitAdam", "params": {}}}, "would replace"),
+    ({"optimizer": {"type": "Lamb"}}, "would replace"),
+])
+def test_unsupported_combinations_are_refused(ds_config, match):
+    with pytest.raises((ValueError, NotImplementedError), match=match):
+        _refuse_unsupported(ds_config, FoLoRAConfig())
+
+
+def test_whole_row_options_are_refused_on_partitions():
+    with pytest.raises(ValueError, match="whole LoRA-A rows"):
+        _refuse_unsupported({"zero_optimization": {"stage": 2}}, FoLoRAConfig(variant="B"))
+    with pytest.raises(ValueError, match="whole LoRA-A rows"):
+        _refuse_unsupported({"zero_optimization": {"stage": 1}}, FoLoRAConfig(cap_update_norm=True))
+    assert _refuse_unsupported({"zero_optimization": {"stage": 0}}, FoLoRAConfig(variant="B")) == 0
+
+
+def test_adamw_block_feeds_gated_adamw_and_is_removed():
+    config = {"optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}}}
+    assert _refuse_unsupported(config, FoLoRAConfig()) == 0
+    assert _optimizer_arguments(config) == {"lr": 3e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    assert "optimizer" not in config
+
+
+def test_unknown_optimizer_params_are_refused():
+    with pytest.raises(ValueError, match="amsgrad"):
+        _optimizer_arguments({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}})
