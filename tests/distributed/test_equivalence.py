@@ -131,3 +131,37 @@ def test_zero_stage_and_world_size_do_not_change_the_result(reference, stage, wo
                                        msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
     if stage > 0:
         assert results[0]["cut_rows"] > 0, "partitions must cut LoRA-A rows, or this test could not fail"
+
+
+def _ungated_bug(rank: int, world: int, stage: int) -> str:
+    """Train with the gate silently disabled (as a bug would) and report what check_gating says."""
+    import folora_ds.engine
+    from folora_ds.optim import GatedAdamW
+
+    if stage == 0:
+        GatedAdamW.set_projector = lambda self, param, projector: None  # projectors never installed
+    else:
+        GatedAdamW._step_flat = lambda self, flat, layout, update, lr: flat.add_(update, alpha=-lr)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage}, "optimizer": {"type": "AdamW", "params": ADAMW},
+              "folora": FOLORA}
+    engine, controller = folora_ds.engine.initialize(
+        _model(), config, proxy_batches=[_proxy(rank)], task_batches=[_batch(rank)])
+    for step in range(2):
+        batch = _micro_batch(step, rank)
+        with controller.track_task(batch):
+            loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        controller.after_engine_step()
+    try:
+        controller.check_gating()
+    except RuntimeError as error:
+        return str(error)
+    return "not detected"
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_gate_that_silently_stops_running_is_detected(stage):
+    for message in run_ranks(2, _ungated_bug, stage):
+        assert "did not run on every step" in message

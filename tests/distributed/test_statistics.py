@@ -1,0 +1,67 @@
+"""Statistics across gloo ranks: reduce-to-owner equals one process; bad input fails on every rank, never hangs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.multiprocessing import ProcessRaisedException
+
+from folora_ds.config import FoLoRAConfig
+from folora_ds.controller import FoLoRAController
+from tests.distributed.spawn import run_ranks
+from tests.distributed.test_equivalence import FOLORA, _batch, _model, _proxy
+
+
+def _calibrate(rank: int, world: int, mode: str) -> dict:
+    from folora_ds.engine import DistributedFoLoRAController
+
+    model = _model()
+    if mode == "mismatched" and rank == 1:
+        from peft import LoraConfig, get_peft_model
+
+        from folora_ds.models import build_tiny_llama
+
+        base = build_tiny_llama(64, hidden_size=24, intermediate_size=40, num_layers=1, num_heads=4,
+                                num_kv_heads=2, seed=3)
+        model = get_peft_model(base, LoraConfig(r=3, target_modules=["q_proj"]))
+    controller = DistributedFoLoRAController(model, FoLoRAConfig(**FOLORA))
+    proxy = [_proxy(i) for i in range(6) if i % world == rank]
+    task = [_batch(i) for i in range(6) if i % world == rank]
+    if mode == "empty_rank" and rank == 1:
+        proxy, task = [], []
+    if mode == "nan" and rank == 1:
+        controller._forward("pre", proxy, False)
+        for sums in controller.collector.sums("pre").values():
+            sums.sum[0, 0] = float("nan")
+        proxy = []
+    controller.calibrate(proxy, task)
+    controller.solve()
+    return {"pre": controller.pre_covariances, "task": {k: controller.task_ema[k] for k in controller.pre_covariances},
+            "owners": controller.owners}
+
+
+def test_reduce_to_owner_equals_single_process_over_the_union():
+    reference = FoLoRAController(_model(), FoLoRAConfig(**FOLORA))
+    reference.calibrate([_proxy(i) for i in range(6)], [_batch(i) for i in range(6)])
+    results = run_ranks(3, _calibrate, "ok")
+    owners = results[0]["owners"]
+    assert all(result["owners"] == owners for result in results)
+    assert sorted(set(owners.values())) == [0, 1, 2], "4 inputs over 3 ranks: every rank owns one"
+    seen = set()
+    for rank, result in enumerate(results):
+        assert set(result["pre"]) == {key for key, owner in owners.items() if owner == rank}
+        for key in result["pre"]:
+            torch.testing.assert_close(result["pre"][key], reference.pre_covariance(key), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(result["task"][key], reference.task_ema[key], rtol=1e-12, atol=1e-12)
+            seen.add(key)
+    assert seen == set(reference.collector.keys())
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("empty_rank", "rank 1: no statistics have been collected"),
+    ("mismatched", "rank 1 has different LoRA inputs"),
+    ("nan", "NaN"),
+])
+def test_bad_input_on_one_rank_fails_every_rank_with_its_name(mode, message):
+    with pytest.raises(ProcessRaisedException, match=message):
+        run_ranks(2, _calibrate, mode)
