@@ -82,10 +82,9 @@ def run_deepspeed(settings: RunSettings, ds_config_path: str) -> dict | None:
     controller.check_gating()
     counts = comm.all_gather_objects(controller.gated_step_counts())
     summary = None
+    output_dir = Path(settings.output_dir)
+    controller.export_adapter(output_dir / "folora_adapter")
     if rank == 0:
-        output_dir = Path(settings.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(output_dir / "folora_adapter"))
         summary = {"settings": asdict(settings), "folora_config": folora.to_dict(), "world_size": world,
                    "zero_stage": engine.zero_optimization_stage(), "optimizer_steps": controller.optimizer_steps,
                    "gated_steps_per_rank": counts, "refreshes": controller.refreshes, "train_losses": losses,

@@ -42,7 +42,7 @@ from folora_ds.distributed.zero_layout import register_zero_partitions
 from folora_ds.optim import FlatPartitionLayout, GatedAdamW, folora_param_groups
 from folora_ds.peft_utils import lora_a_weight, lora_layers
 from folora_ds.spectral import Projector, SpectralSolveError, SpectralSolver, project_rows
-from folora_ds.stats import CovarianceCollector, CovarianceEMA
+from folora_ds.stats import CovarianceCollector, CovarianceEMA, CovarianceSums
 
 _ADAMW_TYPES = ("adamw", "adam")
 
@@ -198,11 +198,14 @@ class DistributedFoLoRAController:
     def attach(self, engine, optimizer: GatedAdamW) -> None:
         """Map the engine's ZeRO partitions and deliver projectors to the ranks that need them."""
         self.engine, self.optimizer = engine, optimizer
+        self._last_global_steps = engine.global_steps
         lora_a_names = {id(lora_a_weight(layer)): name for name, layer in self.layers.items()}
         key_of_name = {name: self.collector.key_of(name) for name in self.layers}
         self.layouts = register_zero_partitions(engine, optimizer,
                                                 lora_a_names, lambda name: self.projector_rank(key_of_name[name]))
         self._deliver()
+        for layout in self.layouts:  # gated steps before a resume were checked when the checkpoint was taken
+            layout.gated_steps = self.optimizer_steps
 
     def _needed_keys(self) -> set[str]:
         if not self.layouts:  # ZeRO 0: every rank steps whole parameters
@@ -256,6 +259,86 @@ class DistributedFoLoRAController:
         self.refreshes += 1
         return True
 
+    # ------------------------------------------------------------------ checkpoints
+    _STRUCTURAL_FIELDS = ("lora_rank", "lora_alpha", "target_modules", "k", "variant", "statistics_dtype")
+
+    def state_dict(self) -> dict:
+        """Collective: FoLoRA's whole state in a world-size-independent form (identical on every rank).
+
+        C_pre, the C_task EMA and the solver state (last good projector, report, failure count) per input key,
+        gathered from the owners; the current C_task window summed over ranks; counters; the input sharing.
+        """
+        owned = {"pre": {k: v.cpu() for k, v in self.pre_covariances.items()},
+                 "ema": {k: self.task_ema[k].cpu() for k in self.pre_covariances},
+                 "solver": self.solver.state_dict()}
+        merged: dict[str, dict] = {"pre": {}, "ema": {}, "solver": {}}
+        for rank_state in comm.all_gather_objects(owned, self.group):
+            for part in merged:
+                merged[part].update(rank_state[part])
+        local = self.collector.sums("task")
+        window = {}
+        for key, dim in self.dims.items():
+            sums = local.get(key)
+            packed = torch.zeros(dim * dim + 1, dtype=torch.float64, device=self._device)
+            if sums is not None:
+                packed[:-1] = sums.sum.reshape(-1).to(torch.float64)
+                packed[-1] = sums.tokens.to(torch.float64)
+            comm.all_reduce_sum(packed, self.group)
+            window[key] = {"sum": packed[:-1].reshape(dim, dim).cpu(), "tokens": int(packed[-1].round())}
+        return {"version": 1, "config": self.config.to_dict(), "dims": dict(self.dims),
+                "members": self.collector.members(), "optimizer_steps": self.optimizer_steps,
+                "refreshes": self.refreshes, "task_window": window, **merged}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict`` (saved with any world size); call before ``attach``.
+
+        Raises:
+            ValueError: the checkpoint comes from an incompatible config or a model with other LoRA modules.
+        """
+        if state.get("version") != 1:
+            raise ValueError(f"FoLoRA checkpoint version {state.get('version')!r} is not supported (expected 1)")
+        saved = FoLoRAConfig.from_dict(state["config"])
+        changed = [f for f in self._STRUCTURAL_FIELDS if getattr(saved, f) != getattr(self.config, f)]
+        if changed:
+            raise ValueError(f"the checkpoint was written with a different FoLoRA config: {changed} differ "
+                             f"(checkpoint {[getattr(saved, f) for f in changed]}, now "
+                             f"{[getattr(self.config, f) for f in changed]})")
+        saved_modules = {name for names in state["members"].values() for name in names}
+        if saved_modules != set(self.layers):
+            extra = sorted(saved_modules ^ set(self.layers))[:3]
+            raise ValueError(f"the checkpoint's LoRA modules differ from this model's (e.g. {extra})")
+        self.collector.load_sharing(state["members"], state["dims"])
+        self.dims = dict(state["dims"])
+        self.owners = assign_owners(self.dims, comm.world_size(self.group))
+        me = comm.rank(self.group)
+        mine = [key for key, owner in self.owners.items() if owner == me]
+        self.pre_covariances = {key: state["pre"][key].to(self._device) for key in mine}
+        for key in mine:
+            self.task_ema.update(key, state["ema"][key].to(self._device))
+        self.solver.load_state_dict(state["solver"], mine)
+        self.owned_projectors = {key: self.solver.projector(key).to(self._device) for key in mine}
+        self.collector.reset("task")
+        if me == 0:
+            for key, window in state["task_window"].items():
+                if window["tokens"] > 0:
+                    self.collector.add_sums("task", key, CovarianceSums(
+                        window["sum"].to(self._device), torch.tensor(window["tokens"], device=self._device)))
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.refreshes = int(state["refreshes"])
+
+    def save_checkpoint(self, directory: str | Path, tag: str | None = None) -> None:
+        """Collective: ``engine.save_checkpoint`` with FoLoRA's state in ``client_state["folora"]``."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"folora": self.state_dict()})
+
+    def export_adapter(self, directory: str | Path) -> None:
+        """Collective: write a standard peft adapter directory (rank 0 writes; every rank waits for it).
+
+        At ZeRO 0/1/2 every rank holds the full, updated LoRA weights after each step, so rank 0 saves them as is.
+        """
+        if comm.rank(self.group) == 0:
+            self.model.save_pretrained(str(directory))
+        comm.barrier(self.group)
+
     def gated_step_counts(self) -> list[int]:
         """Gated steps of this rank: one entry per flat partition (ZeRO 1/2) or per LoRA-A parameter (ZeRO 0)."""
         if self.layouts:
@@ -270,8 +353,9 @@ class DistributedFoLoRAController:
                                "did not run on every step")
 
 
-def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, proxy_batches, task_batches,
-               lr_scheduler=None, progress: bool = False):
+def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, proxy_batches=None, task_batches=None,
+               resume_from: str | Path | None = None, tag: str | None = None, lr_scheduler=None,
+               progress: bool = False):
     """Build a DeepSpeed engine that trains ``model`` (a peft LoRA model) with FoLoRA's gated AdamW.
 
     Args:
@@ -280,6 +364,9 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, prox
             be AdamW; its params (lr, betas, eps, weight_decay) go to GatedAdamW.
         proxy_batches: this rank's shard of proxy calibration batches (``input_ids``, ``attention_mask``).
         task_batches: this rank's shard of task calibration batches (plus ``labels``).
+        resume_from: a checkpoint directory written by ``controller.save_checkpoint``; calibration is skipped and
+            weights, optimizer and FoLoRA state are restored (any world size for FoLoRA's own state).
+        tag: checkpoint tag (DeepSpeed's ``latest`` when None).
         lr_scheduler: passed to ``deepspeed.initialize``.
 
     Returns:
@@ -299,9 +386,12 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, prox
     ds_config["zero_allow_untested_optimizer"] = True  # GatedAdamW under ZeRO is what tests/distributed/ checks
 
     controller = DistributedFoLoRAController(model, folora)
-    controller.calibrate(proxy_batches, task_batches, progress=progress)
-    controller.solve()
-    controller.initialize_lora_a()
+    if resume_from is None:
+        if proxy_batches is None or task_batches is None:
+            raise ValueError("initialize needs proxy_batches and task_batches (or resume_from a checkpoint)")
+        controller.calibrate(proxy_batches, task_batches, progress=progress)
+        controller.solve()
+        controller.initialize_lora_a()
     optimizer = GatedAdamW(folora_param_groups(model, weight_decay=optimizer_arguments.pop("weight_decay")),
                            **optimizer_arguments, variant=folora.variant, cap_update_norm=folora.cap_update_norm)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
@@ -310,5 +400,14 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, prox
     if client is not optimizer:
         raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__}; FoLoRA cannot "
                            "guarantee the gate runs inside it")
+    if resume_from is not None:
+        path = Path(resume_from)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+        loaded, client_state = engine.load_checkpoint(str(path), tag=tag)
+        if loaded is None or not client_state or "folora" not in client_state:
+            raise ValueError(f"{str(path)!r} (tag {tag!r}) holds no FoLoRA checkpoint; was it written by "
+                             "controller.save_checkpoint?")
+        controller.load_state_dict(client_state["folora"])
     controller.attach(engine, optimizer)
     return engine, controller

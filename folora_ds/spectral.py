@@ -328,6 +328,29 @@ class SpectralSolver:
         self._consecutive_failures[key] = 0
         return projector, report
 
+    def state_dict(self) -> dict:
+        """The last good projector, report and failure count per key (tensors on CPU)."""
+        return {key: {"projector": {"c_tilde_v": p.c_tilde_v.cpu(), "v": p.v.cpu(), "gates": p.gates.cpu()},
+                      "report": {"eigenvalues": self._reports[key].eigenvalues.cpu(),
+                                 "gates": self._reports[key].gates.cpu(), "tau": self._reports[key].tau,
+                                 "ridge": self._reports[key].ridge, "failed": self._reports[key].failed},
+                      "consecutive_failures": self._consecutive_failures[key]}
+                for key, p in self._projectors.items()}
+
+    def load_state_dict(self, state: dict, keys: list[str] | None = None) -> None:
+        """Restore (a subset of) the keys saved by ``state_dict``."""
+        for key in (state if keys is None else keys):
+            entry = state[key]
+            self._projectors[key] = Projector(**entry["projector"])
+            report = entry["report"]
+            self._consecutive_failures[key] = entry["consecutive_failures"]
+            self._reports[key] = SolveReport(key, report["eigenvalues"], report["gates"], report["tau"],
+                                             report["ridge"], report["failed"], entry["consecutive_failures"])
+
+    def projector(self, key: str) -> Projector:
+        """The projector in use for ``key``."""
+        return self._projectors[key]
+
     @property
     def reports(self) -> dict[str, SolveReport]:
         """Latest report per key."""

@@ -119,6 +119,17 @@ class CovarianceCollector:
                 groups[self._key_of[name]].append(name)
         return groups
 
+    def load_sharing(self, members: dict[str, list[str]], dims: dict[str, int]) -> None:
+        """Preset which modules share an input (e.g. from a checkpoint) instead of discovering it.
+
+        The next collecting forward still checks that members really receive their key's tensor.
+        """
+        unknown = sorted({name for names in members.values() for name in names} - set(self._layer_names))
+        if unknown:
+            raise ValueError(f"modules {unknown[:3]} are not LoRA layers of this model")
+        self._key_of = {name: key for key, names in members.items() for name in names}
+        self._dims = dict(dims)
+
     def key_of(self, module_name: str) -> str:
         """The input key of one LoRA module."""
         if module_name not in self._key_of:
@@ -138,6 +149,15 @@ class CovarianceCollector:
         if key not in self._sums[source]:
             raise KeyError(f"no {source!r} statistics for {key!r}; known keys: {list(self._sums[source])[:5]}...")
         return self._sums[source][key].covariance(name=f"{key} [{source}]")
+
+    def add_sums(self, source: str, key: str, sums: CovarianceSums) -> None:
+        """Add externally held sums (e.g. a checkpointed statistics window) to ``source`` for ``key``."""
+        current = self._sums[source].get(key)
+        if current is None:
+            self._sums[source][key] = CovarianceSums(sums.sum.clone().to(self.dtype), sums.tokens.clone())
+        else:
+            current.sum += sums.sum.to(device=current.sum.device, dtype=self.dtype)
+            current.tokens += sums.tokens.to(current.tokens.device)
 
     def reset(self, source: str) -> None:
         """Forget the sums of ``source`` (the sharing of inputs is kept)."""

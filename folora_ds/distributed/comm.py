@@ -37,6 +37,11 @@ def reduce_sum_to(tensor: torch.Tensor, owner: int, group=None) -> torch.Tensor:
     return tensor
 
 
+def barrier(group=None) -> None:
+    """Wait until every rank of the group arrives."""
+    dist.barrier(group=group)
+
+
 def all_gather_objects(obj: Any, group=None) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order."""
     gathered: list[Any] = [None] * world_size(group)

@@ -1,0 +1,79 @@
+"""Kill-and-resume equals an uninterrupted run; resuming on another world size works; bad checkpoints are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.multiprocessing import ProcessRaisedException
+
+from tests.distributed.spawn import run_ranks
+from tests.distributed.test_equivalence import (
+    ADAMW,
+    FOLORA,
+    MICRO_BATCHES_PER_STEP,
+    _batch,
+    _micro_batch,
+    _model,
+    _proxy,
+)
+
+TOTAL_STEPS, STOP_AT = 10, 6
+
+
+def _train(rank: int, world: int, stage: int, first: int, last: int, checkpoint: str | None,
+           resume: str | None, folora_overrides: dict | None = None) -> dict:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    import folora_ds.engine
+
+    accumulation = MICRO_BATCHES_PER_STEP // world
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulation,
+              "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+              "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": {**FOLORA, **(folora_overrides or {})}}
+    shard = dict(proxy_batches=[_proxy(i) for i in range(6) if i % world == rank],
+                 task_batches=[_batch(i) for i in range(6) if i % world == rank])
+    engine, controller = folora_ds.engine.initialize(_model(), config, resume_from=resume,
+                                                     **({} if resume else shard))
+    engine.train()
+    for step in range(first, last):
+        for micro in range(accumulation):
+            batch = _micro_batch(step, micro * world + rank)
+            with controller.track_task(batch):
+                loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            controller.after_engine_step()
+    controller.check_gating()
+    if checkpoint:
+        controller.save_checkpoint(checkpoint)
+    weights = {name: (safe_get_full_fp32_param(p) if stage > 0 else p.detach()).clone()
+               for name, p in engine.module.named_parameters() if p.requires_grad}
+    return {"weights": weights, "steps": controller.optimizer_steps, "refreshes": controller.refreshes}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, stage):
+    uninterrupted = run_ranks(2, _train, stage, 0, TOTAL_STEPS, None, None)[0]
+    run_ranks(2, _train, stage, 0, STOP_AT, str(tmp_path / "ckpt"), None)  # these processes end here
+    resumed = run_ranks(2, _train, stage, STOP_AT, TOTAL_STEPS, None, str(tmp_path / "ckpt"))
+    for result in resumed:
+        assert result["steps"] == TOTAL_STEPS and result["refreshes"] == uninterrupted["refreshes"] == 2
+        for name, expected in uninterrupted["weights"].items():
+            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-7)
+
+
+def test_resume_on_another_world_size_matches(tmp_path):
+    uninterrupted = run_ranks(2, _train, 0, 0, TOTAL_STEPS, None, None)[0]
+    run_ranks(2, _train, 0, 0, STOP_AT, str(tmp_path / "ckpt"), None)
+    resumed = run_ranks(3, _train, 0, STOP_AT, TOTAL_STEPS, None, str(tmp_path / "ckpt"))
+    for result in resumed:
+        for name, expected in uninterrupted["weights"].items():
+            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6)
+
+
+def test_checkpoint_from_an_incompatible_config_is_refused(tmp_path):
+    run_ranks(2, _train, 0, 0, 2, str(tmp_path / "ckpt"), None)
+    with pytest.raises(ProcessRaisedException, match="different FoLoRA config: \\['k'\\]"):
+        run_ranks(2, _train, 0, 2, 3, None, str(tmp_path / "ckpt"), {"k": 4})
+    with pytest.raises(ProcessRaisedException, match="does not exist"):
+        run_ranks(2, _train, 0, 2, 3, None, str(tmp_path / "missing"))
