@@ -61,22 +61,31 @@ def reduce_to_owners(collector: CovarianceCollector, source: str, dims: Mapping[
                      owners: Mapping[str, int], device, group=None) -> dict[str, CovarianceSums]:
     """Collective: sum each key's statistics of ``source`` into its owner. Returns the global sums this rank owns.
 
-    A rank that saw no token of a key contributes zeros.
+    One reduce of the (d, d) sum per key, in the collector's dtype, to its owner, plus one all-reduce of the
+    token counts of all keys together (int64, exact). A rank that saw no token of a key contributes zeros.
     """
     me = comm.rank(group)
     local = collector.sums(source)
+    tokens = torch.zeros(len(dims), dtype=torch.int64, device=device)
     owned = {}
-    for key, dim in dims.items():
+    for index, (key, dim) in enumerate(dims.items()):
         sums = local.get(key)
-        matrix = sums.sum.clone() if sums is not None else torch.zeros(dim, dim, dtype=collector.dtype, device=device)
-        tokens = sums.tokens.clone().to(torch.float64) if sums is not None else torch.zeros((), dtype=torch.float64,
-                                                                                          device=device)
-        packed = torch.cat([matrix.reshape(-1).to(torch.float64), tokens.reshape(1).to(matrix.device)])
-        comm.reduce_sum_to(packed, owners[key], group)
+        if sums is not None:
+            matrix = sums.sum.clone()
+            tokens[index] = sums.tokens.to(device)
+        else:
+            matrix = torch.zeros(dim, dim, dtype=collector.dtype, device=device)
+        comm.reduce_sum_to(matrix, owners[key], group)
         if owners[key] == me:
-            owned[key] = CovarianceSums(packed[:-1].reshape(dim, dim).to(collector.dtype),
-                                        packed[-1].round().to(torch.int64))
-    return owned
+            owned[key] = matrix
+    comm.all_reduce_sum(tokens, group)
+    keys = list(dims)
+    return {key: CovarianceSums(matrix, tokens[keys.index(key)].clone()) for key, matrix in owned.items()}
+
+
+def statistics_bytes_per_refresh(dims: Mapping[str, int], element_bytes: int) -> int:
+    """Bytes of covariance sums one rank contributes to a refresh (Σ d² · element size, token counts aside)."""
+    return sum(dim * dim for dim in dims.values()) * element_bytes
 
 
 def deliver_projectors(projectors: Mapping[str, Projector], owners: Mapping[str, int], needed: set[str],

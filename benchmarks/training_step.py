@@ -1,0 +1,197 @@
+"""DeepSpeed training step with FoLoRA ÷ the same step with plain AdamW, same ZeRO stage, same ranks, same run.
+
+Starts ``--world`` gloo ranks on this machine (CPU) or uses the launcher's ranks when started by
+``deepspeed``/``torchrun`` (GPU). Each rank builds the same Llama-style model (random weights, built from a config)
+with LoRA on all linear layers, then times, alternating step by step:
+  - plain: ``deepspeed.initialize`` with ``torch.optim.AdamW`` (forward + backward + step),
+  - FoLoRA: ``folora_ds.initialize`` (forward with C_task hooks + backward + gated step), no refresh inside the
+    timed steps; one refresh (reduce to owners, solves, delivery) is timed on its own.
+It also times the statistics pass (forward with the collector) against a plain forward, and reports the bytes of
+covariance sums a refresh moves per rank with reduce-to-owner against an all-reduce of the same data.
+
+    python benchmarks/training_step.py --stage 2 --world 2
+    torchrun --nproc_per_node 8 benchmarks/training_step.py --stage 2 --hidden 4096 --layers 4 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+import torch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _model(args):
+    from peft import LoraConfig, get_peft_model
+
+    from folora_ds.models import build_tiny_llama
+
+    base = build_tiny_llama(args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                            num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads, seed=0)
+    torch.manual_seed(0)
+    return get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+
+
+def _batch(args, seed: int, device):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+
+
+def _bench(rank: int, world: int, args) -> None:
+    import deepspeed
+
+    import folora_ds.engine
+    from folora_ds.distributed import comm
+    from folora_ds.distributed.statistics import statistics_bytes_per_refresh
+    from folora_ds.stats import CovarianceCollector
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    ds_config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": args.stage}, "bf16": {"enabled": args.precision == "bf16"}}
+    model = _model(args).to(device)
+
+    # statistics pass vs plain forward (no grad), alternating
+    probe = _batch(args, 1, device)
+    collector = CovarianceCollector(model)
+    stats_times, plain_times = [], []
+    with torch.no_grad():
+        for repeat in range(args.warmup + args.steps):
+            _sync()
+            start = time.perf_counter()
+            model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"])
+            _sync()
+            middle = time.perf_counter()
+            with collector.collect("task", attention_mask=probe["attention_mask"]):
+                model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"])
+            _sync()
+            if repeat >= args.warmup:
+                plain_times.append(middle - start)
+                stats_times.append(time.perf_counter() - middle)
+    dims = collector.input_dims()
+    collector.remove()
+
+    plain_model = copy.deepcopy(model).to(dtype if args.stage == 0 else torch.float32)
+    plain_engine, *_ = deepspeed.initialize(
+        model=plain_model, config=ds_config,
+        optimizer=torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=1e-4))
+    folora_config = {**ds_config, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                     "folora": {"lora_rank": args.rank, "lora_alpha": 2 * args.rank, "k": args.k,
+                                "refresh_interval": 0}}
+    folora_engine, controller = folora_ds.engine.initialize(
+        copy.deepcopy(model), folora_config, proxy_batches=[_batch(args, 100 + rank, device)],
+        task_batches=[_batch(args, 200 + rank, device)])
+
+    def step(engine, batch, track):
+        _sync()
+        start = time.perf_counter()
+        if track:
+            with controller.track_task(batch):
+                loss = engine(**batch).loss
+        else:
+            loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        if track:
+            controller.after_engine_step()
+        _sync()
+        return time.perf_counter() - start
+
+    plain_steps, folora_steps = [], []
+    for index in range(args.warmup + args.steps):
+        batch = _batch(args, 1000 + index * world + rank, device)
+        plain_seconds = step(plain_engine, batch, False)
+        folora_seconds = step(folora_engine, batch, True)
+        if index >= args.warmup:
+            plain_steps.append(plain_seconds)
+            folora_steps.append(folora_seconds)
+    controller.check_gating()
+    comm.barrier()
+    _sync()
+    start = time.perf_counter()
+    controller._fold_task_window()
+    controller.solve()
+    controller._deliver()
+    _sync()
+    refresh_seconds = time.perf_counter() - start
+    held = comm.all_gather_objects(controller.projector_bytes())
+    if rank == 0:
+        element = 4
+        reduce_bytes = statistics_bytes_per_refresh(dims, element)
+        plain_step, folora_step = statistics.median(plain_steps), statistics.median(folora_steps)
+        print(f"device={device} world={world} ZeRO-{args.stage} {args.precision} hidden={args.hidden} "
+              f"layers={args.layers} r={args.rank} k={args.k} batch={args.batch}x{args.seq} steps={args.steps}")
+        print(f"training step: AdamW {plain_step * 1e3:.1f} ms, FoLoRA {folora_step * 1e3:.1f} ms, "
+              f"ratio {folora_step / plain_step:.3f}")
+        print(f"statistics pass ÷ plain forward: {statistics.median(stats_times) / statistics.median(plain_times):.3f}"
+              f" ({statistics.median(stats_times) * 1e3:.1f} ms vs {statistics.median(plain_times) * 1e3:.1f} ms)")
+        print(f"one refresh (reduce + solve + deliver): {refresh_seconds * 1e3:.1f} ms "
+              f"= {refresh_seconds / plain_step:.2f} plain steps")
+        print(f"statistics bytes per rank per refresh: reduce-to-owner {reduce_bytes / 2**20:.2f} MiB sent; an "
+              f"all-reduce of the same sums moves 2·(W−1)/W of it per rank in a ring ({2 * (world - 1) / world:.2f}×"
+              f" vs {(world - 1) / world:.2f}× for a ring reduce), and leaves a copy on every rank")
+        full_copy = sum(d * min(d, args.k or d) * 2 * 4 + min(d, args.k or d) * 4 for d in dims.values())
+        print(f"projector bytes held per rank: {held} (one full copy: {full_copy}; "
+              f"sum/copy = {sum(held) / full_copy:.2f})")
+
+
+def _spawned(rank: int, world: int, port: int, args) -> None:
+    import datetime
+    import importlib
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=300))
+    _bench(rank, world, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", type=int, default=2, choices=[0, 1, 2])
+    parser.add_argument("--world", type=int, default=2, help="ranks to spawn when not started by a launcher")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=688)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    if "RANK" in os.environ:  # started by a launcher
+        from folora_ds.distributed import comm
+
+        comm.init_distributed()
+        _bench(comm.rank(), comm.world_size(), args)
+        return
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_spawned, args=(args.world, port, args), nprocs=args.world, join=True)
+
+
+if __name__ == "__main__":
+    main()
