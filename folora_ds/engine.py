@@ -1,4 +1,4 @@
-"""``folora_ds.initialize``: FoLoRA on a DeepSpeed engine (ZeRO 0, 1, 2; fp32, and bf16 at ZeRO 1/2).
+"""``folora_ds.initialize``: FoLoRA on a DeepSpeed engine (ZeRO 0, 1, 2, 3; fp32, and bf16 at ZeRO 1/2/3).
 
     engine, controller = folora_ds.initialize(peft_model, "ds_configs/zero2.json",
                                               proxy_batches=my_proxy_shard, task_batches=my_task_shard)
@@ -61,8 +61,6 @@ def _refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> i
     """Stop combinations FoLoRA does not handle, before any work; returns the ZeRO stage."""
     zero = ds_config.get("zero_optimization", {}) or {}
     stage = int(zero.get("stage", 0))
-    if stage == 3:
-        raise NotImplementedError("ZeRO stage 3 is not supported yet by folora_ds; use ds_configs/zero2.json")
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")
         if device not in (None, "none"):
@@ -74,9 +72,9 @@ def _refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> i
         if zero.get(key):
             raise ValueError(f"zero_optimization.{key} (ZeRO++) is not supported with FoLoRA; remove it")
     if (ds_config.get("fp16") or {}).get("enabled"):
-        raise ValueError("fp16 is not supported with FoLoRA yet; use bf16 (ZeRO 1/2) or fp32")
+        raise ValueError("fp16 is not supported with FoLoRA yet; use bf16 (ZeRO 1/2/3) or fp32")
     if (ds_config.get("bf16") or {}).get("enabled") and stage == 0:
-        raise ValueError("bf16 at ZeRO stage 0 wraps the client optimizer; use ZeRO stage 1 or 2 for bf16")
+        raise ValueError("bf16 at ZeRO stage 0 wraps the client optimizer; use ZeRO stage 1, 2 or 3 for bf16")
     if stage > 0 and (folora.variant != "A" or folora.cap_update_norm):
         raise ValueError("variant='B' and cap_update_norm need whole LoRA-A rows; use ZeRO stage 0 for them")
     optimizer = ds_config.get("optimizer")
@@ -334,13 +332,23 @@ class DistributedFoLoRAController:
         """Collective: write a standard peft adapter directory (rank 0 writes; every rank waits for it).
 
         At ZeRO 0/1/2 every rank holds the full, updated LoRA weights after each step, so rank 0 saves them as is.
+        At ZeRO-3 each rank holds 1/world of every weight: the trainable (adapter) parameters are all-gathered
+        for the save and released afterwards; the frozen base weights are not gathered.
         """
-        if comm.rank(self.group) == 0:
-            self.model.save_pretrained(str(directory))
+        gathered = contextlib.nullcontext()
+        if self.engine is not None and self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            trainable = [param for param in self.model.parameters() if param.requires_grad]
+            gathered = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+        with gathered:
+            if comm.rank(self.group) == 0:
+                self.model.save_pretrained(str(directory))
         comm.barrier(self.group)
 
     def gated_step_counts(self) -> list[int]:
-        """Gated steps of this rank: one entry per flat partition (ZeRO 1/2) or per LoRA-A parameter (ZeRO 0)."""
+        """Gated steps of this rank: one entry per flat partition (ZeRO 1/2), per flat sub-group holding LoRA-A
+        (ZeRO 3), or per LoRA-A parameter (ZeRO 0)."""
         if self.layouts:
             return self.optimizer.flat_gated_steps()
         return list(self.optimizer.gated_step_counts().values())

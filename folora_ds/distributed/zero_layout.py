@@ -13,6 +13,21 @@ ZeRO 1/2: group i is flattened (params in group order) and cut into equal contig
 
     ``param._hp_mapping.lp_fragment_address`` = (start, numel) inside the parameter, and
     ``param._hp_mapping.get_hp_fragment_address().start`` = offset inside this rank's flat partition.
+
+ZeRO 3: every parameter is cut on its own into ``world`` equal pieces of ``p = ceil(numel / world)`` elements
+(the last one padded); param group i is split into sub-groups, and sub-group j is one flat fp32 tensor that
+concatenates this rank's piece of each of its parameters. DeepSpeed steps the sub-groups one at a time, putting
+the flat tensor alone into the client's param group ``sub_group_to_group_id[j]`` for that call:
+
+    sub-group 0 (LoRA-A of q (3×8), v (3×8)), 2 ranks, p = 12 each:
+    rank 0: fp32_partitioned_groups_flat[0] = q[0:12]  v[0:12]   → Fragment(q, 0, 12, 0),  Fragment(v, 0, 12, 12)
+    rank 1: fp32_partitioned_groups_flat[0] = q[12:24] v[12:24]  → Fragment(q, 12, 12, 0), Fragment(v, 12, 12, 12)
+                                                 (a padded tail, when numel % world ≠ 0, is not a fragment)
+
+    ``param.ds_shape`` is the (r, d) shape (``param.shape`` is empty between steps), ``param.partition_numel()``
+    is p, and the group-rank of this process in ``_get_sub_group_process_group(j)`` says which piece it holds.
+    Every row can be cut (up to world − 1 cut rows per LoRA-A), so every rank needs the projector of every
+    LoRA-A it holds a piece of: under ZeRO-3 each rank holds one full copy of the projectors.
 """
 
 from __future__ import annotations
@@ -42,6 +57,55 @@ def _zero12_fragments(zero_optimizer, group_index: int, names: Mapping[int, str]
     return fragments
 
 
+def _zero3_fragments(zero_optimizer, sub_group_index: int, names: Mapping[int, str], group_rank: int
+                     ) -> list[Fragment]:
+    fragments = []
+    offset = 0
+    for param in zero_optimizer.fp16_groups[sub_group_index]:
+        name = names.get(id(param))
+        if name is None:
+            raise RuntimeError("a parameter in a gated ZeRO-3 sub-group is not a LoRA-A weight of the model")
+        shape = tuple(getattr(param, "ds_shape", ()))
+        if len(shape) != 2:
+            raise RuntimeError(f"ZeRO-3 parameter {name!r} has ds_shape {shape}; expected (r, d_in) — DeepSpeed's "
+                               "partitioned-parameter layout changed")
+        rows, cols = shape
+        piece = param.partition_numel()
+        start = group_rank * piece
+        numel = min(piece, rows * cols - start)
+        if numel > 0:
+            fragments.append(Fragment(name=name, rows=rows, cols=cols, start=start, numel=numel, offset=offset))
+        offset += piece
+    return fragments
+
+
+def _register_zero3(zero_optimizer, optimizer: GatedAdamW, lora_a_names: Mapping[int, str],
+                    projector_rank: Callable[[str], int]) -> list[FlatPartitionLayout]:
+    gated_groups = {index for index, group in enumerate(optimizer.param_groups) if group["gated"]}
+    layouts = []
+    for sub_group_index, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
+        if zero_optimizer.sub_group_to_group_id[sub_group_index] not in gated_groups:
+            continue
+        expected = zero_optimizer.fp16_partitioned_groups_flat_numel[sub_group_index]
+        if flat.ndim != 1 or flat.numel() != expected:
+            raise RuntimeError(f"ZeRO-3 sub-group {sub_group_index}: flat fp32 partition of shape "
+                               f"{tuple(flat.shape)}, expected ({expected},); DeepSpeed's layout changed")
+        process_group = zero_optimizer._get_sub_group_process_group(sub_group_index)
+        fragments = _zero3_fragments(zero_optimizer, sub_group_index, lora_a_names,
+                                     comm.rank(process_group))
+        if fragments and fragments[-1].offset + fragments[-1].numel > flat.numel():
+            raise RuntimeError(f"ZeRO-3 sub-group {sub_group_index}: LoRA-A pieces run past the flat partition")
+        cut_rows = _global_cut_rows(fragments, projector_rank, process_group)
+        layout = FlatPartitionLayout(
+            fragments=fragments, cut_rows=cut_rows,
+            sum_across_ranks=lambda tensor, g=process_group: comm.all_reduce_sum(tensor, g))
+        optimizer.register_flat_partition(flat, layout)
+        layouts.append(layout)
+    if not layouts:
+        raise RuntimeError("ZeRO-3 engine has no sub-group of the gated LoRA-A param group; nothing would be gated")
+    return layouts
+
+
 def _global_cut_rows(fragments: list[Fragment], rank_of_name: Callable[[str], int], group) -> list[CutRow]:
     """Union over the group of each rank's partly-held rows, in one order every rank agrees on."""
     local = [(name, row, rank_of_name(name)) for name, row in local_cut_rows(fragments)]
@@ -59,15 +123,15 @@ def register_zero_partitions(engine, optimizer: GatedAdamW, lora_a_names: Mappin
         projector_rank: k of the projector a LoRA-A name will carry (must be the same on every rank).
 
     Raises:
-        NotImplementedError: ZeRO stage 3 (not supported yet).
         ValueError: ``round_robin_gradients`` is on (it reorders the flat partitions).
+        RuntimeError: DeepSpeed's partition layout is not the one this module reads (an upgrade changed it).
     """
     stage = engine.zero_optimization_stage()
     if stage == 0:
         return []
-    if stage == 3:
-        raise NotImplementedError("ZeRO stage 3 is not supported yet by folora_ds; use stage 0, 1 or 2")
     zero_optimizer = engine.optimizer
+    if stage == 3:
+        return _register_zero3(zero_optimizer, optimizer, lora_a_names, projector_rank)
     if getattr(zero_optimizer, "round_robin_gradients", False):
         raise ValueError('zero_optimization.round_robin_gradients=true reorders ZeRO partitions; set it to false '
                          "for FoLoRA")

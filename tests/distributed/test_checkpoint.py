@@ -51,7 +51,7 @@ def _train(rank: int, world: int, stage: int, first: int, last: int, checkpoint:
     return {"weights": weights, "steps": controller.optimizer_steps, "refreshes": controller.refreshes}
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, stage):
     uninterrupted = run_ranks(2, _train, stage, 0, TOTAL_STEPS, None, None)[0]
     run_ranks(2, _train, stage, 0, STOP_AT, str(tmp_path / "ckpt"), None)  # these processes end here

@@ -1,12 +1,14 @@
-"""Same seed and data: FoLoRA under DeepSpeed ZeRO 0/1/2 with 2 and 3 gloo ranks equals one process.
+"""Same seed and data: FoLoRA under DeepSpeed ZeRO 0/1/2/3 with 2 and 3 gloo ranks equals one process.
 
-Shapes: one block, LoRA r = 3 (odd) on inputs of width 24 and 40, 7 LoRA-A weights (552 elements); the flat ZeRO
-partitions (276 or 184 elements per rank) cut rows of
-LoRA-A, so a gate that ignored the cut rows would fail here. Every optimizer step averages the same 6
+Shapes: one block, LoRA r = 5 (odd) on inputs of width 24 and 40, 7 LoRA-A weights (920 elements). The flat
+ZeRO-1/2 partitions (460 or 307 elements per rank) and the per-parameter ZeRO-3 pieces (e.g. 120 elements of a
+5 × 24 weight cut into 60 | 60 or 40 | 40 | 40) cut rows of LoRA-A, so a gate that ignored the cut rows fails
+here (measured: 8e-6 at ZeRO-3, above the tolerance). With r = 3 and 3 ranks ZeRO-3 would split every weight
+into whole rows and such a bug would pass; the test asserts that rows are cut. Every optimizer step averages the same 6
 micro-batches (world 2: 3 accumulation steps, world 3: 2), with gradient clipping and a refresh every 4 steps.
 Adam eps = 1e-3 (with 1e-8, equal runs drift ~1e-4 from summation order alone; DESIGN.md) and float64
 statistics: the o_proj inputs of this tiny GQA model are so ill-conditioned that float32 sums added in another
-order move the bases by ~1e-3 (docs/method.md). Tolerance 1e-6 (observed ~1e-7; ignoring cut rows gives 5e-5).
+order move the bases by ~1e-3 (docs/method.md). Tolerance 1e-6 (observed ~1e-7).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tests.distributed.spawn import run_ranks
 STEPS = 10
 CLIP = 1.0
 MICRO_BATCHES_PER_STEP = 6
-FOLORA = {"lora_rank": 3, "lora_alpha": 6, "k": 5, "refresh_interval": 4, "ema_decay": 0.5, "tau": 1.0,
+FOLORA = {"lora_rank": 5, "lora_alpha": 10, "k": 5, "refresh_interval": 4, "ema_decay": 0.5, "tau": 1.0,
           "statistics_dtype": "float64"}
 ADAMW = {"lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-3, "weight_decay": 0.01}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -80,7 +82,7 @@ def _reference() -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def _distributed(rank: int, world: int, stage: int) -> dict:
+def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = None) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     import folora_ds.engine
@@ -88,7 +90,7 @@ def _distributed(rank: int, world: int, stage: int) -> dict:
     model = _model()
     accumulation = MICRO_BATCHES_PER_STEP // world
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulation,
-              "gradient_clipping": CLIP, "zero_optimization": {"stage": stage},
+              "gradient_clipping": CLIP, "zero_optimization": {"stage": stage, **(zero_extra or {})},
               "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": FOLORA}
     engine, controller = folora_ds.engine.initialize(
         model, config, proxy_batches=[_proxy(i) for i in range(6) if i % world == rank],
@@ -110,6 +112,7 @@ def _distributed(rank: int, world: int, stage: int) -> dict:
             weights[name] = full.clone()
     cut_rows = sum(len(layout.cut_rows) for layout in controller.layouts)
     return {"weights": weights, "gated": controller.gated_step_counts(), "steps": controller.optimizer_steps,
+            "gated_partitions": len(controller.layouts),
             "refreshes": controller.refreshes, "cut_rows": cut_rows, "projector_bytes": controller.projector_bytes()}
 
 
@@ -118,10 +121,7 @@ def reference():
     return _reference()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_zero_stage_and_world_size_do_not_change_the_result(reference, stage, world):
-    results = run_ranks(world, _distributed, stage)
+def _assert_matches_reference(results: list[dict], reference: dict) -> None:
     for rank, result in enumerate(results):
         assert result["steps"] == STEPS, f"rank {rank}"
         assert result["refreshes"] == STEPS // FOLORA["refresh_interval"]
@@ -129,8 +129,22 @@ def test_zero_stage_and_world_size_do_not_change_the_result(reference, stage, wo
         for name, expected in reference.items():
             torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6,
                                        msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_and_world_size_do_not_change_the_result(reference, stage, world):
+    results = run_ranks(world, _distributed, stage)
+    _assert_matches_reference(results, reference)
     if stage > 0:
         assert results[0]["cut_rows"] > 0, "partitions must cut LoRA-A rows, or this test could not fail"
+
+
+def test_zero3_with_several_sub_groups_per_step_equals_one_process(reference):
+    """DeepSpeed calls the client step once per ZeRO-3 sub-group: each must be gated once per optimizer step."""
+    results = run_ranks(2, _distributed, 3, {"sub_group_size": 200})
+    assert results[0]["gated_partitions"] >= 2, "the LoRA-A group must span several sub-groups"
+    _assert_matches_reference(results, reference)
 
 
 def _ungated_bug(rank: int, world: int, stage: int) -> str:
@@ -161,7 +175,7 @@ def _ungated_bug(rank: int, world: int, stage: int) -> str:
     return "not detected"
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_a_gate_that_silently_stops_running_is_detected(stage):
     for message in run_ranks(2, _ungated_bug, stage):
         assert "did not run on every step" in message

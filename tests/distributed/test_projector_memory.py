@@ -1,5 +1,5 @@
 """Projectors reach only the ranks that gate rows of their modules: under ZeRO-1/2 the ranks together hold about
-one copy; under ZeRO-0 every rank needs all of them."""
+one copy; under ZeRO-0 and ZeRO-3 (every rank holds a piece of every LoRA-A) every rank needs all of them."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def test_zero2_ranks_hold_about_one_copy_of_the_projectors(world):
     assert total <= 1.25 * results[0]["full"], (total, results[0]["full"])
 
 
-def test_zero0_every_rank_holds_every_projector():
-    results = run_ranks(2, _held_bytes, 0)
+@pytest.mark.parametrize("stage", [0, 3])
+def test_zero0_and_zero3_every_rank_holds_every_projector(stage):
+    results = run_ranks(2, _held_bytes, stage)
     assert all(result["held"] == result["full"] for result in results)

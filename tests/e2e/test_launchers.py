@@ -51,3 +51,21 @@ def test_torchrun_zero1_bf16(tmp_path):
     summary = _run([torchrun, "--nproc_per_node", "2", "--master_port", "29632", str(REPO / "launch" / "train.py"),
                     "--deepspeed", str(REPO / "ds_configs" / "zero1_bf16.json"), *SMALL], tmp_path / "tr")
     assert summary["zero_stage"] == 1 and summary["optimizer_steps"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed (scripts/setup.sh installs it)")
+def test_mpirun_with_mpi4py_discovery(tmp_path):
+    summary = _run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1",
+                    sys.executable, str(REPO / "launch" / "train.py"), "--deepspeed",
+                    str(REPO / "ds_configs" / "zero2.json"), *SMALL], tmp_path / "mpi")
+    assert summary["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_zero3_bf16(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
+    summary = _run([torchrun, "--nproc_per_node", "2", "--master_port", "29633", str(REPO / "launch" / "train.py"),
+                    "--deepspeed", str(REPO / "ds_configs" / "zero3_bf16.json"), *SMALL], tmp_path / "z3")
+    assert summary["zero_stage"] == 3 and summary["optimizer_steps"] == 6
+    assert (tmp_path / "z3" / "folora_adapter" / "adapter_model.safetensors").is_file()

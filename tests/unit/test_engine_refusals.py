@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from folora_ds.config import FoLoRAConfig
-from folora_ds.engine import _optimizer_arguments, _refuse_unsupported
+from folora_ds.engine import _optimizer_arguments, _refuse_unsupported, load_ds_config
+
+DS_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "ds_configs").glob("zero*.json"))
 
 
 @pytest.mark.parametrize(("ds_config", "match"), [
-    ({"zero_optimization": {"stage": 3}}, "stage 3"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, "offload"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
     ({"zero_optimization": {"stage": 1, "round_robin_gradients": True}}, "round_robin_gradients"),
     ({"zero_optimization": {"stage": 2, "zero_quantized_weights": True}}, "ZeRO\\+\\+"),
@@ -41,3 +46,16 @@ def test_adamw_block_feeds_gated_adamw_and_is_removed():
 def test_unknown_optimizer_params_are_refused():
     with pytest.raises(ValueError, match="amsgrad"):
         _optimizer_arguments({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}})
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda path: path.name)
+def test_shipped_deepspeed_configs_are_accepted_with_the_stage_in_their_name(path):
+    ds_config = load_ds_config(path)
+    stage = _refuse_unsupported(ds_config, FoLoRAConfig.from_deepspeed_config(ds_config))
+    assert path.name.startswith(f"zero{stage}")
+    assert _optimizer_arguments(ds_config)["lr"] > 0
+
+
+def test_every_zero_stage_has_a_shipped_config():
+    names = {path.name for path in DS_CONFIGS}
+    assert {"zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero3_bf16.json"} <= names
