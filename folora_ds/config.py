@@ -121,6 +121,11 @@ class FoLoRAConfig:
         statistics_dtype: accumulation dtype of the covariance sums. "float64" makes the statistics (and so the
             bases) independent of summation order across ranks up to ~1e-16; useful for ill-conditioned inputs.
         max_seq_len: tokens per task example after truncation.
+        forgetting_budget: None (off, the default) or the allowed relative forgetting
+            F = Σ tr(ΔW C_pre ΔWᵀ) / Σ tr(W C_pre Wᵀ); at every refresh τ is adapted by dual ascent to hold F
+            under it (``folora_ds/budget.py``). Needs ``refresh_interval`` > 0.
+        budget_step_size: dual-ascent step η on log τ: θ ← θ + η·(F/budget − 1).
+        budget_max_tau_scale: bound m on the adapted τ: τ·exp(θ) stays within [τ/m, τ·m].
         proxy: how the pretraining-proxy calibration set is obtained.
     """
 
@@ -147,6 +152,9 @@ class FoLoRAConfig:
     task_token_mask: str = "attention"
     statistics_dtype: str = "float32"
     max_seq_len: int = 256
+    forgetting_budget: float | None = None
+    budget_step_size: float = 0.5
+    budget_max_tau_scale: float = 1000.0
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
     def __post_init__(self) -> None:
@@ -180,6 +188,12 @@ class FoLoRAConfig:
         _require_choice("task_token_mask", self.task_token_mask, TASK_TOKEN_MASKS)
         _require_choice("statistics_dtype", self.statistics_dtype, STATISTICS_DTYPES)
         _require_int("max_seq_len", self.max_seq_len, 2)
+        if self.forgetting_budget is not None:
+            _require_real("forgetting_budget", self.forgetting_budget, low=0.0)
+            _require(self.refresh_interval > 0, "forgetting_budget", self.forgetting_budget,
+                     "null when refresh_interval=0 (τ is adapted at refreshes)")
+        _require_real("budget_step_size", self.budget_step_size, low=0.0)
+        _require_real("budget_max_tau_scale", self.budget_max_tau_scale, low=1.0, low_open=False)
         if isinstance(self.proxy, Mapping):
             object.__setattr__(self, "proxy", _from_mapping(ProxyConfig, self.proxy, prefix="proxy."))
         _require(isinstance(self.proxy, ProxyConfig), "proxy", self.proxy, "a ProxyConfig or a mapping")

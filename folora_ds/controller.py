@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from folora_ds.budget import adapter_penalty, base_energy, budget_from_config
 from folora_ds.config import FoLoRAConfig
 from folora_ds.optim import GatedAdamW
-from folora_ds.peft_utils import lora_a_weight, lora_b_weight, lora_layers, lora_scaling
+from folora_ds.peft_utils import base_weight_matrix, lora_a_weight, lora_b_weight, lora_layers, lora_scaling
 from folora_ds.spectral import Projector, SolveReport, SpectralSolver, project_rows
 from folora_ds.stats import CovarianceCollector, CovarianceEMA
 
@@ -74,6 +75,8 @@ class FoLoRAController:
         self.optimizer_steps = 0
         self.refreshes = 0
         self._pre_covariances: dict[str, torch.Tensor] = {}
+        self.budget = budget_from_config(config)
+        self._base_energy = 0.0
 
     # ------------------------------------------------------------------ statistics
     def _run_batches(self, source: str, batches: Iterable[Mapping[str, torch.Tensor]], description: str,
@@ -107,6 +110,9 @@ class FoLoRAController:
         if self._run_batches("task", task_batches, "task statistics", progress) == 0:
             raise ValueError("the task calibration set produced no batches")
         self._pre_covariances = {key: self.collector.covariance("pre", key) for key in self.collector.keys()}
+        if self.budget is not None:
+            self._base_energy = sum(float(base_energy(base_weight_matrix(layer), self._pre_covariances[
+                self.collector.key_of(name)])) for name, layer in self.layers.items())
         self._fold_task_window()
 
     def _fold_task_window(self) -> None:
@@ -139,7 +145,8 @@ class FoLoRAController:
             raise RuntimeError("solve() before calibrate(): no statistics")
         reports = {}
         for key in tqdm(self.collector.keys(), desc="generalized eigensolves", disable=not progress, leave=False):
-            projector, report = self.solver.solve(key, self.task_ema[key], self._pre_covariances[key])
+            projector, report = self.solver.solve(key, self.task_ema[key], self._pre_covariances[key],
+                                                  tau_scale=1.0 if self.budget is None else self.budget.tau_scale)
             self.projectors[key] = projector.to(dtype=torch.float32)
             reports[key] = report
         return reports
@@ -174,6 +181,8 @@ class FoLoRAController:
         if interval == 0 or self.optimizer_steps % interval != 0:
             return False
         self._fold_task_window()
+        if self.budget is not None:
+            self.budget.update(self.measured_forgetting())
         self.solve()
         self._deliver()
         self.refreshes += 1
@@ -193,14 +202,18 @@ class FoLoRAController:
 
     def forgetting_penalty(self) -> dict[str, float]:
         """tr(ΔW C_pre ΔWᵀ) per LoRA module with ΔW = s·B·A (LoRA starts with B = 0, so ΔW is the adapter)."""
-        penalties = {}
         with torch.no_grad():
-            for name, layer in self.layers.items():
-                delta = lora_scaling(layer) * (lora_b_weight(layer).double() @ lora_a_weight(layer).double())
-                c_pre = self._pre_covariances[self.collector.key_of(name)].double().to(delta.device)
-                penalties[name] = float(((delta @ c_pre) * delta).sum())
-        return penalties
+            return {name: float(adapter_penalty(lora_a_weight(layer), lora_b_weight(layer), lora_scaling(layer),
+                                                self._pre_covariances[self.collector.key_of(name)]))
+                    for name, layer in self.layers.items()}
+
+    def measured_forgetting(self) -> float:
+        """The relative forgetting F = Σ tr(ΔW C_pre ΔWᵀ) / Σ tr(W C_pre Wᵀ) that the budget holds down."""
+        if self._base_energy <= 0:
+            raise RuntimeError("measured_forgetting needs a forgetting_budget and calibrate() first")
+        return sum(self.forgetting_penalty().values()) / self._base_energy
 
     def remove(self) -> None:
         """Remove the statistics hooks from the model."""
         self.collector.remove()
+

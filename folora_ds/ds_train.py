@@ -88,6 +88,7 @@ def run_deepspeed(settings: RunSettings, ds_config_path: str) -> dict | None:
         summary = {"settings": asdict(settings), "folora_config": folora.to_dict(), "world_size": world,
                    "zero_stage": engine.zero_optimization_stage(), "optimizer_steps": controller.optimizer_steps,
                    "gated_steps_per_rank": counts, "refreshes": controller.refreshes, "train_losses": losses,
+                   "tau_scale": None if controller.budget is None else controller.budget.tau_scale,
                    "seconds": time.perf_counter() - started}
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"FoLoRA under DeepSpeed ZeRO-{summary['zero_stage']} on {world} ranks: {controller.optimizer_steps} "

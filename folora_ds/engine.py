@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from folora_ds.budget import adapter_penalty, base_energy, budget_from_config
 from folora_ds.config import FoLoRAConfig
 from folora_ds.distributed import comm
 from folora_ds.distributed.ownership import assign_owners
@@ -40,7 +41,7 @@ from folora_ds.distributed.statistics import (
 )
 from folora_ds.distributed.zero_layout import register_zero_partitions
 from folora_ds.optim import FlatPartitionLayout, GatedAdamW, folora_param_groups
-from folora_ds.peft_utils import lora_a_weight, lora_layers
+from folora_ds.peft_utils import base_weight_matrix, lora_a_weight, lora_b_weight, lora_layers, lora_scaling
 from folora_ds.spectral import Projector, SpectralSolveError, SpectralSolver, project_rows
 from folora_ds.stats import CovarianceCollector, CovarianceEMA, CovarianceSums
 
@@ -119,6 +120,8 @@ class DistributedFoLoRAController:
         self.held_projectors: dict[str, Projector] = {}
         self.optimizer_steps = 0
         self.refreshes = 0
+        self.budget = budget_from_config(config)
+        self._owned_base_energy = 0.0
         self._last_global_steps = 0
         self._device = next(model.parameters()).device
 
@@ -149,6 +152,10 @@ class DistributedFoLoRAController:
             error = str(problem)
         raise_if_any(error, self.group)
         self.collector.reset("pre")
+        if self.budget is not None:  # the model is still replicated here, so owners read whole base weights
+            self._owned_base_energy = sum(
+                float(base_energy(base_weight_matrix(layer), self.pre_covariances[self.collector.key_of(name)]))
+                for name, layer in self.layers.items() if self.collector.key_of(name) in self.pre_covariances)
         self._fold_task_window()
 
     def _fold_task_window(self) -> None:
@@ -165,9 +172,11 @@ class DistributedFoLoRAController:
     def solve(self) -> None:
         """Collective: owners solve their inputs; any failure is raised on every rank."""
         error = None
+        tau_scale = 1.0 if self.budget is None else self.budget.tau_scale
         try:
             for key in self.pre_covariances:
-                projector, _ = self.solver.solve(key, self.task_ema[key], self.pre_covariances[key])
+                projector, _ = self.solver.solve(key, self.task_ema[key], self.pre_covariances[key],
+                                                 tau_scale=tau_scale)
                 self.owned_projectors[key] = projector.to(dtype=torch.float32)
         except (SpectralSolveError, RuntimeError) as problem:
             error = str(problem)
@@ -252,10 +261,41 @@ class DistributedFoLoRAController:
         if interval == 0 or self.optimizer_steps % interval != 0:
             return False
         self._fold_task_window()
+        if self.budget is not None:
+            self.budget.update(self.measured_forgetting())
         self.solve()
         self._deliver()
         self.refreshes += 1
         return True
+
+    def _lora_gathered(self):
+        """A context in which every rank sees whole LoRA weights (a collective all-gather under ZeRO-3)."""
+        if self.engine is None or self.engine.zero_optimization_stage() != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        lora = [weight for layer in self.layers.values() for weight in (lora_a_weight(layer), lora_b_weight(layer))]
+        return deepspeed.zero.GatheredParameters(lora, modifier_rank=None)
+
+    def measured_forgetting(self) -> float:
+        """Collective: F = Σ tr(ΔW C_pre ΔWᵀ) / Σ tr(W C_pre Wᵀ) over all LoRA modules (identical on every rank).
+
+        Each owner adds the modules of its inputs; one all-reduce of two float64 numbers combines them.
+        """
+        if self.budget is None:
+            raise RuntimeError("measured_forgetting needs a forgetting_budget in the folora config")
+        penalty = 0.0
+        with torch.no_grad(), self._lora_gathered():
+            for name, layer in self.layers.items():
+                key = self.collector.key_of(name)
+                if key in self.pre_covariances:
+                    penalty += float(adapter_penalty(lora_a_weight(layer), lora_b_weight(layer), lora_scaling(layer),
+                                                     self.pre_covariances[key]))
+        totals = comm.all_reduce_sum(torch.tensor([penalty, self._owned_base_energy], dtype=torch.float64,
+                                                  device=self._device), self.group)
+        if not totals[1] > 0:
+            raise RuntimeError("measured_forgetting: the base layers' proxy energy is zero; was calibrate() run?")
+        return float(totals[0] / totals[1])
 
     # ------------------------------------------------------------------ checkpoints
     _STRUCTURAL_FIELDS = ("lora_rank", "lora_alpha", "target_modules", "k", "variant", "statistics_dtype")
@@ -283,9 +323,14 @@ class DistributedFoLoRAController:
                 packed[-1] = sums.tokens.to(torch.float64)
             comm.all_reduce_sum(packed, self.group)
             window[key] = {"sum": packed[:-1].reshape(dim, dim).cpu(), "tokens": int(packed[-1].round())}
+        base_energy_total = float(comm.all_reduce_sum(torch.tensor([self._owned_base_energy], dtype=torch.float64,
+                                                                   device=self._device), self.group)[0])
         return {"version": 1, "config": self.config.to_dict(), "dims": dict(self.dims),
                 "members": self.collector.members(), "optimizer_steps": self.optimizer_steps,
-                "refreshes": self.refreshes, "task_window": window, **merged}
+                "refreshes": self.refreshes, "task_window": window,
+                "budget": None if self.budget is None else {**self.budget.state_dict(),
+                                                            "base_energy": base_energy_total},
+                **merged}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict`` (saved with any world size); call before ``attach``.
@@ -323,6 +368,13 @@ class DistributedFoLoRAController:
                         window["sum"].to(self._device), torch.tensor(window["tokens"], device=self._device)))
         self.optimizer_steps = int(state["optimizer_steps"])
         self.refreshes = int(state["refreshes"])
+        if self.budget is not None:
+            saved_budget = state.get("budget")
+            if saved_budget is None:
+                raise ValueError("the checkpoint was written without a forgetting_budget; resume without one or "
+                                 "start a new run")
+            self.budget.load_state_dict(saved_budget)
+            self._owned_base_energy = float(saved_budget["base_energy"]) if me == 0 else 0.0
 
     def save_checkpoint(self, directory: str | Path, tag: str | None = None) -> None:
         """Collective: ``engine.save_checkpoint`` with FoLoRA's state in ``client_state["folora"]``."""

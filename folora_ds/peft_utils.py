@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
@@ -40,3 +41,11 @@ def lora_b_weight(layer: LoraLayer) -> nn.Parameter:
 def lora_scaling(layer: LoraLayer) -> float:
     """The adapter scale s (lora_alpha / r, or alpha/sqrt(r) with rsLoRA)."""
     return float(layer.scaling[active_adapter(layer)])
+
+
+
+def base_weight_matrix(layer: LoraLayer) -> torch.Tensor:
+    """The frozen base weight W as (d_out, d_in), detached (GPT-2 ``Conv1D`` layers, adapted with peft's
+    ``fan_in_fan_out=True``, store Wᵀ and are transposed back here)."""
+    weight = layer.get_base_layer().weight.detach()
+    return weight.mT if getattr(layer, "fan_in_fan_out", False) else weight

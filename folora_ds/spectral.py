@@ -295,8 +295,12 @@ class SpectralSolver:
         self._reports: dict[str, SolveReport] = {}
         self._consecutive_failures: dict[str, int] = {}
 
-    def solve(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor) -> tuple[Projector, SolveReport]:
-        """Solve one input; returns the projector in use and a report. See the class docstring for failures."""
+    def solve(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor, *,
+              tau_scale: float = 1.0) -> tuple[Projector, SolveReport]:
+        """Solve one input; returns the projector in use and a report. See the class docstring for failures.
+
+        ``tau_scale`` multiplies the configured τ (the forgetting budget's dual-ascent factor, 1 without one).
+        """
         cfg = self.config
         try:
             result = solve_generalized_eigenproblem(
@@ -304,7 +308,7 @@ class SpectralSolver:
                 solve_dtype=getattr(torch, cfg.solve_dtype), retry_float64=cfg.retry_float64, layer=key)
             if not bool((result.eigenvalues > 0).any()):
                 raise SpectralSolveError(key, "C_task is zero (no task tokens reached this input)")
-            tau = effective_tau(result.eigenvalues, cfg.tau, cfg.tau_mode)
+            tau = effective_tau(result.eigenvalues, cfg.tau, cfg.tau_mode) * tau_scale
             gates = gate_values(result.eigenvalues, kind=cfg.gate, tau=tau, temperature=cfg.temperature)
         except SpectralSolveError as error:
             if key not in self._projectors:

@@ -48,7 +48,8 @@ def _train(rank: int, world: int, stage: int, first: int, last: int, checkpoint:
         controller.save_checkpoint(checkpoint)
     weights = {name: (safe_get_full_fp32_param(p) if stage > 0 else p.detach()).clone()
                for name, p in engine.module.named_parameters() if p.requires_grad}
-    return {"weights": weights, "steps": controller.optimizer_steps, "refreshes": controller.refreshes}
+    return {"weights": weights, "steps": controller.optimizer_steps, "refreshes": controller.refreshes,
+            "tau_scale": None if controller.budget is None else controller.budget.tau_scale}
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -77,3 +78,15 @@ def test_checkpoint_from_an_incompatible_config_is_refused(tmp_path):
         run_ranks(2, _train, 0, 2, 3, None, str(tmp_path / "ckpt"), {"k": 4})
     with pytest.raises(ProcessRaisedException, match="does not exist"):
         run_ranks(2, _train, 0, 2, 3, None, str(tmp_path / "missing"))
+
+
+def test_kill_and_resume_carries_the_forgetting_budget(tmp_path):
+    budget = {"forgetting_budget": 1e-4, "budget_step_size": 0.5}
+    uninterrupted = run_ranks(2, _train, 0, 0, TOTAL_STEPS, None, None, budget)[0]
+    run_ranks(2, _train, 0, 0, STOP_AT, str(tmp_path / "ckpt"), None, budget)
+    resumed = run_ranks(2, _train, 0, STOP_AT, TOTAL_STEPS, None, str(tmp_path / "ckpt"), budget)
+    assert uninterrupted["tau_scale"] > 1.5
+    for result in resumed:
+        assert result["tau_scale"] == pytest.approx(uninterrupted["tau_scale"], rel=1e-9)
+        for name, expected in uninterrupted["weights"].items():
+            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-7)

@@ -56,9 +56,9 @@ def _micro_batch(step: int, index: int):
     return _batch(10_000 + step * MICRO_BATCHES_PER_STEP + index)
 
 
-def _reference() -> dict[str, torch.Tensor]:
+def _reference(folora_overrides: dict | None = None) -> dict[str, torch.Tensor]:
     model = _model()
-    config = FoLoRAConfig(**FOLORA)
+    config = FoLoRAConfig(**{**FOLORA, **(folora_overrides or {})})
     controller = FoLoRAController(model, config)
     controller.calibrate([_proxy(i) for i in range(6)], [_batch(i) for i in range(6)])
     controller.solve()
@@ -79,10 +79,14 @@ def _reference() -> dict[str, torch.Tensor]:
         optimizer.zero_grad()
         controller.after_optimizer_step()
     assert set(optimizer.gated_step_counts().values()) == {STEPS}
-    return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+    weights = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+    if controller.budget is not None:
+        weights["tau_scale"] = torch.tensor(controller.budget.tau_scale)
+    return weights
 
 
-def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = None) -> dict:
+def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = None,
+                 folora_overrides: dict | None = None) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     import folora_ds.engine
@@ -91,7 +95,7 @@ def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = No
     accumulation = MICRO_BATCHES_PER_STEP // world
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulation,
               "gradient_clipping": CLIP, "zero_optimization": {"stage": stage, **(zero_extra or {})},
-              "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": FOLORA}
+              "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": {**FOLORA, **(folora_overrides or {})}}
     engine, controller = folora_ds.engine.initialize(
         model, config, proxy_batches=[_proxy(i) for i in range(6) if i % world == rank],
         task_batches=[_batch(i) for i in range(6) if i % world == rank])
@@ -110,6 +114,8 @@ def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = No
         if param.requires_grad:
             full = safe_get_full_fp32_param(param) if stage > 0 else param.detach()
             weights[name] = full.clone()
+    if controller.budget is not None:
+        weights["tau_scale"] = torch.tensor(controller.budget.tau_scale)
     cut_rows = sum(len(layout.cut_rows) for layout in controller.layouts)
     return {"weights": weights, "gated": controller.gated_step_counts(), "steps": controller.optimizer_steps,
             "gated_partitions": len(controller.layouts),
@@ -145,6 +151,17 @@ def test_zero3_with_several_sub_groups_per_step_equals_one_process(reference):
     results = run_ranks(2, _distributed, 3, {"sub_group_size": 200})
     assert results[0]["gated_partitions"] >= 2, "the LoRA-A group must span several sub-groups"
     _assert_matches_reference(results, reference)
+
+
+BUDGET = {"forgetting_budget": 1e-4, "budget_step_size": 0.5}
+
+
+@pytest.mark.parametrize(("stage", "world"), [(2, 3), (3, 2)])
+def test_forgetting_budget_adapts_tau_identically_on_every_rank(stage, world):
+    """τ moves by dual ascent on the penalty measured across owners (gathered LoRA weights under ZeRO-3)."""
+    reference = _reference(BUDGET)
+    assert float(reference["tau_scale"]) > 1.5, "the budget must bind, or this test could not fail"
+    _assert_matches_reference(run_ranks(world, _distributed, stage, None, BUDGET), reference)
 
 
 def _ungated_bug(rank: int, world: int, stage: int) -> str:

@@ -170,3 +170,24 @@ def test_every_lora_module_is_mapped_to_an_input_key():
     model, controller = _ready(FoLoRAConfig())
     assert set(lora_layers(model)) == {name for members in controller.collector.members().values()
                                        for name in members}
+
+
+def _penalty_after_training(config: FoLoRAConfig) -> tuple[float, FoLoRAController]:
+    model, controller = _ready(config)
+    controller.initialize_lora_a()
+    optimizer = GatedAdamW(folora_param_groups(model), lr=3e-2)
+    controller.attach_optimizer(optimizer)
+    _train(model, controller, optimizer, 12)
+    return sum(controller.forgetting_penalty().values()), controller
+
+
+def test_forgetting_budget_raises_tau_when_over_budget_and_forgets_less():
+    free, _ = _penalty_after_training(FoLoRAConfig(refresh_interval=2, tau=0.5))
+    budgeted, controller = _penalty_after_training(FoLoRAConfig(refresh_interval=2, tau=0.5,
+                                                                forgetting_budget=1e-6, budget_step_size=1.0))
+    assert controller.budget.last_measured > 1e-6  # the run was over budget at its refreshes ...
+    assert controller.budget.tau_scale > 10  # ... so τ grew ...
+    taus = [summary.tau for summary in controller.layer_summaries()]
+    assert all(tau > 0 for tau in taus)
+    assert budgeted < 0.8 * free, (budgeted, free)  # ... and the adapter forgot less than without a budget
+    assert controller.measured_forgetting() == pytest.approx(budgeted / controller._base_energy, rel=1e-12)

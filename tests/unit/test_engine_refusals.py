@@ -59,3 +59,12 @@ def test_shipped_deepspeed_configs_are_accepted_with_the_stage_in_their_name(pat
 def test_every_zero_stage_has_a_shipped_config():
     names = {path.name for path in DS_CONFIGS}
     assert {"zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero3_bf16.json"} <= names
+
+
+def test_initialize_is_exported_at_the_package_top_level():
+    import folora_ds
+    import folora_ds.engine
+
+    assert folora_ds.initialize is folora_ds.engine.initialize
+    with pytest.raises(AttributeError, match="no attribute 'initialise'"):
+        folora_ds.initialise  # noqa: B018

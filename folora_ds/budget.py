@@ -1,0 +1,110 @@
+"""The optional forgetting budget: τ adapted by dual ascent on the measured proxy penalty. Pure torch.
+
+The measured forgetting of the adapter, relative to what the base layers do on proxy inputs (METHOD.md):
+
+    F = Σ_modules tr(ΔW C_pre ΔWᵀ) / Σ_modules tr(W C_pre Wᵀ),     ΔW = s·B·A  (LoRA starts with B = 0)
+
+With a budget b, τ plays the role of the Lagrange multiplier of the constraint F ≤ b (a larger τ attenuates more
+directions, so the next steps forget less). At every refresh, before the bases are re-solved:
+
+    θ ← clip(θ + η · (F / b − 1), −ln m, ln m),      τ_used = τ · exp(θ)
+
+η = ``budget_step_size``, m = ``budget_max_tau_scale``. Over budget (F > b) τ grows, under budget it relaxes back
+towards the configured τ and below; the step is multiplicative so τ stays positive, and the clip bounds a run that
+cannot meet its budget (its log says so). θ starts at 0, so τ_used equals the configured τ until the first refresh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from folora_ds.config import FoLoRAConfig
+
+
+def adapter_penalty(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, c_pre: torch.Tensor) -> torch.Tensor:
+    """tr(ΔW C_pre ΔWᵀ) of one LoRA module, in float64, without forming ΔW.
+
+    Args:
+        lora_a: (r, d_in). lora_b: (d_out, r). scaling: s. c_pre: (d_in, d_in) proxy covariance (no ridge).
+
+    Returns:
+        A float64 scalar: s² · tr((BᵀB)(A C_pre Aᵀ)), O(r·d_in² + d_out·r²) instead of O(d_out·d_in²).
+    """
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(f"adapter_penalty: A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} are not (r, d_in) "
+                         "and (d_out, r)")
+    if c_pre.shape != (lora_a.shape[1], lora_a.shape[1]):
+        raise ValueError(f"adapter_penalty: C_pre {tuple(c_pre.shape)} does not match d_in = {lora_a.shape[1]}")
+    a, b, c = lora_a.double(), lora_b.double(), c_pre.double().to(lora_a.device)
+    return scaling * scaling * ((b.mT @ b) * (a @ c @ a.mT)).sum()
+
+
+def base_energy(weight: torch.Tensor, c_pre: torch.Tensor) -> torch.Tensor:
+    """tr(W C_pre Wᵀ) of a frozen base weight W (d_out, d_in), in float64: the scale F is measured against."""
+    if weight.ndim != 2 or c_pre.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"base_energy: W {tuple(weight.shape)} and C_pre {tuple(c_pre.shape)} do not match")
+    w = weight.double()
+    return ((w @ c_pre.double().to(w.device)) * w).sum()
+
+
+@dataclass
+class TauDualAscent:
+    """The multiplier θ of τ (τ_used = τ·exp(θ)) and its dual-ascent update (see the module docstring).
+
+    Attributes:
+        budget: b > 0, the allowed relative forgetting F.
+        step_size: η > 0.
+        max_scale: m ≥ 1; exp(θ) stays in [1/m, m].
+        log_scale: θ, the current log multiplier.
+        last_measured: F at the last update (None before the first).
+    """
+
+    budget: float
+    step_size: float
+    max_scale: float
+    log_scale: float = 0.0
+    last_measured: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.budget > 0 and math.isfinite(self.budget)):
+            raise ValueError(f"TauDualAscent: budget={self.budget!r} must be a finite number > 0")
+        if not (self.step_size > 0 and math.isfinite(self.step_size)):
+            raise ValueError(f"TauDualAscent: step_size={self.step_size!r} must be a finite number > 0")
+        if not (self.max_scale >= 1 and math.isfinite(self.max_scale)):
+            raise ValueError(f"TauDualAscent: max_scale={self.max_scale!r} must be a finite number >= 1")
+
+    @property
+    def tau_scale(self) -> float:
+        """exp(θ): the factor applied to the configured τ."""
+        return math.exp(self.log_scale)
+
+    def update(self, measured: float) -> float:
+        """One dual-ascent step from the measured relative forgetting F; returns the new τ scale.
+
+        Raises:
+            ValueError: ``measured`` is negative or not finite (broken statistics must not steer τ).
+        """
+        if not (measured >= 0 and math.isfinite(measured)):
+            raise ValueError(f"forgetting budget: measured relative penalty {measured!r} is not a finite number >= 0")
+        bound = math.log(self.max_scale)
+        self.log_scale = min(bound, max(-bound, self.log_scale + self.step_size * (measured / self.budget - 1.0)))
+        self.last_measured = float(measured)
+        return self.tau_scale
+
+    def state_dict(self) -> dict:
+        return {"log_scale": self.log_scale, "last_measured": self.last_measured}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.log_scale = float(state["log_scale"])
+        self.last_measured = state["last_measured"]
+
+
+def budget_from_config(config: FoLoRAConfig) -> TauDualAscent | None:
+    """The τ dual ascent of ``config.forgetting_budget`` (None when the budget is off)."""
+    if config.forgetting_budget is None:
+        return None
+    return TauDualAscent(budget=config.forgetting_budget, step_size=config.budget_step_size,
+                         max_scale=config.budget_max_tau_scale)
