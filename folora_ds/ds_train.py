@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 from folora_ds.config import FoLoRAConfig
 from folora_ds.data import TaskCollator, build_task_dataset, split_train_eval
 from folora_ds.distributed import comm
-from folora_ds.engine import initialize, load_ds_config
+from folora_ds.engine import initialize, load_ds_config, proxy_batches_for_this_rank
 from folora_ds.models import load_model
-from folora_ds.proxy import load_proxy_jsonl, proxy_batches, sample_proxy
 from folora_ds.run import RunSettings, batch_order, iterate_batches
 
 
@@ -44,12 +43,8 @@ def run_deepspeed(settings: RunSettings, ds_config_path: str) -> dict | None:
     dataset = build_task_dataset(settings.data, tokenizer, max_length=folora.max_seq_len)
     train_set, _ = split_train_eval(dataset, eval_fraction=settings.eval_fraction, seed=settings.seed)
     collate = TaskCollator(pad_token_id=tokenizer.pad_token_id)
-    if folora.proxy.path is not None:
-        samples = load_proxy_jsonl(folora.proxy.path, tokenizer=tokenizer, max_length=folora.max_seq_len)
-        samples = [sample for index, sample in enumerate(samples) if index % world == rank]
-    else:
-        samples = sample_proxy(model, tokenizer, folora.proxy, rank=rank, world_size=world,
-                               progress=settings.progress and rank == 0)
+    proxy = proxy_batches_for_this_rank(model, tokenizer, folora, max_length=folora.max_seq_len,
+                                        progress=settings.progress and rank == 0)  # from the base model, before LoRA
     torch.manual_seed(settings.seed)
     targets = folora.target_modules if isinstance(folora.target_modules, str) else list(folora.target_modules)
     model = get_peft_model(model, LoraConfig(r=folora.lora_rank, lora_alpha=folora.lora_alpha,
@@ -63,8 +58,7 @@ def run_deepspeed(settings: RunSettings, ds_config_path: str) -> dict | None:
 
     calibration = [batch for step in order[:settings.calibration_batches] for batch in my_micro_batches(step)]
     engine, controller = initialize(
-        model, ds_config, proxy_batches=list(proxy_batches(samples, batch_size=folora.proxy.batch_size,
-                                                           pad_token_id=tokenizer.pad_token_id)) if samples else [],
+        model, ds_config, proxy_batches=proxy,
         task_batches=list(iterate_batches(train_set, calibration, collate)), progress=settings.progress and rank == 0)
     engine.train()
     losses = []

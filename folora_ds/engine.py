@@ -413,8 +413,26 @@ class DistributedFoLoRAController:
                                "did not run on every step")
 
 
+def proxy_batches_for_this_rank(model: nn.Module, tokenizer, folora: FoLoRAConfig, *, max_length: int,
+                                progress: bool = False) -> list[dict[str, torch.Tensor]]:
+    """This rank's proxy calibration batches: its share of ``proxy.path`` (a saved proxy set or a ``{"text": ...}``
+    corpus) when set, else its share of a set sampled from ``model`` with the ``proxy`` settings (distinct seeds
+    per rank). Empty when this rank gets no sample (``initialize`` then stops every rank with the culprit)."""
+    from folora_ds.proxy import load_proxy_jsonl, proxy_batches, sample_proxy
+
+    rank, world = comm.rank(), comm.world_size()
+    if folora.proxy.path is not None:
+        samples = load_proxy_jsonl(folora.proxy.path, tokenizer=tokenizer, max_length=max_length)
+        samples = [sample for index, sample in enumerate(samples) if index % world == rank]
+    else:
+        samples = sample_proxy(model, tokenizer, folora.proxy, rank=rank, world_size=world, progress=progress)
+    if not samples:
+        return []
+    return list(proxy_batches(samples, batch_size=folora.proxy.batch_size, pad_token_id=tokenizer.pad_token_id))
+
+
 def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, proxy_batches=None, task_batches=None,
-               resume_from: str | Path | None = None, tag: str | None = None, lr_scheduler=None,
+               tokenizer=None, resume_from: str | Path | None = None, tag: str | None = None, lr_scheduler=None,
                progress: bool = False):
     """Build a DeepSpeed engine that trains ``model`` (a peft LoRA model) with FoLoRA's gated AdamW.
 
@@ -422,8 +440,11 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, prox
         model: the same peft model on every rank (not yet wrapped by DeepSpeed).
         config: DeepSpeed config (JSON path or dict) with a ``"folora"`` block. An ``"optimizer"`` block may only
             be AdamW; its params (lr, betas, eps, weight_decay) go to GatedAdamW.
-        proxy_batches: this rank's shard of proxy calibration batches (``input_ids``, ``attention_mask``).
+        proxy_batches: this rank's shard of proxy calibration batches (``input_ids``, ``attention_mask``). When
+            None and ``tokenizer`` is given, they come from the ``"folora"`` block's ``proxy`` settings: sampled
+            from ``model`` (this rank's share) or read from ``proxy.path`` (see ``proxy_batches_for_this_rank``).
         task_batches: this rank's shard of task calibration batches (plus ``labels``).
+        tokenizer: the model's tokenizer, needed only to sample or read the proxy set here.
         resume_from: a checkpoint directory written by ``controller.save_checkpoint``; calibration is skipped and
             weights, optimizer and FoLoRA state are restored (any world size for FoLoRA's own state).
         tag: checkpoint tag (DeepSpeed's ``latest`` when None).
@@ -445,10 +466,15 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, prox
     optimizer_arguments = _optimizer_arguments(ds_config)
     ds_config["zero_allow_untested_optimizer"] = True  # GatedAdamW under ZeRO is what tests/distributed/ checks
 
+    if resume_from is None and (task_batches is None or (proxy_batches is None and tokenizer is None)):
+        raise ValueError("initialize needs task_batches and proxy_batches (or a tokenizer to sample the proxy set "
+                         "with the config's proxy settings), or resume_from a checkpoint")
+    comm.init_distributed()  # a no-op when the launcher's script already started the process group
     controller = DistributedFoLoRAController(model, folora)
     if resume_from is None:
-        if proxy_batches is None or task_batches is None:
-            raise ValueError("initialize needs proxy_batches and task_batches (or resume_from a checkpoint)")
+        if proxy_batches is None:
+            proxy_batches = proxy_batches_for_this_rank(model, tokenizer, folora, max_length=folora.max_seq_len,
+                                                        progress=progress and comm.rank() == 0)
         controller.calibrate(proxy_batches, task_batches, progress=progress)
         controller.solve()
         controller.initialize_lora_a()
@@ -464,10 +490,71 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, prox
         path = Path(resume_from)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+        group_markers = [{key: group[key] for key in ("gated", "param_names") if key in group}
+                         for group in optimizer.param_groups]
+        _refuse_world_size_change(path, tag, engine, ds_config)
         loaded, client_state = engine.load_checkpoint(str(path), tag=tag)
+        for group, markers in zip(optimizer.param_groups, group_markers):
+            group.update(markers)  # ZeRO-3 universal loading copies group 0's entries into every group
         if loaded is None or not client_state or "folora" not in client_state:
             raise ValueError(f"{str(path)!r} (tag {tag!r}) holds no FoLoRA checkpoint; was it written by "
                              "controller.save_checkpoint?")
         controller.load_state_dict(client_state["folora"])
     controller.attach(engine, optimizer)
     return engine, controller
+
+
+def _refuse_world_size_change(path: Path, tag: str | None, engine, ds_config: Mapping[str, Any]) -> None:
+    """Before loading: a ZeRO 1/2/3 checkpoint saved with another data-parallel world size cannot be loaded
+    directly (DeepSpeed fails with an assertion or its own message); say how to convert it."""
+    stage = engine.zero_optimization_stage()
+    if stage == 0 or (ds_config.get("checkpoint") or {}).get("load_universal"):
+        return
+    if tag is None:
+        latest = path / "latest"
+        if not latest.is_file():
+            return  # DeepSpeed reports the missing tag itself
+        tag = latest.read_text().strip()
+    saved_ranks = len(list((path / tag).glob("*zero_pp_rank_*optim_states.pt")))
+    if saved_ranks and saved_ranks != engine.dp_world_size:
+        raise ValueError(
+            f"checkpoint {str(path / tag)!r} holds ZeRO stage-{stage} optimizer state of {saved_ranks} data-parallel "
+            f"ranks, this run has {engine.dp_world_size}: DeepSpeed cannot re-partition it directly. Convert it once "
+            "with folora_ds.engine.convert_to_universal_checkpoint(directory) (DeepSpeed's ds_to_universal) and "
+            'resume with "checkpoint": {"load_universal": true} in the DeepSpeed config; FoLoRA\'s own state is '
+            "world-size independent")
+
+
+def convert_to_universal_checkpoint(directory: str | Path, tag: str | None = None) -> Path:
+    """Convert a checkpoint written by ``controller.save_checkpoint`` into DeepSpeed's universal format, so a run
+    can resume on another number of ranks at ZeRO 1/2/3 (set ``"checkpoint": {"load_universal": true}``).
+
+    Runs DeepSpeed's ``ds_to_universal`` on ``directory/<tag>`` (``latest`` when None), writing
+    ``directory/<tag>_universal`` and ``directory/latest_universal``. Not a collective: run it once, on one process.
+
+    Returns:
+        The universal checkpoint folder.
+
+    Raises:
+        FileNotFoundError: no such checkpoint. RuntimeError: the conversion failed (its output is included).
+    """
+    import subprocess
+    import sys
+
+    directory = Path(directory)
+    if tag is None:
+        latest = directory / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{str(directory)!r} has no 'latest' file; pass the checkpoint tag")
+        tag = latest.read_text().strip()
+    source = directory / tag
+    if not source.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(source)!r} does not exist")
+    target = directory / f"{tag}_universal"
+    result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                             str(source), "--output_folder", str(target), "--inject_missing_state"],
+                            capture_output=True, text=True)
+    if result.returncode != 0 or not (directory / "latest_universal").is_file():
+        raise RuntimeError(f"ds_to_universal failed on {str(source)!r}:\n{result.stdout[-2000:]}\n"
+                           f"{result.stderr[-3000:]}")
+    return target

@@ -68,7 +68,8 @@ def _prompt_ids(kind: str, tokenizer, generator: torch.Generator) -> list[int]:
         return list(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=True,
                                                   add_generation_prompt=True, return_dict=False))
     if kind == "random_token":
-        special = set(tokenizer.all_special_ids)
+        special = set(tokenizer.all_special_ids) | {  # also added special tokens (chat role markers and the like)
+            index for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
         choices = [i for i in range(len(tokenizer)) if i not in special]
         token = choices[int(torch.randint(len(choices), (1,), generator=generator))]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -182,6 +183,8 @@ def load_proxy_jsonl(path: str | Path, *, tokenizer=None, max_length: int | None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"proxy calibration set {str(path)!r} does not exist")
+    if max_length is not None and not (isinstance(max_length, int) and max_length >= 1):
+        raise ValueError(f"load_proxy_jsonl: max_length={max_length!r} must be None or an integer >= 1")
     samples = []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -193,14 +196,15 @@ def load_proxy_jsonl(path: str | Path, *, tokenizer=None, max_length: int | None
                     ids = record["token_ids"]
                     if not (isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids)):
                         raise ValueError("token_ids must be a non-empty list of integers")
-                    sample = ProxySample(ids[:max_length] if max_length else ids, int(record["prompt_length"]),
+                    kept = ids[:max_length]
+                    sample = ProxySample(kept, min(int(record["prompt_length"]), len(kept)),
                                          str(record["prompt_kind"]), int(record["seed"]), int(record["index"]))
                 elif isinstance(record.get("text"), str):
                     if tokenizer is None:
                         raise ValueError("text lines need a tokenizer")
                     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
                     ids = bos + tokenizer(record["text"], add_special_tokens=False)["input_ids"]
-                    sample = ProxySample(ids[:max_length] if max_length else ids, 0, "user_text", -1, len(samples))
+                    sample = ProxySample(ids[:max_length], 0, "user_text", -1, len(samples))
                 else:
                     raise ValueError("expected 'token_ids' (a saved proxy set) or 'text' (a user corpus)")
             except (ValueError, KeyError, TypeError) as error:

@@ -97,6 +97,9 @@ class CovarianceCollector:
             raise RuntimeError("collect() contexts cannot be nested")
         mask = None if attention_mask is None else attention_mask.bool()
         if labels is not None:
+            if attention_mask is not None and labels.shape != attention_mask.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                                 "must have the same (batch, seq) shape")
             label_mask = labels != -100
             mask = label_mask if mask is None else mask & label_mask
         self._source, self._mask = source, mask
@@ -151,7 +154,17 @@ class CovarianceCollector:
         return self._sums[source][key].covariance(name=f"{key} [{source}]")
 
     def add_sums(self, source: str, key: str, sums: CovarianceSums) -> None:
-        """Add externally held sums (e.g. a checkpointed statistics window) to ``source`` for ``key``."""
+        """Add externally held sums (e.g. a checkpointed statistics window) to ``source`` for ``key``.
+
+        Raises:
+            KeyError: ``key`` is not an input of this model (as known from ``load_sharing`` or a forward).
+            ValueError: the sum is not (d, d) for the input's width d.
+        """
+        if key not in self._dims:
+            raise KeyError(f"add_sums: {key!r} is not a known input of this model")
+        dim = self._dims[key]
+        if tuple(sums.sum.shape) != (dim, dim):
+            raise ValueError(f"add_sums: {key!r} has width {dim}, the added sum has shape {tuple(sums.sum.shape)}")
         current = self._sums[source].get(key)
         if current is None:
             self._sums[source][key] = CovarianceSums(sums.sum.clone().to(self.dtype), sums.tokens.clone())
@@ -253,5 +266,8 @@ class CovarianceEMA:
         return {"decay": self.decay, "estimates": dict(self._estimates)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
+        decay = state["decay"]
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"CovarianceEMA state: decay={decay!r} must be a float in [0, 1)")
+        self.decay = decay
         self._estimates = dict(state["estimates"])

@@ -1,4 +1,5 @@
-"""Kill-and-resume equals an uninterrupted run; resuming on another world size works; bad checkpoints are refused."""
+"""Kill-and-resume equals an uninterrupted run; resuming on another world size works (ZeRO-0 directly, ZeRO 1/2/3
+through DeepSpeed's universal checkpoint); bad checkpoints are refused."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ TOTAL_STEPS, STOP_AT = 10, 6
 
 
 def _train(rank: int, world: int, stage: int, first: int, last: int, checkpoint: str | None,
-           resume: str | None, folora_overrides: dict | None = None) -> dict:
+           resume: str | None, folora_overrides: dict | None = None, ds_extra: dict | None = None) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     import folora_ds.engine
@@ -29,7 +30,8 @@ def _train(rank: int, world: int, stage: int, first: int, last: int, checkpoint:
     accumulation = MICRO_BATCHES_PER_STEP // world
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulation,
               "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
-              "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": {**FOLORA, **(folora_overrides or {})}}
+              "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": {**FOLORA, **(folora_overrides or {})},
+              **(ds_extra or {})}
     shard = dict(proxy_batches=[_proxy(i) for i in range(6) if i % world == rank],
                  task_batches=[_batch(i) for i in range(6) if i % world == rank])
     engine, controller = folora_ds.engine.initialize(_model(), config, resume_from=resume,
@@ -52,21 +54,54 @@ def _train(rank: int, world: int, stage: int, first: int, last: int, checkpoint:
             "tau_scale": None if controller.budget is None else controller.budget.tau_scale}
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Per ZeRO stage (computed once): the uninterrupted 2-rank run and a checkpoint taken at STOP_AT."""
+    cache = {}
+
+    def get(stage: int) -> tuple[dict, str]:
+        if stage not in cache:
+            checkpoint = str(tmp_path_factory.mktemp(f"zero{stage}") / "ckpt")
+            uninterrupted = run_ranks(2, _train, stage, 0, TOTAL_STEPS, None, None)[0]
+            run_ranks(2, _train, stage, 0, STOP_AT, checkpoint, None)  # these processes end here
+            cache[stage] = (uninterrupted, checkpoint)
+        return cache[stage]
+
+    return get
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_kill_and_resume_equals_uninterrupted(tmp_path, stage):
-    uninterrupted = run_ranks(2, _train, stage, 0, TOTAL_STEPS, None, None)[0]
-    run_ranks(2, _train, stage, 0, STOP_AT, str(tmp_path / "ckpt"), None)  # these processes end here
-    resumed = run_ranks(2, _train, stage, STOP_AT, TOTAL_STEPS, None, str(tmp_path / "ckpt"))
+def test_kill_and_resume_equals_uninterrupted(runs, stage):
+    uninterrupted, checkpoint = runs(stage)
+    resumed = run_ranks(2, _train, stage, STOP_AT, TOTAL_STEPS, None, checkpoint)
     for result in resumed:
         assert result["steps"] == TOTAL_STEPS and result["refreshes"] == uninterrupted["refreshes"] == 2
         for name, expected in uninterrupted["weights"].items():
             torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-7)
 
 
-def test_resume_on_another_world_size_matches(tmp_path):
-    uninterrupted = run_ranks(2, _train, 0, 0, TOTAL_STEPS, None, None)[0]
-    run_ranks(2, _train, 0, 0, STOP_AT, str(tmp_path / "ckpt"), None)
-    resumed = run_ranks(3, _train, 0, STOP_AT, TOTAL_STEPS, None, str(tmp_path / "ckpt"))
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_another_world_size_through_a_universal_checkpoint(runs, stage):
+    """DeepSpeed cannot re-partition ZeRO 1/2/3 optimizer state directly: the error says how, and the converted
+    checkpoint resumes on 3 ranks (ZeRO-3's universal loader overwrites every param group with group 0's entries;
+    the gate markers are restored, or the LoRA-B group would be taken for LoRA-A)."""
+    import folora_ds.engine
+
+    uninterrupted, checkpoint = runs(stage)
+    with pytest.raises(ProcessRaisedException, match="load_universal"):
+        run_ranks(3, _train, stage, STOP_AT, STOP_AT + 1, None, checkpoint)
+    folora_ds.engine.convert_to_universal_checkpoint(checkpoint)
+    resumed = run_ranks(3, _train, stage, STOP_AT, TOTAL_STEPS, None, checkpoint, None,
+                        {"checkpoint": {"load_universal": True}})
+    for result in resumed:
+        assert result["steps"] == TOTAL_STEPS
+        for name, expected in uninterrupted["weights"].items():
+            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6)
+
+
+def test_resume_on_another_world_size_matches(runs):
+    uninterrupted, checkpoint = runs(0)
+    resumed = run_ranks(3, _train, 0, STOP_AT, TOTAL_STEPS, None, checkpoint)
     for result in resumed:
         for name, expected in uninterrupted["weights"].items():
             torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6)

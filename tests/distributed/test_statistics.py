@@ -65,3 +65,42 @@ def test_reduce_to_owner_equals_single_process_over_the_union():
 def test_bad_input_on_one_rank_fails_every_rank_with_its_name(mode, message):
     with pytest.raises(ProcessRaisedException, match=message):
         run_ranks(2, _calibrate, mode)
+
+
+def _initialize_with_tokenizer(rank: int, world: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    import folora_ds
+    from folora_ds.engine import proxy_batches_for_this_rank
+    from folora_ds.models import load_model
+
+    base, tokenizer = load_model("tiny-llama")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    folora = {"lora_rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"],
+              "proxy": {"num_sequences": 4, "seq_len": 8, "batch_size": 2, "seed": 5}}
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "folora": folora}
+    mine = proxy_batches_for_this_rank(model, tokenizer, FoLoRAConfig(**folora), max_length=64)
+    engine, controller = folora_ds.initialize(model, config, task_batches=[_batch(rank)], tokenizer=tokenizer)
+    batch = _batch(10 + rank)
+    with controller.track_task(batch):
+        loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    controller.after_engine_step()
+    controller.check_gating()
+    return {"proxy_ids": [b["input_ids"] for b in mine], "keys": sorted(controller.dims)}
+
+
+def test_initialize_samples_each_ranks_share_of_the_proxy_set_from_the_config():
+    results = run_ranks(2, _initialize_with_tokenizer)
+    assert results[0]["keys"] == results[1]["keys"] and len(results[0]["keys"]) == 4  # attn-in (q, v), down-in × 2
+    first, second = (torch.cat([ids.flatten() for ids in r["proxy_ids"]]) for r in results)
+    assert len(results[0]["proxy_ids"]) == 1 and not torch.equal(first, second), "ranks must sample distinct shares"
+
+
+def test_initialize_without_calibration_data_names_what_is_missing():
+    import folora_ds
+
+    with pytest.raises(ValueError, match="task_batches and proxy_batches"):
+        folora_ds.initialize(_model(), {"folora": {}}, task_batches=[_batch(0)])
