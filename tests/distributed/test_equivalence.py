@@ -29,6 +29,7 @@ MICRO_BATCHES_PER_STEP = 6
 FOLORA = {"lora_rank": 5, "lora_alpha": 10, "k": 5, "refresh_interval": 4, "ema_decay": 0.5, "tau": 1.0,
           "statistics_dtype": "float64"}
 ADAMW = {"lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-3, "weight_decay": 0.01}
+DEFAULT_EPS_ATOL = 1e-5  # observed 3e-7 (ZeRO-2 × 3 ranks) and 2e-7 (ZeRO-3 × 2) after 10 steps with eps = 1e-8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -56,15 +57,16 @@ def _micro_batch(step: int, index: int):
     return _batch(10_000 + step * MICRO_BATCHES_PER_STEP + index)
 
 
-def _reference(folora_overrides: dict | None = None) -> dict[str, torch.Tensor]:
+def _reference(folora_overrides: dict | None = None, adamw_overrides: dict | None = None) -> dict[str, torch.Tensor]:
+    adamw = {**ADAMW, **(adamw_overrides or {})}
     model = _model()
     config = FoLoRAConfig(**{**FOLORA, **(folora_overrides or {})})
     controller = FoLoRAController(model, config)
     controller.calibrate([_proxy(i) for i in range(6)], [_batch(i) for i in range(6)])
     controller.solve()
     controller.initialize_lora_a()
-    optimizer = GatedAdamW(folora_param_groups(model, weight_decay=ADAMW["weight_decay"]), lr=ADAMW["lr"],
-                           betas=tuple(ADAMW["betas"]), eps=ADAMW["eps"])
+    optimizer = GatedAdamW(folora_param_groups(model, weight_decay=adamw["weight_decay"]), lr=adamw["lr"],
+                           betas=tuple(adamw["betas"]), eps=adamw["eps"])
     controller.attach_optimizer(optimizer)
     model.train()
     for step in range(STEPS):
@@ -86,7 +88,7 @@ def _reference(folora_overrides: dict | None = None) -> dict[str, torch.Tensor]:
 
 
 def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = None,
-                 folora_overrides: dict | None = None) -> dict:
+                 folora_overrides: dict | None = None, adamw_overrides: dict | None = None) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     import folora_ds.engine
@@ -95,7 +97,8 @@ def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = No
     accumulation = MICRO_BATCHES_PER_STEP // world
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulation,
               "gradient_clipping": CLIP, "zero_optimization": {"stage": stage, **(zero_extra or {})},
-              "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": {**FOLORA, **(folora_overrides or {})}}
+              "optimizer": {"type": "AdamW", "params": {**ADAMW, **(adamw_overrides or {})}},
+              "folora": {**FOLORA, **(folora_overrides or {})}}
     engine, controller = folora_ds.engine.initialize(
         model, config, proxy_batches=[_proxy(i) for i in range(6) if i % world == rank],
         task_batches=[_batch(i) for i in range(6) if i % world == rank])
@@ -127,13 +130,13 @@ def reference():
     return _reference()
 
 
-def _assert_matches_reference(results: list[dict], reference: dict) -> None:
+def _assert_matches_reference(results: list[dict], reference: dict, atol: float = 1e-6) -> None:
     for rank, result in enumerate(results):
         assert result["steps"] == STEPS, f"rank {rank}"
         assert result["refreshes"] == STEPS // FOLORA["refresh_interval"]
         assert result["gated"] and set(result["gated"]) == {STEPS}, f"rank {rank}: gated steps {result['gated']}"
         for name, expected in reference.items():
-            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6,
+            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=atol,
                                        msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
 
 
@@ -151,6 +154,14 @@ def test_zero3_with_several_sub_groups_per_step_equals_one_process(reference):
     results = run_ranks(2, _distributed, 3, {"sub_group_size": 200})
     assert results[0]["gated_partitions"] >= 2, "the LoRA-A group must span several sub-groups"
     _assert_matches_reference(results, reference)
+
+
+def test_default_adam_eps_agrees_within_a_looser_stated_tolerance():
+    """With eps = 1e-8 tiny second moments amplify summation-order noise (DESIGN.md): ZeRO-2 on 3 ranks and one
+    process agree to DEFAULT_EPS_ATOL, not 1e-6; longer runs drift further (the other tests use eps = 1e-3)."""
+    reference = _reference(None, {"eps": 1e-8})
+    _assert_matches_reference(run_ranks(3, _distributed, 2, None, None, {"eps": 1e-8}), reference,
+                              atol=DEFAULT_EPS_ATOL)
 
 
 BUDGET = {"forgetting_budget": 1e-4, "budget_step_size": 0.5}
