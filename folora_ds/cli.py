@@ -95,6 +95,9 @@ def _build_parser() -> argparse.ArgumentParser:
     distributed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override one folora config field")
     distributed.add_argument("--no-progress", action="store_true")
+    distributed.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+                             help="every collective fails after this long instead of hanging when a rank dies or "
+                                  "hangs (default 600)")
 
     sample = commands.add_parser("sample-proxy", help="sample a pretraining-proxy calibration set to JSONL")
     _add_config_arguments(sample)
@@ -112,6 +115,8 @@ def _train_deepspeed(args: argparse.Namespace) -> int:
     from folora_ds.run import RunSettings
 
     try:
+        if not args.collective_timeout > 0:
+            raise ValueError(f"--collective-timeout {args.collective_timeout} must be > 0 seconds")
         ds_config = load_ds_config(args.deepspeed)
         block = FoLoRAConfig.from_deepspeed_config(ds_config).to_dict()
         ds_config["folora"] = FoLoRAConfig.from_dict(_merge(block, _parse_overrides(args.overrides))).to_dict()
@@ -124,7 +129,7 @@ def _train_deepspeed(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         merged = Path(scratch) / "ds_config.json"
         merged.write_text(json.dumps(ds_config))
-        run_deepspeed(settings, str(merged))
+        run_deepspeed(settings, str(merged), collective_timeout_seconds=args.collective_timeout)
     return 0
 
 

@@ -27,12 +27,16 @@ from folora_ds.models import load_model
 from folora_ds.run import RunSettings, batch_order, iterate_batches
 
 
-def run_deepspeed(settings: RunSettings, ds_config_path: str) -> dict | None:
-    """Train FoLoRA with DeepSpeed on every rank; returns the summary on rank 0 (None elsewhere)."""
+def run_deepspeed(settings: RunSettings, ds_config_path: str, *,
+                  collective_timeout_seconds: float = 600.0) -> dict | None:
+    """Train FoLoRA with DeepSpeed on every rank; returns the summary on rank 0 (None elsewhere).
+
+    ``collective_timeout_seconds`` bounds every collective: a dead or hung rank stops the others with an error.
+    """
     started = time.perf_counter()
     ds_config = load_ds_config(ds_config_path)
     folora = FoLoRAConfig.from_deepspeed_config(ds_config)  # validated before the process group starts
-    comm.init_distributed()
+    comm.init_distributed(timeout_seconds=collective_timeout_seconds)
     rank, world = comm.rank(), comm.world_size()
     micro = int(ds_config.get("train_micro_batch_size_per_gpu", settings.batch_size))
     accumulation = int(ds_config.get("gradient_accumulation_steps", 1))

@@ -66,6 +66,7 @@ def test_mpirun_with_mpi4py_discovery(tmp_path):
 def test_torchrun_zero3_bf16(tmp_path):
     torchrun = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
     summary = _run([torchrun, "--nproc_per_node", "2", "--master_port", "29633", str(REPO / "launch" / "train.py"),
-                    "--deepspeed", str(REPO / "ds_configs" / "zero3_bf16.json"), *SMALL], tmp_path / "z3")
+                    "--deepspeed", str(REPO / "ds_configs" / "zero3_bf16.json"), "--collective-timeout", "120",
+                    *SMALL], tmp_path / "z3")
     assert summary["zero_stage"] == 3 and summary["optimizer_steps"] == 6
     assert (tmp_path / "z3" / "folora_adapter" / "adapter_model.safetensors").is_file()

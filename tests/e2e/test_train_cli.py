@@ -60,6 +60,10 @@ def test_config_errors_stop_before_any_work(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--steps", "0", "--output-dir", str(tmp_path / "y")]) == 2
     assert "steps" in capsys.readouterr().err
+    assert main(["train-ds", "--deepspeed", "ds_configs/zero2.json", "--collective-timeout", "0"]) == 2
+    assert "--collective-timeout" in capsys.readouterr().err
+    assert main(["train-ds", "--deepspeed", "ds_configs/zero2.json", "--set", "forgetting_budget=-1"]) == 2
+    assert "forgetting_budget" in capsys.readouterr().err
 
 
 def test_shipped_config_loads_and_overrides_apply():
