@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,17 @@ def _refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> i
                              "outside GatedAdamW; remove the offload block")
     if zero.get("round_robin_gradients"):
         raise ValueError("zero_optimization.round_robin_gradients=true reorders ZeRO partitions; set it to false")
-    for key in ("zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size"):
+    for key in ("zero_quantized_weights", "zero_quantized_gradients"):
         if zero.get(key):
             raise ValueError(f"zero_optimization.{key} (ZeRO++) is not supported with FoLoRA; remove it")
+    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+        raise ValueError("zero_optimization.zero_hpz_partition_size > 1 (ZeRO++ hierarchical partitioning) is not "
+                         "supported with FoLoRA; remove it")
+    if int(zero.get("mics_shard_size", -1) or -1) > 0:
+        raise ValueError("zero_optimization.mics_shard_size (MiCS) re-partitions ZeRO-3 in a way folora_ds does not "
+                         "map; remove it")
+    if zero.get("zenflow") is not None:
+        raise ValueError("zero_optimization.zenflow steps parameters outside GatedAdamW's flat layout; remove it")
     if (ds_config.get("fp16") or {}).get("enabled"):
         raise ValueError("fp16 is not supported with FoLoRA yet; use bf16 (ZeRO 1/2/3) or fp32")
     if (ds_config.get("bf16") or {}).get("enabled") and stage == 0:
@@ -284,13 +293,17 @@ class DistributedFoLoRAController:
         """
         if self.budget is None:
             raise RuntimeError("measured_forgetting needs a forgetting_budget in the folora config")
-        penalty = 0.0
+        penalty, error = 0.0, None
         with torch.no_grad(), self._lora_gathered():
-            for name, layer in self.layers.items():
-                key = self.collector.key_of(name)
-                if key in self.pre_covariances:
-                    penalty += float(adapter_penalty(lora_a_weight(layer), lora_b_weight(layer), lora_scaling(layer),
-                                                     self.pre_covariances[key]))
+            try:
+                for name, layer in self.layers.items():
+                    key = self.collector.key_of(name)
+                    if key in self.pre_covariances:
+                        penalty += float(adapter_penalty(lora_a_weight(layer), lora_b_weight(layer),
+                                                         lora_scaling(layer), self.pre_covariances[key]))
+            except (ValueError, RuntimeError) as problem:
+                error = f"forgetting budget: {problem}"
+        raise_if_any(error, self.group)  # every rank stops, none waits in the all-reduce below
         totals = comm.all_reduce_sum(torch.tensor([penalty, self._owned_base_energy], dtype=torch.float64,
                                                   device=self._device), self.group)
         if not totals[1] > 0:
@@ -368,6 +381,9 @@ class DistributedFoLoRAController:
                         window["sum"].to(self._device), torch.tensor(window["tokens"], device=self._device)))
         self.optimizer_steps = int(state["optimizer_steps"])
         self.refreshes = int(state["refreshes"])
+        if self.budget is None and state.get("budget") is not None and me == 0:
+            warnings.warn("the checkpoint carries a forgetting budget but this config has none: τ returns to the "
+                          "configured value from here on", stacklevel=2)
         if self.budget is not None:
             saved_budget = state.get("budget")
             if saved_budget is None:
@@ -527,7 +543,8 @@ def _refuse_world_size_change(path: Path, tag: str | None, engine, ds_config: Ma
 
 def convert_to_universal_checkpoint(directory: str | Path, tag: str | None = None) -> Path:
     """Convert a checkpoint written by ``controller.save_checkpoint`` into DeepSpeed's universal format, so a run
-    can resume on another number of ranks at ZeRO 1/2/3 (set ``"checkpoint": {"load_universal": true}``).
+    can resume on another number of ranks at ZeRO 1/2/3 (set ``"checkpoint": {"load_universal": true}``; resume
+    with ``tag=None``, or with ``tag="<tag>_universal"`` when naming the tag).
 
     Runs DeepSpeed's ``ds_to_universal`` on ``directory/<tag>`` (``latest`` when None), writing
     ``directory/<tag>_universal`` and ``directory/latest_universal``. Not a collective: run it once, on one process.
@@ -551,6 +568,7 @@ def convert_to_universal_checkpoint(directory: str | Path, tag: str | None = Non
     if not source.is_dir():
         raise FileNotFoundError(f"checkpoint {str(source)!r} does not exist")
     target = directory / f"{tag}_universal"
+    (directory / "latest_universal").unlink(missing_ok=True)  # a stale one must not pass for this conversion
     result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                              str(source), "--output_folder", str(target), "--inject_missing_state"],
                             capture_output=True, text=True)

@@ -18,6 +18,9 @@ DS_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "ds_configs").glob("z
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
     ({"zero_optimization": {"stage": 1, "round_robin_gradients": True}}, "round_robin_gradients"),
     ({"zero_optimization": {"stage": 2, "zero_quantized_weights": True}}, "ZeRO\\+\\+"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "ZeRO\\+\\+"),
+    ({"zero_optimization": {"stage": 3, "mics_shard_size": 2}}, "MiCS"),
+    ({"zero_optimization": {"stage": 2, "zenflow": {"topk_ratio": 0.1}}}, "zenflow"),
     ({"fp16": {"enabled": True}}, "fp16"),
     ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "bf16"),
     ({"optimizer": {"type": "OneBitAdam", "params": {}}}, "would replace"),
@@ -68,3 +71,8 @@ def test_initialize_is_exported_at_the_package_top_level():
     assert folora_ds.initialize is folora_ds.engine.initialize
     with pytest.raises(AttributeError, match="no attribute 'initialise'"):
         folora_ds.initialise  # noqa: B018
+
+
+def test_default_valued_zero_options_are_not_refused():
+    zero = {"stage": 3, "zero_hpz_partition_size": 1, "mics_shard_size": -1, "zero_quantized_weights": False}
+    assert _refuse_unsupported({"zero_optimization": zero}, FoLoRAConfig()) == 3
