@@ -485,6 +485,8 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, prox
     if resume_from is None and (task_batches is None or (proxy_batches is None and tokenizer is None)):
         raise ValueError("initialize needs task_batches and proxy_batches (or a tokenizer to sample the proxy set "
                          "with the config's proxy settings), or resume_from a checkpoint")
+    if resume_from is not None and not Path(resume_from).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(resume_from)!r} does not exist")
     comm.init_distributed()  # a no-op when the launcher's script already started the process group
     controller = DistributedFoLoRAController(model, folora)
     if resume_from is None:
@@ -504,8 +506,6 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any], *, prox
                            "guarantee the gate runs inside it")
     if resume_from is not None:
         path = Path(resume_from)
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
         group_markers = [{key: group[key] for key in ("gated", "param_names") if key in group}
                          for group in optimizer.param_groups]
         _refuse_world_size_change(path, tag, engine, ds_config)

@@ -76,3 +76,10 @@ def test_initialize_is_exported_at_the_package_top_level():
 def test_default_valued_zero_options_are_not_refused():
     zero = {"stage": 3, "zero_hpz_partition_size": 1, "mics_shard_size": -1, "zero_quantized_weights": False}
     assert _refuse_unsupported({"zero_optimization": zero}, FoLoRAConfig()) == 3
+
+
+def test_a_missing_checkpoint_directory_stops_before_any_work(tmp_path):
+    import folora_ds
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        folora_ds.initialize(None, {"folora": {}}, resume_from=tmp_path / "missing")  # no model is even touched
