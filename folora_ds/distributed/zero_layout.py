@@ -95,15 +95,20 @@ def _register_zero3(zero_optimizer, optimizer: GatedAdamW, lora_a_names: Mapping
                                      comm.rank(process_group))
         if fragments and fragments[-1].offset + fragments[-1].numel > flat.numel():
             raise RuntimeError(f"ZeRO-3 sub-group {sub_group_index}: LoRA-A pieces run past the flat partition")
-        cut_rows = _global_cut_rows(fragments, projector_rank, process_group)
-        layout = FlatPartitionLayout(
-            fragments=fragments, cut_rows=cut_rows,
-            sum_across_ranks=lambda tensor, g=process_group: comm.all_reduce_sum(tensor, g))
-        optimizer.register_flat_partition(flat, layout)
-        layouts.append(layout)
+        layouts.append(_register_layout(optimizer, flat, fragments, projector_rank, process_group))
     if not layouts:
         raise RuntimeError("ZeRO-3 engine has no sub-group of the gated LoRA-A param group; nothing would be gated")
     return layouts
+
+
+def _register_layout(optimizer: GatedAdamW, flat: torch.Tensor, fragments: list[Fragment],
+                     projector_rank: Callable[[str], int], process_group) -> FlatPartitionLayout:
+    """Collective: agree on the cut rows over ``process_group`` and register ``flat``'s layout with the optimizer."""
+    layout = FlatPartitionLayout(
+        fragments=fragments, cut_rows=_global_cut_rows(fragments, projector_rank, process_group),
+        sum_across_ranks=lambda tensor: comm.all_reduce_sum(tensor, process_group))
+    optimizer.register_flat_partition(flat, layout)
+    return layout
 
 
 def _global_cut_rows(fragments: list[Fragment], rank_of_name: Callable[[str], int], group) -> list[CutRow]:
@@ -145,12 +150,7 @@ def register_zero_partitions(engine, optimizer: GatedAdamW, lora_a_names: Mappin
                                "DeepSpeed's layout changed")
         process_group = zero_optimizer.real_dp_process_group[group_index]
         fragments = _zero12_fragments(zero_optimizer, group_index, lora_a_names)
-        cut_rows = _global_cut_rows(fragments, projector_rank, process_group)
-        layout = FlatPartitionLayout(
-            fragments=fragments, cut_rows=cut_rows,
-            sum_across_ranks=lambda tensor, g=process_group: comm.all_reduce_sum(tensor, g))
-        optimizer.register_flat_partition(flat, layout)
-        layouts.append(layout)
+        layouts.append(_register_layout(optimizer, flat, fragments, projector_rank, process_group))
     return layouts
 
 

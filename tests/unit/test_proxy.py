@@ -16,13 +16,7 @@ from folora_ds.proxy import ProxySample, load_proxy_jsonl, proxy_batches, sample
 SEED_STRIDE = 1_000_003  # documented derivation: batch seed = seed * stride + first global index of the batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add contention (seconds per test on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

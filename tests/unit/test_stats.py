@@ -17,13 +17,7 @@ VOCAB, HIDDEN, INTERMEDIATE, LAYERS = 64, 32, 48, 2
 PREFIX = "base_model.model.model.layers"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: intra-op threads only add contention (seconds per test on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
