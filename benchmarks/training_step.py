@@ -103,7 +103,7 @@ def _bench(rank: int, world: int, args) -> None:
         engine.backward(loss)
         engine.step()
         if track:
-            controller.after_engine_step()
+            controller.after_step()
         _sync()
         return time.perf_counter() - start
 

@@ -1,6 +1,6 @@
 """The optional forgetting budget: τ adapted by dual ascent on the measured proxy penalty. Pure torch.
 
-The measured forgetting of the adapter, relative to what the base layers do on proxy inputs (METHOD.md):
+The measured forgetting of the adapter, relative to what the base layers do on proxy inputs (docs/method.md):
 
     F = Σ_modules tr(ΔW C_pre ΔWᵀ) / Σ_modules tr(W C_pre Wᵀ),     ΔW = s·B·A  (LoRA starts with B = 0)
 

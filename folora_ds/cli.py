@@ -1,28 +1,38 @@
 """The ``folora-ds`` command.
 
     folora-ds train [--config ds.json] [--set tau=2.0 --set proxy.seed=3] [--model DIR] [--data FILE] ...
+    deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json ...    (the same command per rank)
     folora-ds sample-proxy --model DIR --output proxy.jsonl [--config ds.json] [--set ...]
 
-FoLoRA settings come from the ``"folora"`` block of a DeepSpeed JSON config (``--config``), then ``--set``
-overrides (values parsed as JSON, falling back to plain strings). Every value is validated before any work.
+The run's settings come from a DeepSpeed JSON config (``--config``, alias ``--deepspeed``; a one-process ZeRO-0
+default without it): DeepSpeed's keys go to the engine, the ``"folora"`` block to FoLoRA, with ``--set`` overriding
+``"folora"`` fields (values parsed as JSON, else plain strings). ``--lr``, ``--weight-decay`` and ``--batch-size``
+fill the config's optimizer and micro-batch keys; a flag that disagrees with the file is an error, not a silent
+pick. Every user error (config, data, model, output directory, checkpoint) ends with one line naming the
+setting, file or row, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from folora_ds.config import FoLoRAConfig
+
+EXIT_USER_ERROR = 2
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
 
 
 def _parse_overrides(pairs: Sequence[str]) -> dict:
     overrides: dict = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
         key, raw = pair.split("=", 1)
         try:
             value = json.loads(raw)
@@ -48,16 +58,48 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 def load_folora_config(config_path: str | None, overrides: Sequence[str] = ()) -> FoLoRAConfig:
     """The FoLoRA config from a DeepSpeed JSON's ``"folora"`` block (or defaults) plus ``--set`` overrides."""
-    block: dict = {}
-    if config_path is not None:
-        block = FoLoRAConfig.from_deepspeed_config(config_path).to_dict()
+    from folora_ds.ds_config import load_ds_config
+
+    block = {} if config_path is None else dict(load_ds_config(config_path).get("folora") or {})
     return FoLoRAConfig.from_dict(_merge(block, _parse_overrides(overrides)))
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help='DeepSpeed JSON config with a "folora" block (defaults if omitted)')
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one folora config field, e.g. --set tau=2.0 --set proxy.num_sequences=32")
+_FLAG_KEYS = {"--lr": ("optimizer", "params", "lr"), "--weight-decay": ("optimizer", "params", "weight_decay"),
+              "--batch-size": ("train_micro_batch_size_per_gpu",)}
+
+
+def build_run_config(config_path: str | None, overrides: Sequence[str] = (),
+                     flags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's DeepSpeed config: the file (or ``DEFAULT_DS_CONFIG``), ``--set`` merged into its ``"folora"``
+    block, and the flags in ``_FLAG_KEYS`` written to their keys.
+
+    Raises:
+        ValueError: a flag disagrees with the value the file sets for the same key.
+        KeyError: the file has no ``"folora"`` block.
+    """
+    from folora_ds.ds_config import load_ds_config
+    from folora_ds.run import DEFAULT_DS_CONFIG
+
+    ds_config = copy.deepcopy(DEFAULT_DS_CONFIG) if config_path is None else load_ds_config(config_path)
+    if "folora" not in ds_config:
+        raise KeyError(f'the DeepSpeed config {config_path!r} has no "folora" block; add "folora": {{}} to use '
+                       "every default (see README, config reference)")
+    ds_config["folora"] = _merge(dict(ds_config["folora"] or {}), _parse_overrides(overrides))
+    for flag, value in (flags or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = _FLAG_KEYS[flag]
+        target = ds_config
+        for parent in parents:
+            if parent == "optimizer" and "optimizer" not in target:
+                target["optimizer"] = {"type": "AdamW", "params": {}}
+            target = target.setdefault(parent, {})
+        current = target.get(leaf)
+        if config_path is not None and current is not None and current != value:
+            raise ValueError(f"{flag} {value} disagrees with {'.'.join(_FLAG_KEYS[flag])}={current} in {config_path}; "
+                             "set it in one place")
+        target[leaf] = value
+    return ds_config
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -67,105 +109,81 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="folora-ds", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="single-process FoLoRA run compared with plain AdamW")
-    _add_config_arguments(train)
+    train = commands.add_parser("train", help="FoLoRA under DeepSpeed (one process, or one per rank under a "
+                                "launcher), compared with plain AdamW")
+    train.add_argument("--config", "--deepspeed", dest="config", metavar="CONFIG",
+                       help='DeepSpeed JSON config with a "folora" block (default: one process, ZeRO-0, micro-batch '
+                            "8, AdamW lr 1e-3)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one folora field, e.g. --set tau=2.0 --set proxy.num_sequences=32")
     train.add_argument("--model", default=defaults.model, help="'tiny-llama' or a local HF model directory")
     train.add_argument("--data", default=defaults.data, help="task data: .json/.jsonl/.parquet or a saved dataset")
     train.add_argument("--output-dir", default=defaults.output_dir)
-    train.add_argument("--steps", type=int, default=defaults.steps)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty --output-dir")
+    train.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    train.add_argument("--lr", type=float, help="sets optimizer.params.lr")
+    train.add_argument("--weight-decay", type=float, help="sets optimizer.params.weight_decay")
+    train.add_argument("--batch-size", type=int, help="sets train_micro_batch_size_per_gpu")
     train.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction)
-    train.add_argument("--calibration-batches", type=int, default=defaults.calibration_batches)
+    train.add_argument("--calibration-steps", type=int, default=defaults.calibration_steps,
+                       help="the first steps' batches give the initial C_task")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--no-baseline", action="store_true", help="skip the plain AdamW comparison run")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-    distributed = commands.add_parser("train-ds", help="FoLoRA under the DeepSpeed engine (run one per rank: "
-                                      "deepspeed / torchrun / mpirun launch/train.py --deepspeed CONFIG)")
-    distributed.add_argument("--deepspeed", required=True, metavar="CONFIG",
-                             help='DeepSpeed JSON config with a "folora" block (e.g. ds_configs/zero2.json)')
-    distributed.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    for flag in ("--model", "--data", "--output-dir"):
-        distributed.add_argument(flag, default=getattr(defaults, flag.strip("-").replace("-", "_")))
-    for flag, kind in (("--steps", int), ("--eval-fraction", float), ("--calibration-batches", int),
-                       ("--seed", int)):
-        distributed.add_argument(flag, type=kind, default=getattr(defaults, flag.strip("-").replace("-", "_")))
-    distributed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                             help="override one folora config field")
-    distributed.add_argument("--no-progress", action="store_true")
-    distributed.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
-                             help="every collective fails after this long instead of hanging when a rank dies or "
-                                  "hangs (default 600)")
+    train.add_argument("--collective-timeout", type=float, default=defaults.collective_timeout_seconds,
+                       metavar="SECONDS", help="every collective fails after this long instead of hanging when a "
+                                               "rank dies or hangs (default 600)")
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     sample = commands.add_parser("sample-proxy", help="sample a pretraining-proxy calibration set to JSONL")
-    _add_config_arguments(sample)
+    sample.add_argument("--config", help='DeepSpeed JSON config with a "folora" block (defaults if omitted)')
+    sample.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sample.add_argument("--model", default=defaults.model)
     sample.add_argument("--output", required=True, help="JSONL file to write")
     sample.add_argument("--no-progress", action="store_true")
     return parser
 
 
-def _train_deepspeed(args: argparse.Namespace) -> int:
-    import tempfile
+def _train(args: argparse.Namespace) -> int:
+    from folora_ds.run import RunSettings, format_summary, run
 
-    from folora_ds.ds_train import run_deepspeed
-    from folora_ds.engine import load_ds_config
-    from folora_ds.run import RunSettings
+    settings = RunSettings(model=args.model, data=args.data, output_dir=args.output_dir, steps=args.steps,
+                           eval_fraction=args.eval_fraction, calibration_steps=args.calibration_steps,
+                           seed=args.seed, baseline=not args.no_baseline, overwrite=args.overwrite,
+                           progress=not args.no_progress, collective_timeout_seconds=args.collective_timeout)
+    ds_config = build_run_config(args.config, args.overrides, {"--lr": args.lr, "--weight-decay": args.weight_decay,
+                                                               "--batch-size": args.batch_size})
+    summary = run(settings, ds_config)
+    if summary is not None:
+        print(format_summary(summary))
+        print(f"adapters and summary: {Path(settings.output_dir)}")
+    return 0
 
-    try:
-        if not args.collective_timeout > 0:
-            raise ValueError(f"--collective-timeout {args.collective_timeout} must be > 0 seconds")
-        ds_config = load_ds_config(args.deepspeed)
-        block = FoLoRAConfig.from_deepspeed_config(ds_config).to_dict()
-        ds_config["folora"] = FoLoRAConfig.from_dict(_merge(block, _parse_overrides(args.overrides))).to_dict()
-        settings = RunSettings(model=args.model, data=args.data, output_dir=args.output_dir, steps=args.steps,
-                               eval_fraction=args.eval_fraction, calibration_batches=args.calibration_batches,
-                               seed=args.seed, baseline=False, progress=not args.no_progress)
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        print(f"folora-ds: config error: {error}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory() as scratch:
-        merged = Path(scratch) / "ds_config.json"
-        merged.write_text(json.dumps(ds_config))
-        run_deepspeed(settings, str(merged), collective_timeout_seconds=args.collective_timeout)
+
+def _sample_proxy(args: argparse.Namespace) -> int:
+    from folora_ds.models import load_model
+    from folora_ds.proxy import sample_proxy, save_proxy_jsonl
+
+    config = load_folora_config(args.config, args.overrides)
+    model, tokenizer = load_model(args.model)
+    samples = sample_proxy(model, tokenizer, config.proxy, progress=not args.no_progress)
+    save_proxy_jsonl(samples, args.output, config.proxy)
+    print(f"wrote {len(samples)} proxy sequences to {args.output}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``folora-ds``; returns the exit code."""
     args = _build_parser().parse_args(argv)
-    if args.command == "train-ds":
-        return _train_deepspeed(args)
     try:
-        config = load_folora_config(args.config, args.overrides)
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        print(f"folora-ds: config error: {error}", file=sys.stderr)
-        return 2
-    if args.command == "train":
-        from folora_ds.run import RunSettings, format_summary, run_comparison
+        return _train(args) if args.command == "train" else _sample_proxy(args)
+    except _USER_ERRORS as error:
+        from folora_ds.distributed import comm
 
-        try:
-            settings = RunSettings(model=args.model, data=args.data, output_dir=args.output_dir, steps=args.steps,
-                                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                                   eval_fraction=args.eval_fraction, calibration_batches=args.calibration_batches,
-                                   seed=args.seed, baseline=not args.no_baseline, progress=not args.no_progress)
-        except ValueError as error:
-            print(f"folora-ds: {error}", file=sys.stderr)
-            return 2
-        summary = run_comparison(settings, config)
-        print(format_summary(summary))
-        print(f"summary: {Path(settings.output_dir) / 'summary.json'}")
-        return 0
-    from folora_ds.models import load_model
-    from folora_ds.proxy import sample_proxy, save_proxy_jsonl
-
-    model, tokenizer = load_model(args.model)
-    samples = sample_proxy(model, tokenizer, config.proxy, progress=not args.no_progress)
-    save_proxy_jsonl(samples, args.output, config.proxy)
-    print(f"wrote {len(samples)} proxy sequences to {args.output}")
-    return 0
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        where = f"[rank {comm.rank()}] " if comm.world_size() > 1 else ""
+        print(f"folora-ds: {where}error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

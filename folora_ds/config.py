@@ -53,7 +53,7 @@ def _require_real(name: str, value: Any, *, low: float, high: float = math.inf, 
 
 @dataclass(kw_only=True, frozen=True)
 class ProxyConfig:
-    """How the pretraining-proxy calibration set is sampled from the base model (METHOD.md).
+    """How the pretraining-proxy calibration set is sampled from the base model (docs/method.md).
 
     Attributes:
         num_sequences: sequences in the whole calibration set (summed over ranks).

@@ -16,6 +16,8 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from folora_ds.jsonl import read_jsonl_objects
+
 DEFAULT_TASK_FILE = Path(__file__).resolve().parent / "data_files" / "number_words.jsonl"
 """The shipped number-words task (400 records)."""
 
@@ -47,6 +49,9 @@ def load_task_dataset(path: str | Path, *, split: str = "train") -> datasets.Dat
             )
         if path.stat().st_size == 0:  # the json builder fails on a zero-byte file with a bare StopIteration
             raise ValueError(f"task data {str(path)!r} has no records")
+        if path.suffix.lower() == ".jsonl":  # datasets would report a bad line as a generic generation error
+            for _ in read_jsonl_objects(path, what="task data"):
+                pass
         try:
             loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
         except ValueError as error:

@@ -25,6 +25,9 @@ from transformers import (
 TINY_MODEL_NAME = "tiny-llama"
 """Name that ``load_model`` resolves to the built-in tiny Llama (no files needed)."""
 
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
 _SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>")
 _CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
@@ -101,7 +104,8 @@ def load_model(
         dtype: dtype of the loaded weights.
 
     Raises:
-        FileNotFoundError: the path does not exist or lacks ``config.json``.
+        FileNotFoundError: the path does not exist or lacks ``config.json``, weights or tokenizer files.
+        ValueError: a weight holds NaN or Inf.
     """
     if name_or_path == TINY_MODEL_NAME:
         tokenizer = build_byte_tokenizer()
@@ -119,8 +123,23 @@ def load_model(
             f"model {name_or_path!r}: expected a local directory with config.json (or {TINY_MODEL_NAME!r}); "
             "hub downloads are not used by folora_ds"
         )
+    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_FILES):
+        raise FileNotFoundError(f"model {str(path)!r} has config.json but no weights ({', '.join(_WEIGHT_FILES)})")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"model {str(path)!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    check_finite_weights(model, str(path))
     return model.eval(), tokenizer
+
+
+def check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    """Raise ``ValueError`` naming the first parameter with NaN or Inf entries (a damaged checkpoint would
+    otherwise fail deep inside proxy sampling)."""
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
+                raise ValueError(f"model {name!r}: parameter {parameter_name!r} has NaN or Inf values; the "
+                                 "checkpoint is damaged")

@@ -1,4 +1,4 @@
-"""``GatedAdamW``: AdamW whose update of LoRA-A is gated direction by direction (METHOD.md).
+"""``GatedAdamW``: AdamW whose update of LoRA-A is gated direction by direction (docs/method.md).
 
 Every parameter gets exactly torch's AdamW (decoupled weight decay, bias correction, same defaults). A
 parameter in a param group marked ``gated=True`` (the LoRA-A weights, shape (r, d_in)) that carries a projector
@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from folora_ds.config import VARIANTS
 from folora_ds.flat import CutRow, Fragment, gate_flat_update
 from folora_ds.peft_utils import lora_a_weight, lora_layers
 from folora_ds.spectral import Projector, apply_projector, cap_row_norms
-
-VARIANTS = ("A", "B")
 
 
 @dataclass
@@ -45,7 +44,6 @@ class FlatPartitionLayout:
     cut_rows: Sequence[CutRow]
     sum_across_ranks: Callable[[torch.Tensor], torch.Tensor]
     gated_steps: int = 0
-    steps_by_name: dict[str, int] = field(default_factory=dict)
 
 
 class GatedAdamW(torch.optim.Optimizer):
@@ -288,8 +286,6 @@ class GatedAdamW(torch.optim.Optimizer):
         gate_flat_update(update, layout.fragments, projectors, layout.cut_rows, layout.sum_across_ranks)
         flat.add_(update, alpha=-lr)
         layout.gated_steps += 1
-        for fragment in layout.fragments:
-            layout.steps_by_name[fragment.name] = layout.steps_by_name.get(fragment.name, 0) + 1
 
 
 def folora_param_groups(model: nn.Module, *, weight_decay: float = 0.0) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The pretraining-proxy calibration set: text the model samples itself (METHOD.md), saved as JSONL.
+"""The pretraining-proxy calibration set: text the model samples itself (docs/method.md), saved as JSONL.
 
 C_pre is estimated on what the model generates on its own, not on one fixed corpus: sequences start from BOS,
 from an empty user turn of the chat template, or from one random token followed by a few greedy tokens, and
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+
+from folora_ds.jsonl import read_jsonl_objects
 
 if TYPE_CHECKING:
     from folora_ds.config import ProxyConfig
@@ -164,11 +166,12 @@ def sample_proxy(model, tokenizer, settings: ProxyConfig, *, rank: int = 0, worl
 
 
 def save_proxy_jsonl(samples: Sequence[ProxySample], path: str | Path, settings: ProxyConfig) -> None:
-    """Write samples as JSONL, each line with its seed and every sampling setting (for reproduction)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write samples as JSONL, each line with its seed and every sampling setting (for reproduction); the file
+    appears only when complete."""
+    from folora_ds.outputs import replace_atomically
+
     recorded = dataclasses.asdict(settings)
-    with path.open("w", encoding="utf-8") as handle:
+    with replace_atomically(Path(path)) as scratch, scratch.open("w", encoding="utf-8") as handle:
         for sample in samples:
             handle.write(json.dumps({**dataclasses.asdict(sample), "settings": recorded}) + "\n")
 
@@ -186,30 +189,26 @@ def load_proxy_jsonl(path: str | Path, *, tokenizer=None, max_length: int | None
     if max_length is not None and not (isinstance(max_length, int) and max_length >= 1):
         raise ValueError(f"load_proxy_jsonl: max_length={max_length!r} must be None or an integer >= 1")
     samples = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if "token_ids" in record:
-                    ids = record["token_ids"]
-                    if not (isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids)):
-                        raise ValueError("token_ids must be a non-empty list of integers")
-                    kept = ids[:max_length]
-                    sample = ProxySample(kept, min(int(record["prompt_length"]), len(kept)),
-                                         str(record["prompt_kind"]), int(record["seed"]), int(record["index"]))
-                elif isinstance(record.get("text"), str):
-                    if tokenizer is None:
-                        raise ValueError("text lines need a tokenizer")
-                    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-                    ids = bos + tokenizer(record["text"], add_special_tokens=False)["input_ids"]
-                    sample = ProxySample(ids[:max_length], 0, "user_text", -1, len(samples))
-                else:
-                    raise ValueError("expected 'token_ids' (a saved proxy set) or 'text' (a user corpus)")
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"proxy calibration set {str(path)!r}, line {line_number}: {error}") from error
-            samples.append(sample)
+    for line_number, record in read_jsonl_objects(path, what="proxy calibration set"):
+        try:
+            if "token_ids" in record:
+                ids = record["token_ids"]
+                if not (isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids)):
+                    raise ValueError("token_ids must be a non-empty list of integers")
+                kept = ids[:max_length]
+                sample = ProxySample(kept, min(int(record["prompt_length"]), len(kept)),
+                                     str(record["prompt_kind"]), int(record["seed"]), int(record["index"]))
+            elif isinstance(record.get("text"), str):
+                if tokenizer is None:
+                    raise ValueError("text lines need a tokenizer")
+                bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+                ids = bos + tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+                sample = ProxySample(ids[:max_length], 0, "user_text", -1, len(samples))
+            else:
+                raise ValueError("expected 'token_ids' (a saved proxy set) or 'text' (a user corpus)")
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"proxy calibration set {str(path)!r} line {line_number}: {error}") from error
+        samples.append(sample)
     if not samples:
         raise ValueError(f"proxy calibration set {str(path)!r} is empty")
     return samples

@@ -1,79 +1,86 @@
-"""The single-process FoLoRA run: proxy sampling → statistics → solves → gated training, vs plain AdamW.
+"""The one training run: model → task data → proxy set → peft → FoLoRA under DeepSpeed (and plain AdamW to compare).
+
+The same function runs in one plain process (a DeepSpeed world of one) and on every rank of a launch
+(``deepspeed``/``torchrun``/``mpirun launch/train.py``). Everything the DeepSpeed config says is honoured by the
+engine or refused by name before the model is loaded (``folora_ds.ds_config``).
 
 Both runs start from the same LoRA weights (peft's Kaiming A, B = 0; FoLoRA then projects A when
-``init="projected"``), see the same batches in the same order, and use the same learning rate and steps. The
-summary reports, per input, what the gate did (effective rank Σg, attenuated directions) and, per run, the task
-loss and the measured forgetting penalty Σ tr(ΔW C_pre ΔWᵀ) on the proxy statistics.
+``init="projected"``), see the same global batches in the same order (rank r takes micro-batch slots r, r + world,
+…), and use the same optimizer settings. The summary reports, per input, what the gate did (effective rank Σg,
+attenuated directions) and, per run, the task losses and the forgetting penalty Σ tr(ΔW C_pre ΔWᵀ) measured on the
+proxy statistics. Every output file appears only when complete.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from folora_ds.config import FoLoRAConfig
-from folora_ds.controller import FoLoRAController
 from folora_ds.data import DEFAULT_TASK_FILE, TaskCollator, build_task_dataset, split_train_eval
+from folora_ds.distributed import comm
+from folora_ds.ds_config import prepare_ds_config, resolve_batch_sizes
 from folora_ds.models import TINY_MODEL_NAME, load_model
-from folora_ds.optim import GatedAdamW, folora_param_groups
-from folora_ds.proxy import load_proxy_jsonl, proxy_batches, sample_proxy, save_proxy_jsonl
+from folora_ds.outputs import clear_output_directory, refuse_other_runs, save_adapter, write_json
+
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0},
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0}}, "folora": {}}
+"""The DeepSpeed config of a run given none: one process, ZeRO-0, fp32, micro-batch 8, AdamW lr 1e-3."""
 
 
 @dataclass(kw_only=True, frozen=True)
 class RunSettings:
-    """Settings of the single-process comparison run (the FoLoRA knobs live in ``FoLoRAConfig``).
+    """What to train on and where to write; batch sizes, optimizer and FoLoRA knobs live in the DeepSpeed config.
 
     Attributes:
         model: "tiny-llama" (built from a config) or a local Hugging Face model directory.
         data: task data file or saved ``datasets`` directory (prompt/response or chat messages).
         output_dir: where the proxy set, adapters and ``summary.json`` go.
         steps: optimizer steps per run.
-        batch_size: examples per step.
-        lr: learning rate of both runs.
-        weight_decay: decoupled weight decay of both runs.
         eval_fraction: share of the task data held out for the eval loss.
-        calibration_batches: training batches used for the initial C_task.
+        calibration_steps: the first optimizer steps' batches, used for the initial C_task.
         seed: seed of the model init, LoRA init, data order and proxy sampling offset.
         baseline: also train plain AdamW for the comparison.
-        progress: show progress bars.
+        overwrite: replace the content of a non-empty ``output_dir`` (refused otherwise).
+        progress: show progress bars (rank 0).
+        collective_timeout_seconds: every collective fails after this long when a rank dies or hangs.
     """
 
     model: str = TINY_MODEL_NAME
     data: str = str(DEFAULT_TASK_FILE)
     output_dir: str = "runs/folora-default"
     steps: int = 60
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
     eval_fraction: float = 0.1
-    calibration_batches: int = 8
+    calibration_steps: int = 8
     seed: int = 0
     baseline: bool = True
+    overwrite: bool = False
     progress: bool = True
+    collective_timeout_seconds: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "calibration_batches"):
+        for name in ("steps", "calibration_steps"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"run settings: {name}={value!r} must be an integer >= 1")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"run settings: lr={self.lr!r} must be a finite number > 0")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"run settings: weight_decay={self.weight_decay!r} must be >= 0")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"run settings: eval_fraction={self.eval_fraction!r} must be in (0, 1)")
+        if not (math.isfinite(self.collective_timeout_seconds) and self.collective_timeout_seconds > 0):
+            raise ValueError(f"--collective-timeout {self.collective_timeout_seconds!r} must be > 0 seconds")
 
 
 def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Example indices of every step: reshuffled each epoch with a seeded generator (same for both runs)."""
+    """Example indices of every global step: reshuffled each epoch with a seeded generator (same for both runs)."""
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     while len(order) < steps * batch_size:
@@ -81,135 +88,178 @@ def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> li
     return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
-def iterate_batches(dataset, index_lists: list[list[int]],
-                    collate: TaskCollator) -> Iterator[dict[str, torch.Tensor]]:
-    for indices in index_lists:
-        yield collate([dataset[i] for i in indices])
+def rank_micro_batches(step_indices: list[int], micro: int, accumulation: int, rank: int, world: int
+                       ) -> list[list[int]]:
+    """This rank's micro-batches of one global step: slot m·world + rank of each accumulation step m."""
+    return [step_indices[(m * world + rank) * micro:(m * world + rank + 1) * micro] for m in range(accumulation)]
 
 
-@torch.no_grad()
-def _eval_loss(model, dataset, collate: TaskCollator, batch_size: int) -> float:
-    """Token-mean cross-entropy over the response tokens of ``dataset``."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                   ignore_index=-100, reduction="sum")
-        total += float(losses)
-        tokens += int((labels != -100).sum())
-    model.train(was_training)
-    return total / tokens
-
-
-def _train(model, optimizer, batches, steps: int, *, controller: FoLoRAController | None, description: str,
+def _train(engine, batches: Callable[[int], Iterator[dict]], steps: int, *, controller, description: str,
            progress: bool) -> list[float]:
-    model.train()
+    """Train ``steps`` optimizer steps; returns the mean loss of each step on this rank."""
+    engine.train()
     losses = []
-    for batch in tqdm(batches, total=steps, desc=description, disable=not progress):
-        if controller is not None:
-            with controller.track_task(batch):
-                loss = model(**batch).loss
-        else:
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if controller is not None:
-            controller.after_optimizer_step()
-        losses.append(float(loss.detach()))
+    for step in tqdm(range(steps), desc=description, disable=not progress):
+        step_losses = []
+        for batch in batches(step):
+            with controller.track_task(batch) if controller is not None else contextlib.nullcontext():
+                loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            if controller is not None:
+                controller.after_step()
+            step_losses.append(float(loss.detach()))
+        losses.append(sum(step_losses) / len(step_losses))
     return losses
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+@torch.no_grad()
+def _eval_loss(engine, dataset, collate: TaskCollator, batch_size: int) -> float:
+    """Token-mean cross-entropy over the response tokens of ``dataset`` (collective: ranks evaluate interleaved
+    shares and sum; every rank runs the same number of forwards, as ZeRO-3 needs)."""
+    rank, world = comm.rank(), comm.world_size()
+    mine = list(range(rank, len(dataset), world))
+    forwards = math.ceil(math.ceil(len(dataset) / world) / batch_size)
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for index in range(forwards):
+        indices = mine[index * batch_size:(index + 1) * batch_size]
+        batch = collate([dataset[i] for i in (indices or [0])])
+        device = next(engine.module.parameters()).device
+        logits = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                        ).logits
+        if not indices:  # a rank with no example left still joins the forward
+            continue
+        labels = batch["labels"][:, 1:].to(logits.device)
+        totals[0] += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                             ignore_index=-100, reduction="sum"))
+        totals[1] += float((labels != -100).sum())
+    engine.train()
+    comm.all_reduce_sum(totals)
+    return float(totals[0] / totals[1])
 
 
-def run_comparison(settings: RunSettings, config: FoLoRAConfig) -> dict:
-    """Run FoLoRA (and plain AdamW unless ``settings.baseline`` is False); returns and writes the summary."""
+def _peft_model(name: str, folora: FoLoRAConfig, seed: int):
+    """The base model with LoRA on ``folora.target_modules``; the same LoRA init for the same seed."""
+    model, tokenizer = load_model(name, seed=seed)
+    torch.manual_seed(seed)
+    targets = folora.target_modules if isinstance(folora.target_modules, str) else list(folora.target_modules)
+    return model, tokenizer, LoraConfig(r=folora.lora_rank, lora_alpha=folora.lora_alpha,
+                                        lora_dropout=folora.lora_dropout, target_modules=targets)
+
+
+def run(settings: RunSettings, ds_config: Mapping[str, Any] | str | Path) -> dict | None:
+    """Train FoLoRA (and plain AdamW unless ``settings.baseline`` is False) on every rank; returns the summary on
+    rank 0 (None elsewhere), which is also written to ``output_dir/summary.json``.
+
+    Raises:
+        ValueError / KeyError / FileNotFoundError: a bad config, batch sizes, output directory, model or data —
+        each named, and the config ones before any model is loaded.
+    """
     started = time.perf_counter()
+    prepared = prepare_ds_config(ds_config)
     output_dir = Path(settings.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(settings.model, seed=settings.seed)
+    refuse_other_runs(output_dir, overwrite=settings.overwrite)
+    started_group = comm.init_distributed(timeout_seconds=settings.collective_timeout_seconds)
+    try:
+        return _run(settings, prepared, output_dir, started)
+    finally:
+        if started_group:
+            comm.shutdown()
 
-    dataset = build_task_dataset(settings.data, tokenizer, max_length=config.max_seq_len)
+
+def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> dict | None:
+    import datasets
+    import deepspeed
+    import transformers
+
+    from folora_ds.engine import calibration_batches, initialize, proxy_samples_for_this_rank
+    from folora_ds.proxy import save_proxy_jsonl
+
+    folora = prepared.folora
+    rank, world = comm.rank(), comm.world_size()
+    micro, accumulation = resolve_batch_sizes(prepared.ds_config, world)
+    progress = settings.progress and rank == 0
+    if not progress:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    if rank == 0:
+        clear_output_directory(output_dir)
+    comm.barrier()
+
+    model, tokenizer, lora = _peft_model(settings.model, folora, settings.seed)
+    dataset = build_task_dataset(settings.data, tokenizer, max_length=folora.max_seq_len)
     train_set, eval_set = split_train_eval(dataset, eval_fraction=settings.eval_fraction, seed=settings.seed)
     collate = TaskCollator(pad_token_id=tokenizer.pad_token_id)
+    samples = proxy_samples_for_this_rank(model, tokenizer, folora, progress=progress)  # the base model's own text
+    all_samples = sorted((s for share in comm.all_gather_objects(samples) for s in share), key=lambda s: s.index)
+    if rank == 0 and folora.proxy.path is None:
+        save_proxy_jsonl(all_samples, output_dir / "proxy.jsonl", folora.proxy)
+    model = get_peft_model(model, lora)
 
-    if config.proxy.path is not None:
-        samples = load_proxy_jsonl(config.proxy.path, tokenizer=tokenizer, max_length=config.max_seq_len)
-    else:
-        samples = sample_proxy(model, tokenizer, config.proxy, progress=settings.progress)
-        save_proxy_jsonl(samples, output_dir / "proxy.jsonl", config.proxy)
+    order = batch_order(len(train_set), micro * accumulation * world, settings.steps, settings.seed)
 
-    torch.manual_seed(settings.seed)
-    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
-    model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                             lora_dropout=config.lora_dropout, target_modules=targets))
-    initial_state = _trainable_state(model)
-    base_eval_loss = _eval_loss(model, eval_set, collate, settings.batch_size)
-    order = batch_order(len(train_set), settings.batch_size, settings.steps, settings.seed)
+    def batches(step: int) -> Iterator[dict]:
+        for indices in rank_micro_batches(order[step], micro, accumulation, rank, world):
+            yield collate([train_set[i] for i in indices])
 
-    controller = FoLoRAController(model, config)
-    calibration = order[:settings.calibration_batches]
-    controller.calibrate(proxy_batches(samples, batch_size=config.proxy.batch_size,
-                                       pad_token_id=tokenizer.pad_token_id),
-                         iterate_batches(train_set, calibration, collate), progress=settings.progress)
-    controller.solve(progress=settings.progress)
-    controller.initialize_lora_a()
-    optimizer = GatedAdamW(folora_param_groups(model, weight_decay=settings.weight_decay), lr=settings.lr,
-                           variant=config.variant, cap_update_norm=config.cap_update_norm)
-    controller.attach_optimizer(optimizer)
-    folora_losses = _train(model, optimizer, iterate_batches(train_set, order, collate), settings.steps,
-                           controller=controller, description="FoLoRA (gated AdamW)", progress=settings.progress)
-    gated_counts = optimizer.gated_step_counts()
-    ungated = {name: count for name, count in gated_counts.items() if count != settings.steps}
-    if ungated:
-        raise RuntimeError(f"gating did not run on every step: {ungated} (expected {settings.steps} each)")
-    folora = {"train_loss_last10": sum(folora_losses[-10:]) / len(folora_losses[-10:]),
-              "eval_loss": _eval_loss(model, eval_set, collate, settings.batch_size),
-              "penalty_by_module": controller.forgetting_penalty(),
-              "gated_steps": gated_counts, "refreshes": controller.refreshes,
-              "update_norm_ratios": optimizer.update_norm_ratios(), "train_losses": folora_losses}
-    model.save_pretrained(str(output_dir / "folora_adapter"))
+    calibration = [batch for step in range(min(settings.calibration_steps, settings.steps)) for batch in batches(step)]
+    engine, controller = initialize(model, prepared, proxy_batches=calibration_batches(samples, tokenizer, folora),
+                                    task_batches=calibration, progress=progress)
+    base_eval_loss = _eval_loss(engine, eval_set, collate, micro)
+    folora_losses = _train(engine, batches, settings.steps, controller=controller,
+                           description=f"FoLoRA, ZeRO-{prepared.stage} ×{world}", progress=progress)
+    controller.check_gating()
+    result = {"train_losses": folora_losses, "train_loss_last10": _mean_last(folora_losses),
+              "eval_loss": _eval_loss(engine, eval_set, collate, micro),
+              "penalty_by_module": controller.forgetting_penalty(), "refreshes": controller.refreshes,
+              "gated_steps_per_rank": comm.all_gather_objects(controller.gated_step_counts()),
+              "tau_scale": None if controller.budget is None else controller.budget.tau_scale}
     layers = controller.layer_summaries()
+    controller.export_adapter(output_dir / "folora_adapter")
+    controller.remove()
+    engine.destroy()
 
     baseline = None
     if settings.baseline:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in initial_state:
-                    param.copy_(initial_state[name])
-        plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
-                                  weight_decay=settings.weight_decay)
-        plain_losses = _train(model, plain, iterate_batches(train_set, order, collate), settings.steps, controller=None,
-                              description="plain LoRA (AdamW)", progress=settings.progress)
-        baseline = {"train_loss_last10": sum(plain_losses[-10:]) / len(plain_losses[-10:]),
-                    "eval_loss": _eval_loss(model, eval_set, collate, settings.batch_size),
-                    "penalty_by_module": controller.forgetting_penalty(), "train_losses": plain_losses}
-        model.save_pretrained(str(output_dir / "adamw_adapter"))
-    controller.remove()
-
-    summary = {
-        "settings": asdict(settings), "folora_config": config.to_dict(),
-        "proxy_sequences": len(samples), "train_examples": len(train_set), "eval_examples": len(eval_set),
-        "base_eval_loss": base_eval_loss,
-        "layers": [asdict(layer) for layer in layers],
-        "folora": folora, "adamw": baseline, "seconds": time.perf_counter() - started,
-    }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plain_model, _, _ = _peft_model(settings.model, folora, settings.seed)
+        plain_model = get_peft_model(plain_model, lora)
+        arguments = prepared.optimizer_arguments
+        optimizer = torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], **arguments)
+        plain_engine, _, _, _ = deepspeed.initialize(model=plain_model, optimizer=optimizer,
+                                                     config=prepared.ds_config)
+        plain_losses = _train(plain_engine, batches, settings.steps, controller=None,
+                              description=f"plain LoRA (AdamW), ZeRO-{prepared.stage} ×{world}", progress=progress)
+        baseline = {"train_losses": plain_losses, "train_loss_last10": _mean_last(plain_losses),
+                    "eval_loss": _eval_loss(plain_engine, eval_set, collate, micro),
+                    "penalty_by_module": controller.forgetting_penalty(plain_model)}
+        save_adapter(plain_model, output_dir / "adamw_adapter")
+        plain_engine.destroy()
+    if rank != 0:
+        return None
+    summary = {"settings": asdict(settings), "folora_config": folora.to_dict(), "world_size": world,
+               "zero_stage": prepared.stage, "micro_batch": micro, "gradient_accumulation_steps": accumulation,
+               "optimizer": {key: list(value) if isinstance(value, tuple) else value
+                             for key, value in prepared.optimizer_arguments.items()},
+               "optimizer_steps": controller.optimizer_steps, "proxy_sequences": len(all_samples),
+               "train_examples": len(train_set), "eval_examples": len(eval_set), "base_eval_loss": base_eval_loss,
+               "layers": [asdict(layer) for layer in layers], "folora": result, "adamw": baseline,
+               "seconds": time.perf_counter() - started}
+    write_json(output_dir / "summary.json", summary)
     return summary
 
 
+def _mean_last(losses: list[float], count: int = 10) -> float:
+    tail = losses[-count:]
+    return sum(tail) / len(tail)
+
+
 def format_summary(summary: dict) -> str:
-    """A human-readable report of a ``run_comparison`` summary."""
+    """A human-readable report of a ``run`` summary."""
     folora, adamw = summary["folora"], summary["adamw"]
 
-    def members_penalty(run: dict, members) -> float:
-        return sum(run["penalty_by_module"][name] for name in members)
+    def members_penalty(result: dict, members) -> float:
+        return sum(result["penalty_by_module"][name] for name in members)
 
     lines = [f"{'input (shared by)':<58} {'d':>5} {'Σg':>8} {'atten.':>6} {'pen FoLoRA':>11}"
              + (f" {'pen AdamW':>11}" if adamw else "")]
@@ -222,13 +272,14 @@ def format_summary(summary: dict) -> str:
             row += f" {members_penalty(adamw, layer['members']):>11.3e}"
         lines.append(row)
     total_folora = sum(folora["penalty_by_module"].values())
-    lines.append("")
-    lines.append(f"base model eval loss: {summary['base_eval_loss']:.4f}")
-    lines.append(f"FoLoRA: eval loss {folora['eval_loss']:.4f}, "
-                 f"train loss (last 10) {folora['train_loss_last10']:.4f}, "
-                 f"forgetting penalty Σ tr(ΔW C_pre ΔWᵀ) = {total_folora:.4e}, "
-                 f"gated steps per LoRA-A = {sorted(set(folora['gated_steps'].values()))}, "
-                 f"refreshes = {folora['refreshes']}")
+    gated = [sorted(set(counts)) for counts in folora["gated_steps_per_rank"]]
+    lines += ["", f"DeepSpeed ZeRO-{summary['zero_stage']} on {summary['world_size']} rank(s): "
+                  f"{summary['optimizer_steps']} optimizer steps of {summary['micro_batch']} × "
+                  f"{summary['gradient_accumulation_steps']} × {summary['world_size']} examples, gated steps per "
+                  f"rank {gated}, refreshes {folora['refreshes']}",
+              f"base model eval loss: {summary['base_eval_loss']:.4f}",
+              f"FoLoRA: eval loss {folora['eval_loss']:.4f}, train loss (last 10) {folora['train_loss_last10']:.4f}, "
+              f"forgetting penalty Σ tr(ΔW C_pre ΔWᵀ) = {total_folora:.4e}"]
     if adamw:
         total_adamw = sum(adamw["penalty_by_module"].values())
         lines.append(f"AdamW : eval loss {adamw['eval_loss']:.4f}, train loss (last 10) "

@@ -1,10 +1,9 @@
-"""Training entry point for every launcher.
+"""Training entry point for every launcher: ``folora-ds train`` with the same arguments, once per process.
 
-    python launch/train.py [folora-ds train options]                       # one process, FoLoRA vs AdamW
+    python launch/train.py [options]                                              # one process
     deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json [options]
     torchrun --nproc_per_node 2 launch/train.py --deepspeed ds_configs/zero2.json [options]
-
-With ``--deepspeed`` every rank runs ``folora-ds train-ds``; without it, ``folora-ds train``.
+    mpirun -np 2 python launch/train.py --deepspeed ds_configs/zero2.json [options]
 """
 
 import sys
@@ -12,6 +11,4 @@ import sys
 from folora_ds.cli import main
 
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    command = "train-ds" if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in arguments) else "train"
-    sys.exit(main([command, *arguments]))
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,58 +1,84 @@
 """The collectives folora_ds uses, each a small function over ``deepspeed.comm`` (one place for all of them).
 
+No process group running means world size 1: ``rank()`` is 0, ``world_size()`` is 1 and every collective returns
+its input untouched, so the one ``FoLoRAController`` serves a plain single process and N ranks alike (as
+kfac-pytorch's ``distributed.py`` does). DeepSpeed is imported only once a process group exists.
+
 Every function here is a collective or point-to-point operation: all ranks of the group must call the
-collective ones in the same order. Process-group timeouts (``init_distributed(timeout=...)``) bound every wait.
+collective ones in the same order. Process-group timeouts (``init_distributed(timeout_seconds=...)``) bound
+every wait.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from typing import Any
 
-import deepspeed.comm as dist
 import torch
 
 
+def is_running() -> bool:
+    """Whether a process group is running (otherwise this process is the whole world)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _dist():
+    import deepspeed.comm as dist
+
+    if not dist.is_initialized():  # torch's process group started by the user: let deepspeed.comm adopt it
+        dist.init_distributed(dist_backend=torch.distributed.get_backend())
+    return dist
+
+
 def rank(group=None) -> int:
-    return dist.get_rank(group=group)
+    return _dist().get_rank(group=group) if is_running() else 0
 
 
 def world_size(group=None) -> int:
-    return dist.get_world_size(group=group)
+    return _dist().get_world_size(group=group) if is_running() else 1
 
 
 def global_rank(group, group_rank: int) -> int:
     """The global rank of ``group_rank`` within ``group`` (identity for the world group)."""
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+    return group_rank if group is None else _dist().get_global_rank(group, group_rank)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Sum ``tensor`` over the group in place and return it."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    if is_running():
+        dist = _dist()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
 def reduce_sum_to(tensor: torch.Tensor, owner: int, group=None) -> torch.Tensor:
     """Sum ``tensor`` over the group into ``owner``'s copy (other ranks' copies are undefined afterwards)."""
-    dist.reduce(tensor, dst=global_rank(group, owner), op=dist.ReduceOp.SUM, group=group)
+    if is_running():
+        dist = _dist()
+        dist.reduce(tensor, dst=global_rank(group, owner), op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
 def barrier(group=None) -> None:
     """Wait until every rank of the group arrives."""
-    dist.barrier(group=group)
+    if is_running():
+        _dist().barrier(group=group)
 
 
 def all_gather_objects(obj: Any, group=None) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order."""
+    if not is_running():
+        return [obj]
     gathered: list[Any] = [None] * world_size(group)
-    dist.all_gather_object(gathered, obj, group=group)
+    _dist().all_gather_object(gathered, obj, group=group)
     return gathered
 
 
 def send_tensors(tensors: list[torch.Tensor], destination: int, group=None) -> None:
     """Send tensors to ``destination`` (a group rank); the receiver must post matching ``receive_tensors``."""
     for tensor in tensors:
-        dist.send(tensor.contiguous(), dst=global_rank(group, destination), group=group)
+        _dist().send(tensor.contiguous(), dst=global_rank(group, destination), group=group)
 
 
 def receive_tensors(shapes: list[tuple[int, ...]], dtype: torch.dtype, source: int, device, group=None):
@@ -60,36 +86,80 @@ def receive_tensors(shapes: list[tuple[int, ...]], dtype: torch.dtype, source: i
     received = []
     for shape in shapes:
         tensor = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(tensor, src=global_rank(group, source), group=group)
+        _dist().recv(tensor, src=global_rank(group, source), group=group)
         received.append(tensor)
     return received
 
 
 def broadcast(tensor: torch.Tensor, source: int, group=None) -> torch.Tensor:
     """Overwrite ``tensor`` on every rank with ``source``'s (a group rank) and return it."""
-    dist.broadcast(tensor, src=global_rank(group, source), group=group)
+    if is_running():
+        _dist().broadcast(tensor, src=global_rank(group, source), group=group)
     return tensor
 
 
-def init_distributed(timeout_seconds: float = 600.0) -> None:
-    """Start the process group from the launcher's environment (deepspeed, torchrun, SLURM-less MPI via mpi4py).
+def gathered(params: Iterable[torch.nn.Parameter]):
+    """A context in which ZeRO-3-partitioned ``params`` are whole on every rank (an all-gather, so collective);
+    a no-op for parameters DeepSpeed has not partitioned."""
+    params = list(params)
+    if not any(hasattr(param, "ds_id") for param in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+_SET_LOCAL_RANK = "FOLORA_DS_SET_LOCAL_RANK"
+
+
+def init_distributed(timeout_seconds: float = 600.0) -> bool:
+    """Start the process group from the launcher's environment (deepspeed, torchrun, mpirun via mpi4py), or a
+    group of one for a plain process (so the DeepSpeed engine can run there too).
 
     On CPU-only machines the gloo backend is used. DeepSpeed's CPU accelerator would JIT-compile its shared-memory
     inference all-reduce op here (~55 s on a fresh machine); training never uses it, so that build is skipped.
     Every collective then fails after ``timeout_seconds`` instead of hanging forever when a rank dies.
+
+    Returns:
+        Whether this call started the group (False when one was running already).
     """
     import datetime
     import importlib
     import os
+    import socket
 
-    import deepspeed
-
-    if dist.is_initialized():
-        return
+    if is_running():
+        return False
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not torch.cuda.is_available():
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    backend = None if torch.cuda.is_available() else "gloo"
     mpi = "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi,
-                               timeout=datetime.timedelta(seconds=timeout_seconds))
+    backend = None if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    if "RANK" in os.environ or mpi:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, timeout=timeout)
+        return True
+    # A plain process: a world of one on a free local port. Only LOCAL_RANK (which the engine reads) is set in the
+    # environment, and removed again by shutdown(), so nothing leaks into processes launched afterwards.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = "0"
+        os.environ[_SET_LOCAL_RANK] = "1"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
+                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return True
+
+
+def shutdown() -> None:
+    """Destroy the process group (call only where ``init_distributed`` returned True)."""
+    import os
+
+    if is_running():
+        _dist().destroy_process_group()
+    if os.environ.pop(_SET_LOCAL_RANK, None):
+        os.environ.pop("LOCAL_RANK", None)

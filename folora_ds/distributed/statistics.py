@@ -21,14 +21,20 @@ from folora_ds.spectral import Projector
 from folora_ds.stats import CovarianceCollector, CovarianceSums
 
 
-class DistributedStatisticsError(RuntimeError):
-    """A problem on one or more ranks, reported identically on all of them."""
+class DistributedStatisticsError(ValueError, RuntimeError):
+    """Bad input or a failed solve on one or more ranks, reported identically on all of them.
+
+    A ``ValueError`` (the data, model or statistics are at fault) and, as before the controllers were merged, a
+    ``RuntimeError``."""
 
 
 def raise_if_any(local_error: str | None, group=None) -> None:
-    """Collective: every rank raises if any rank reports an error (messages are prefixed with the rank)."""
+    """Collective: every rank raises if any rank reports an error (prefixed with the rank when world > 1)."""
     errors = comm.all_gather_objects(local_error, group)
-    found = [f"rank {rank}: {error}" for rank, error in enumerate(errors) if error is not None]
+    if len(errors) == 1:
+        found = [errors[0]] if errors[0] is not None else []
+    else:
+        found = [f"rank {rank}: {error}" for rank, error in enumerate(errors) if error is not None]
     if found:
         raise DistributedStatisticsError("; ".join(found))
 

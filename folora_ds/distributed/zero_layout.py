@@ -153,10 +153,3 @@ def register_zero_partitions(engine, optimizer: GatedAdamW, lora_a_names: Mappin
         layouts.append(_register_layout(optimizer, flat, fragments, projector_rank, process_group))
     return layouts
 
-
-def lora_a_parameter(param: torch.nn.Parameter) -> torch.Tensor:
-    """The full fp32 value of a LoRA-A weight on every rank (a collective in stages 1–3)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    full = safe_get_full_fp32_param(param)
-    return param.detach() if full is None else full

@@ -1,5 +1,5 @@
 """Kill-and-resume equals an uninterrupted run; resuming on another world size works (ZeRO-0 directly, ZeRO 1/2/3
-through DeepSpeed's universal checkpoint); bad checkpoints are refused."""
+through DeepSpeed's universal checkpoint); bad checkpoints are refused, named, before DeepSpeed loads them."""
 
 from __future__ import annotations
 
@@ -7,50 +7,35 @@ import pytest
 import torch
 from torch.multiprocessing import ProcessRaisedException
 
-from tests.distributed.spawn import run_ranks
-from tests.distributed.test_equivalence import (
-    ADAMW,
-    FOLORA,
+from tests.distributed.helpers import (
     MICRO_BATCHES_PER_STEP,
-    _batch,
-    _micro_batch,
-    _model,
-    _proxy,
+    calibration_shards,
+    ds_config,
+    full_weights,
+    run_ranks,
+    tiny_model,
+    train_steps,
 )
 
 TOTAL_STEPS, STOP_AT = 10, 6
 
 
 def _train(rank: int, world: int, stage: int, first: int, last: int, checkpoint: str | None,
-           resume: str | None, folora_overrides: dict | None = None, ds_extra: dict | None = None) -> dict:
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    import folora_ds.engine
+           resume: str | None, folora_overrides: dict | None = None, ds_extra: dict | None = None,
+           lora_rank: int | None = None) -> dict:
+    import folora_ds
 
     accumulation = MICRO_BATCHES_PER_STEP // world
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulation,
-              "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
-              "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": {**FOLORA, **(folora_overrides or {})},
-              **(ds_extra or {})}
-    shard = dict(proxy_batches=[_proxy(i) for i in range(6) if i % world == rank],
-                 task_batches=[_batch(i) for i in range(6) if i % world == rank])
-    engine, controller = folora_ds.engine.initialize(_model(), config, resume_from=resume,
-                                                     **({} if resume else shard))
-    engine.train()
-    for step in range(first, last):
-        for micro in range(accumulation):
-            batch = _micro_batch(step, micro * world + rank)
-            with controller.track_task(batch):
-                loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            controller.after_engine_step()
+    config = ds_config(stage, accumulation=accumulation, folora=folora_overrides, clip=1.0, **(ds_extra or {}))
+    model = tiny_model() if lora_rank is None else tiny_model(lora_rank)
+    engine, controller = folora_ds.initialize(model, config, resume_from=resume,
+                                              **({} if resume else calibration_shards(rank, world)))
+    train_steps(engine, controller, rank, world, first, last, accumulation)
     controller.check_gating()
     if checkpoint:
         controller.save_checkpoint(checkpoint)
-    weights = {name: (safe_get_full_fp32_param(p) if stage > 0 else p.detach()).clone()
-               for name, p in engine.module.named_parameters() if p.requires_grad}
-    return {"weights": weights, "steps": controller.optimizer_steps, "refreshes": controller.refreshes,
+    return {"weights": full_weights(engine.module, stage), "steps": controller.optimizer_steps,
+            "refreshes": controller.refreshes,
             "tau_scale": None if controller.budget is None else controller.budget.tau_scale,
             "last_measured": None if controller.budget is None else controller.budget.last_measured}
 
@@ -86,12 +71,12 @@ def test_resume_on_another_world_size_through_a_universal_checkpoint(runs, stage
     """DeepSpeed cannot re-partition ZeRO 1/2/3 optimizer state directly: the error says how, and the converted
     checkpoint resumes on 3 ranks (ZeRO-3's universal loader overwrites every param group with group 0's entries;
     the gate markers are restored, or the LoRA-B group would be taken for LoRA-A)."""
-    import folora_ds.engine
+    import folora_ds
 
     uninterrupted, checkpoint = runs(stage)
     with pytest.raises(ProcessRaisedException, match="load_universal"):
         run_ranks(3, _train, stage, STOP_AT, STOP_AT + 1, None, checkpoint)
-    folora_ds.engine.convert_to_universal_checkpoint(checkpoint)
+    folora_ds.convert_to_universal_checkpoint(checkpoint)
     resumed = run_ranks(3, _train, stage, STOP_AT, TOTAL_STEPS, None, checkpoint, None,
                         {"checkpoint": {"load_universal": True}})
     for result in resumed:
@@ -117,7 +102,7 @@ def test_checkpoint_from_an_incompatible_config_is_refused(tmp_path):
 
 
 def test_kill_and_resume_on_another_world_size_carries_the_forgetting_budget(tmp_path):
-    """θ and the base energy (restored on one rank, then summed) survive a resume on 3 ranks (ZeRO-0)."""
+    """θ and the base energy survive a resume on 3 ranks (ZeRO-0)."""
     budget = {"forgetting_budget": 0.05, "budget_step_size": 0.5}
     uninterrupted = run_ranks(2, _train, 0, 0, TOTAL_STEPS, None, None, budget)[0]
     run_ranks(2, _train, 0, 0, STOP_AT, str(tmp_path / "ckpt"), None, budget)
@@ -128,3 +113,42 @@ def test_kill_and_resume_on_another_world_size_carries_the_forgetting_budget(tmp
         assert result["tau_scale"] == pytest.approx(uninterrupted["tau_scale"], rel=1e-6)
         for name, expected in uninterrupted["weights"].items():
             torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- damaged and mismatched checkpoints
+@pytest.fixture(scope="module")
+def zero2_checkpoint(runs):
+    return runs(2)[1]
+
+
+def _copy(checkpoint: str, target) -> str:
+    import shutil
+
+    shutil.copytree(checkpoint, target)
+    return str(target)
+
+
+def test_another_lora_rank_is_named_before_deepspeed_loads_weights(zero2_checkpoint, tmp_path):
+    """Without the FoLoRA check first, DeepSpeed would print torch's wall of size mismatches."""
+    with pytest.raises(ProcessRaisedException, match="different FoLoRA config: \\['lora_rank'\\]") as caught:
+        run_ranks(2, _train, 2, STOP_AT, STOP_AT + 1, None, zero2_checkpoint, {"lora_rank": 4}, None, 4)
+    assert "size mismatch" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damaged", ["model", "optimizer", "folora"])
+def test_a_truncated_file_is_named(zero2_checkpoint, tmp_path, damaged):
+    checkpoint = _copy(zero2_checkpoint, tmp_path / "ckpt")
+    tag = (tmp_path / "ckpt" / "latest").read_text().strip()
+    pattern = {"model": "mp_rank_00_model_states.pt", "optimizer": "*zero_pp_rank_1_*optim_states.pt",
+               "folora": "folora_state.pt"}[damaged]
+    path = next((tmp_path / "ckpt" / tag).glob(pattern))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ProcessRaisedException, match=f"{path.name}.*truncated or corrupt"):
+        run_ranks(2, _train, 2, STOP_AT, STOP_AT + 1, None, checkpoint)
+
+
+def test_latest_naming_a_missing_tag_is_named(zero2_checkpoint, tmp_path):
+    checkpoint = _copy(zero2_checkpoint, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "latest").write_text("global_step999")
+    with pytest.raises(ProcessRaisedException, match="names tag 'global_step999'.*does not exist"):
+        run_ranks(2, _train, 2, STOP_AT, STOP_AT + 1, None, checkpoint)

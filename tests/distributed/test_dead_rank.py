@@ -2,38 +2,34 @@
 
 from __future__ import annotations
 
-import datetime
-import importlib
 import os
 import time
 from pathlib import Path
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
-from tests.distributed.spawn import free_port
-from tests.distributed.test_equivalence import ADAMW, FOLORA, _batch, _micro_batch, _model, _proxy
+from tests.distributed.helpers import (
+    batch,
+    ds_config,
+    free_port,
+    micro_batch,
+    proxy_batch,
+    setup_rank,
+    tiny_model,
+)
 
 TIMEOUT_SECONDS = 20
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str, failure: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    import deepspeed
-
+    setup_rank(rank, world, port, timeout_seconds=TIMEOUT_SECONDS)
     import folora_ds
 
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
-              "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": {**FOLORA, "refresh_interval": 2}}
-    engine, controller = folora_ds.initialize(_model(), config, proxy_batches=[_proxy(rank)],
-                                              task_batches=[_batch(rank)])
+    engine, controller = folora_ds.initialize(tiny_model(), ds_config(2, folora={"refresh_interval": 2}),
+                                              proxy_batches=[proxy_batch(rank)], task_batches=[batch(rank)])
     if rank == 1:
-        def fail() -> None:  # mid-refresh: the others are waiting in the statistics reduce
+        def fail(**_) -> None:  # mid-refresh: the others are waiting in the statistics reduce
             if failure == "dies":
                 os._exit(3)
             time.sleep(10 * TIMEOUT_SECONDS)
@@ -42,13 +38,13 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, failure: str) -> 
     started = time.perf_counter()
     try:
         for step in range(4):
-            batch = _micro_batch(step, rank)
-            with controller.track_task(batch):
-                loss = engine(**batch).loss
+            data = micro_batch(step, rank)
+            with controller.track_task(data):
+                loss = engine(**data).loss
             engine.backward(loss)
             engine.step()
             started = time.perf_counter()
-            controller.after_engine_step()
+            controller.after_step()
     except Exception as error:  # the point is to observe whatever the survivor raises
         outcome = f"{type(error).__name__}: {error}"
     Path(out_dir, f"rank{rank}.txt").write_text(f"{time.perf_counter() - started:.1f}\n{outcome}")

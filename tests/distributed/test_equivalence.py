@@ -1,126 +1,87 @@
 """Same seed and data: FoLoRA under DeepSpeed ZeRO 0/1/2/3 with 2 and 3 gloo ranks equals one process.
 
-Shapes: one block, LoRA r = 5 (odd) on inputs of width 24 and 40, 7 LoRA-A weights (920 elements). The flat
-ZeRO-1/2 partitions (460 or 307 elements per rank) and the per-parameter ZeRO-3 pieces (e.g. 120 elements of a
-5 × 24 weight cut into 60 | 60 or 40 | 40 | 40) cut rows of LoRA-A, so a gate that ignored the cut rows fails
-here (measured: 8e-6 at ZeRO-3, above the tolerance). With r = 3 and 3 ranks ZeRO-3 would split every weight
-into whole rows and such a bug would pass; the test asserts that rows are cut. Every optimizer step averages the same 6
-micro-batches (world 2: 3 accumulation steps, world 3: 2), with gradient clipping and a refresh every 4 steps.
-Adam eps = 1e-3 (with 1e-8, equal runs drift ~1e-4 from summation order alone; DESIGN.md) and float64
-statistics: the o_proj inputs of this tiny GQA model are so ill-conditioned that float32 sums added in another
-order move the bases by ~1e-3 (docs/method.md). Tolerance 1e-6 (observed ~1e-7).
+The reference is the one ``FoLoRAController`` at world size 1 (no process group, a plain torch loop); the same
+controller runs under DeepSpeed on 2 and 3 ranks. Shapes: one block, LoRA r = 5 (odd) on inputs of width 24 and
+40, 7 LoRA-A weights (920 elements). The flat ZeRO-1/2 partitions (460 or 307 elements per rank) and the
+per-parameter ZeRO-3 pieces (e.g. 120 elements of a 5 × 24 weight cut into 60 | 60 or 40 | 40 | 40) cut rows of
+LoRA-A, so a gate that ignored the cut rows fails here (measured: 8e-6 at ZeRO-3, above the tolerance). With r = 3
+and 3 ranks ZeRO-3 would split every weight into whole rows and such a bug would pass; the test asserts that rows
+are cut. Every optimizer step averages the same 6 micro-batches (world 2: 3 accumulation steps, world 3: 2), with
+gradient clipping and a refresh every 4 steps. Adam eps = 1e-3 (with 1e-8, equal runs drift ~1e-4 from summation
+order alone) and float64 statistics: the o_proj inputs of this tiny GQA model are so ill-conditioned that float32
+sums added in another order move the bases by ~1e-3 (docs/method.md). Tolerance 1e-6 (observed ~1e-7).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from folora_ds.config import FoLoRAConfig
 from folora_ds.controller import FoLoRAController
-from folora_ds.models import build_tiny_llama
 from folora_ds.optim import GatedAdamW, folora_param_groups
-from tests.distributed.spawn import run_ranks
+from tests.distributed.helpers import (
+    ADAMW,
+    CLIP,
+    FOLORA,
+    MICRO_BATCHES_PER_STEP,
+    STEPS,
+    batch,
+    budget_values,
+    calibration_shards,
+    ds_config,
+    full_weights,
+    micro_batch,
+    proxy_batch,
+    run_ranks,
+    tiny_model,
+    train_steps,
+)
 
-STEPS = 10
-CLIP = 1.0
-MICRO_BATCHES_PER_STEP = 6
-FOLORA = {"lora_rank": 5, "lora_alpha": 10, "k": 5, "refresh_interval": 4, "ema_decay": 0.5, "tau": 1.0,
-          "statistics_dtype": "float64"}
-ADAMW = {"lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-3, "weight_decay": 0.01}
 DEFAULT_EPS_ATOL = 1e-5  # observed 3e-7 (ZeRO-2 × 3 ranks) and 2e-7 (ZeRO-3 × 2) after 10 steps with eps = 1e-8
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _model():
-    base = build_tiny_llama(64, hidden_size=24, intermediate_size=40, num_layers=1, num_heads=4, num_kv_heads=2,
-                            seed=3)
-    torch.manual_seed(0)
-    return get_peft_model(base, LoraConfig(r=FOLORA["lora_rank"], lora_alpha=FOLORA["lora_alpha"],
-                                           target_modules=TARGETS))
-
-
-def _batch(seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (2, 10), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[seed % 2, 7:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def _proxy(index: int):
-    return {k: v for k, v in _batch(1000 + index).items() if k != "labels"}
-
-
-def _micro_batch(step: int, index: int):
-    return _batch(10_000 + step * MICRO_BATCHES_PER_STEP + index)
 
 
 def _reference(folora_overrides: dict | None = None, adamw_overrides: dict | None = None) -> dict[str, torch.Tensor]:
+    """The same controller in one plain process (world size 1, no process group, no DeepSpeed)."""
     adamw = {**ADAMW, **(adamw_overrides or {})}
-    model = _model()
-    config = FoLoRAConfig(**{**FOLORA, **(folora_overrides or {})})
-    controller = FoLoRAController(model, config)
-    controller.calibrate([_proxy(i) for i in range(6)], [_batch(i) for i in range(6)])
+    model = tiny_model()
+    controller = FoLoRAController(model, FoLoRAConfig(**{**FOLORA, **(folora_overrides or {})}))
+    controller.calibrate([proxy_batch(i) for i in range(6)], [batch(i) for i in range(6)])
     controller.solve()
     controller.initialize_lora_a()
     optimizer = GatedAdamW(folora_param_groups(model, weight_decay=adamw["weight_decay"]), lr=adamw["lr"],
                            betas=tuple(adamw["betas"]), eps=adamw["eps"])
-    controller.attach_optimizer(optimizer)
+    controller.attach(optimizer)
     model.train()
     for step in range(STEPS):
         for index in range(MICRO_BATCHES_PER_STEP):
-            batch = _micro_batch(step, index)
-            with controller.track_task(batch):
-                loss = model(**batch).loss / MICRO_BATCHES_PER_STEP
+            data = micro_batch(step, index)
+            with controller.track_task(data):
+                loss = model(**data).loss / MICRO_BATCHES_PER_STEP
             loss.backward()
         if CLIP:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)
         optimizer.step()
         optimizer.zero_grad()
-        controller.after_optimizer_step()
+        controller.after_step()
+    controller.check_gating()
     assert set(optimizer.gated_step_counts().values()) == {STEPS}
     weights = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
-    if controller.budget is not None:
-        weights["tau_scale"] = torch.tensor(controller.budget.tau_scale, dtype=torch.float64)
-        weights["last_measured"] = torch.tensor(controller.budget.last_measured, dtype=torch.float64)
-    return weights
+    return {**weights, **budget_values(controller)}
 
 
 def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = None,
                  folora_overrides: dict | None = None, adamw_overrides: dict | None = None) -> dict:
-    from deepspeed.utils import safe_get_full_fp32_param
+    import folora_ds
 
-    import folora_ds.engine
-
-    model = _model()
+    model = tiny_model()
     accumulation = MICRO_BATCHES_PER_STEP // world
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulation,
-              "gradient_clipping": CLIP, "zero_optimization": {"stage": stage, **(zero_extra or {})},
-              "optimizer": {"type": "AdamW", "params": {**ADAMW, **(adamw_overrides or {})}},
-              "folora": {**FOLORA, **(folora_overrides or {})}}
-    engine, controller = folora_ds.engine.initialize(
-        model, config, proxy_batches=[_proxy(i) for i in range(6) if i % world == rank],
-        task_batches=[_batch(i) for i in range(6) if i % world == rank])
-    engine.train()
-    for step in range(STEPS):
-        for micro in range(accumulation):
-            batch = _micro_batch(step, micro * world + rank)
-            with controller.track_task(batch):
-                loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            controller.after_engine_step()
+    config = ds_config(stage, accumulation=accumulation, zero=zero_extra, folora=folora_overrides,
+                       adamw=adamw_overrides, clip=CLIP)
+    engine, controller = folora_ds.initialize(model, config, **calibration_shards(rank, world))
+    train_steps(engine, controller, rank, world, 0, STEPS, accumulation)
     controller.check_gating()
-    weights = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            full = safe_get_full_fp32_param(param) if stage > 0 else param.detach()
-            weights[name] = full.clone()
-    if controller.budget is not None:
-        weights["tau_scale"] = torch.tensor(controller.budget.tau_scale, dtype=torch.float64)
-        weights["last_measured"] = torch.tensor(controller.budget.last_measured, dtype=torch.float64)
+    weights = {**full_weights(model, stage), **budget_values(controller)}
     cut_rows = sum(len(layout.cut_rows) for layout in controller.layouts)
     return {"weights": weights, "gated": controller.gated_step_counts(), "steps": controller.optimizer_steps,
             "gated_partitions": len(controller.layouts),
@@ -185,25 +146,16 @@ def test_forgetting_budget_adapts_tau_identically_on_every_rank(stage, world):
 
 def _ungated_bug(rank: int, world: int, stage: int) -> str:
     """Train with the gate silently disabled (as a bug would) and report what check_gating says."""
-    import folora_ds.engine
+    import folora_ds
     from folora_ds.optim import GatedAdamW
 
     if stage == 0:
         GatedAdamW.set_projector = lambda self, param, projector: None  # projectors never installed
     else:
         GatedAdamW._step_flat = lambda self, flat, layout, update, lr: flat.add_(update, alpha=-lr)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage}, "optimizer": {"type": "AdamW", "params": ADAMW},
-              "folora": FOLORA}
-    engine, controller = folora_ds.engine.initialize(
-        _model(), config, proxy_batches=[_proxy(rank)], task_batches=[_batch(rank)])
-    for step in range(2):
-        batch = _micro_batch(step, rank)
-        with controller.track_task(batch):
-            loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        controller.after_engine_step()
+    engine, controller = folora_ds.initialize(tiny_model(), ds_config(stage), proxy_batches=[proxy_batch(rank)],
+                                              task_batches=[batch(rank)])
+    train_steps(engine, controller, rank, world, 0, 2, 1)
     try:
         controller.check_gating()
     except RuntimeError as error:

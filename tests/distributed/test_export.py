@@ -6,33 +6,21 @@ import pytest
 import torch
 from peft import PeftModel
 
-from folora_ds.models import build_tiny_llama
-from tests.distributed.spawn import run_ranks
-from tests.distributed.test_equivalence import ADAMW, FOLORA, _batch, _micro_batch, _model, _proxy
+from tests.distributed.helpers import base_model, batch, ds_config, proxy_batch, run_ranks, tiny_model, train_steps
 
 
 def _train_and_export(rank: int, world: int, stage: int, directory: str):
-    import folora_ds.engine
+    import folora_ds
 
-    zero = {"stage": stage}
-    if stage == 3:  # small params are otherwise kept whole on every rank, and a missing gather would go unseen
-        zero["stage3_param_persistence_threshold"] = 0
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": zero, "optimizer": {"type": "AdamW", "params": ADAMW},
-              "folora": FOLORA}
-    engine, controller = folora_ds.engine.initialize(
-        _model(), config, proxy_batches=[_proxy(rank)], task_batches=[_batch(rank)])
-    for step in range(3):
-        batch = _micro_batch(step, rank)
-        with controller.track_task(batch):
-            loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        controller.after_engine_step()
+    # ZeRO-3: small params are otherwise kept whole on every rank, and a missing gather would go unseen
+    zero = {"stage3_param_persistence_threshold": 0} if stage == 3 else None
+    engine, controller = folora_ds.initialize(tiny_model(), ds_config(stage, zero=zero),
+                                              proxy_batches=[proxy_batch(rank)], task_batches=[batch(rank)])
+    train_steps(engine, controller, rank, world, 0, 3, 1)
     controller.export_adapter(directory)
     engine.eval()
     with torch.no_grad():
-        probe = _batch(99)
+        probe = batch(99)
         return engine(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
 
 
@@ -41,15 +29,12 @@ def test_exported_adapter_reproduces_engine_logits(tmp_path, stage):
     logits = run_ranks(2, _train_and_export, stage, str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    base = build_tiny_llama(64, hidden_size=24, intermediate_size=40, num_layers=1, num_heads=4, num_kv_heads=2,
-                            seed=3)
-    adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    probe = _batch(99)
+    adapted = PeftModel.from_pretrained(base_model(), str(tmp_path / "adapter")).eval()
+    probe = batch(99)
     with torch.no_grad():
         expected = adapted(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     for rank_logits in logits:
         torch.testing.assert_close(rank_logits, expected, rtol=1e-5, atol=1e-5)
-    untrained = build_tiny_llama(64, hidden_size=24, intermediate_size=40, num_layers=1, num_heads=4,
-                                 num_kv_heads=2, seed=3)
+    untrained = base_model()
     with torch.no_grad():
         assert not torch.allclose(untrained(input_ids=probe["input_ids"]).logits, expected, atol=1e-4)

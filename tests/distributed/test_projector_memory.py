@@ -4,24 +4,17 @@ one copy; under ZeRO-0 and ZeRO-3 (every rank holds a piece of every LoRA-A) eve
 from __future__ import annotations
 
 import pytest
-from peft import LoraConfig, get_peft_model
 
-from folora_ds.models import build_tiny_llama
-from tests.distributed.spawn import run_ranks
-from tests.distributed.test_equivalence import ADAMW, _batch, _proxy
+from tests.distributed.helpers import batch, ds_config, proxy_batch, run_ranks, tiny_model
 
 
 def _held_bytes(rank: int, world: int, stage: int) -> dict:
-    import folora_ds.engine
+    import folora_ds
 
-    base = build_tiny_llama(64, hidden_size=24, intermediate_size=40, num_layers=6, num_heads=4, num_kv_heads=2,
-                            seed=1)
-    model = get_peft_model(base, LoraConfig(r=3, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"]))
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
-              "optimizer": {"type": "AdamW", "params": ADAMW}, "folora": {"lora_rank": 3, "k": 6}}
-    _, controller = folora_ds.engine.initialize(model, config, proxy_batches=[_proxy(rank)],
-                                                task_batches=[_batch(rank)])
+    model = tiny_model(3, num_layers=6, seed=1)
+    config = ds_config(stage, folora={"lora_rank": 3, "k": 6})
+    _, controller = folora_ds.initialize(model, config, proxy_batches=[proxy_batch(rank)],
+                                         task_batches=[batch(rank)])
     full_copy = sum((2 * dim * controller.projector_rank(key) + controller.projector_rank(key)) * 4
                     for key, dim in controller.dims.items())
     return {"held": controller.projector_bytes(), "full": full_copy}

@@ -8,32 +8,27 @@ from torch.multiprocessing import ProcessRaisedException
 
 from folora_ds.config import FoLoRAConfig
 from folora_ds.controller import FoLoRAController
-from tests.distributed.spawn import run_ranks
-from tests.distributed.test_equivalence import FOLORA, _batch, _model, _proxy
+from tests.distributed.helpers import FOLORA, batch, calibration_shards, proxy_batch, run_ranks, tiny_model
 
 
 def _calibrate(rank: int, world: int, mode: str) -> dict:
-    from folora_ds.engine import DistributedFoLoRAController
-
-    model = _model()
-    if mode == "mismatched" and rank == 1:
-        from peft import LoraConfig, get_peft_model
-
-        from folora_ds.models import build_tiny_llama
-
-        base = build_tiny_llama(64, hidden_size=24, intermediate_size=40, num_layers=1, num_heads=4,
-                                num_kv_heads=2, seed=3)
-        model = get_peft_model(base, LoraConfig(r=3, target_modules=["q_proj"]))
-    controller = DistributedFoLoRAController(model, FoLoRAConfig(**FOLORA))
-    proxy = [_proxy(i) for i in range(6) if i % world == rank]
-    task = [_batch(i) for i in range(6) if i % world == rank]
+    model = tiny_model(3, ["q_proj"]) if mode == "mismatched" and rank == 1 else tiny_model()
+    controller = FoLoRAController(model, FoLoRAConfig(**FOLORA))
+    shards = calibration_shards(rank, world)
+    proxy, task = shards["proxy_batches"], shards["task_batches"]
     if mode == "empty_rank" and rank == 1:
         proxy, task = [], []
-    if mode == "nan" and rank == 1:
-        controller._forward("pre", proxy, False)
-        for sums in controller.collector.sums("pre").values():
-            sums.sum[0, 0] = float("nan")
-        proxy = []
+    if mode == "nan" and rank == 1:  # this rank's proxy statistics come out NaN
+        forward = controller._forward
+
+        def poisoned(source, batches, progress):
+            count = forward(source, batches, progress)
+            if source == "pre":
+                for sums in controller.collector.sums("pre").values():
+                    sums.sum[0, 0] = float("nan")
+            return count
+
+        controller._forward = poisoned
     controller.calibrate(proxy, task)
     controller.solve()
     return {"pre": controller.pre_covariances, "task": {k: controller.task_ema[k] for k in controller.pre_covariances},
@@ -41,8 +36,8 @@ def _calibrate(rank: int, world: int, mode: str) -> dict:
 
 
 def test_reduce_to_owner_equals_single_process_over_the_union():
-    reference = FoLoRAController(_model(), FoLoRAConfig(**FOLORA))
-    reference.calibrate([_proxy(i) for i in range(6)], [_batch(i) for i in range(6)])
+    reference = FoLoRAController(tiny_model(), FoLoRAConfig(**FOLORA))
+    reference.calibrate([proxy_batch(i) for i in range(6)], [batch(i) for i in range(6)])
     results = run_ranks(3, _calibrate, "ok")
     owners = results[0]["owners"]
     assert all(result["owners"] == owners for result in results)
@@ -51,14 +46,14 @@ def test_reduce_to_owner_equals_single_process_over_the_union():
     for rank, result in enumerate(results):
         assert set(result["pre"]) == {key for key, owner in owners.items() if owner == rank}
         for key in result["pre"]:
-            torch.testing.assert_close(result["pre"][key], reference.pre_covariance(key), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(result["pre"][key], reference.pre_covariances[key], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(result["task"][key], reference.task_ema[key], rtol=1e-12, atol=1e-12)
             seen.add(key)
     assert seen == set(reference.collector.keys())
 
 
 @pytest.mark.parametrize(("mode", "message"), [
-    ("empty_rank", "rank 1: no statistics have been collected"),
+    ("empty_rank", "rank 1: the proxy calibration set produced no batches"),
     ("mismatched", "rank 1 has different LoRA inputs"),
     ("nan", "NaN"),
 ])
@@ -71,7 +66,7 @@ def _initialize_with_tokenizer(rank: int, world: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     import folora_ds
-    from folora_ds.engine import proxy_batches_for_this_rank
+    from folora_ds.engine import proxy_samples_for_this_rank
     from folora_ds.models import load_model
 
     base, tokenizer = load_model("tiny-llama")
@@ -80,27 +75,28 @@ def _initialize_with_tokenizer(rank: int, world: int) -> dict:
               "proxy": {"num_sequences": 4, "seq_len": 8, "batch_size": 2, "seed": 5}}
     config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "folora": folora}
-    mine = proxy_batches_for_this_rank(model, tokenizer, FoLoRAConfig(**folora), max_length=64)
-    engine, controller = folora_ds.initialize(model, config, task_batches=[_batch(rank)], tokenizer=tokenizer)
-    batch = _batch(10 + rank)
-    with controller.track_task(batch):
-        loss = engine(**batch).loss
+    mine = proxy_samples_for_this_rank(model, tokenizer, FoLoRAConfig(**folora))
+    engine, controller = folora_ds.initialize(model, config, task_batches=[batch(rank)], tokenizer=tokenizer)
+    data = batch(10 + rank)
+    with controller.track_task(data):
+        loss = engine(**data).loss
     engine.backward(loss)
     engine.step()
-    controller.after_engine_step()
+    controller.after_step()
     controller.check_gating()
-    return {"proxy_ids": [b["input_ids"] for b in mine], "keys": sorted(controller.dims)}
+    return {"proxy_ids": [torch.tensor(sample.token_ids) for sample in mine], "keys": sorted(controller.dims)}
 
 
 def test_initialize_samples_each_ranks_share_of_the_proxy_set_from_the_config():
     results = run_ranks(2, _initialize_with_tokenizer)
     assert results[0]["keys"] == results[1]["keys"] and len(results[0]["keys"]) == 4  # attn-in (q, v), down-in × 2
     first, second = (torch.cat([ids.flatten() for ids in r["proxy_ids"]]) for r in results)
-    assert len(results[0]["proxy_ids"]) == 1 and not torch.equal(first, second), "ranks must sample distinct shares"
+    assert len(results[0]["proxy_ids"]) == 2, "4 sequences over 2 ranks"
+    assert not torch.equal(first, second), "ranks must sample distinct shares"
 
 
 def test_initialize_without_calibration_data_names_what_is_missing():
     import folora_ds
 
     with pytest.raises(ValueError, match="task_batches and proxy_batches"):
-        folora_ds.initialize(_model(), {"folora": {}}, task_batches=[_batch(0)])
+        folora_ds.initialize(tiny_model(), {"folora": {}}, task_batches=[batch(0)])

@@ -17,8 +17,9 @@ from folora_ds.models import load_model
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-SMALL = ["--steps", "6", "--calibration-batches", "1", "--no-progress", "--set", "refresh_interval=3",
+SMALL = ["--steps", "6", "--calibration-steps", "1", "--no-progress", "--set", "refresh_interval=3",
          "--set", "proxy.num_sequences=8", "--set", "proxy.seq_len=24", "--set", "lora_rank=4"]
+NO_BASELINE = [*SMALL, "--no-baseline"]
 
 
 def _run(command: list[str], output_dir: Path) -> dict:
@@ -36,7 +37,10 @@ def test_deepspeed_launcher_zero2(tmp_path):
     assert launcher, "the deepspeed launcher is installed with the package"
     summary = _run([launcher, "--num_gpus", "2", "--master_port", "29631", str(REPO / "launch" / "train.py"),
                     "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), *SMALL], tmp_path / "ds")
-    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["refreshes"] == 2
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["folora"]["refreshes"] == 2
+    baseline = summary["adamw"]  # the comparison run at 2 ranks: same batches, plain AdamW, measured penalty
+    assert baseline is not None and set(baseline["penalty_by_module"]) == set(summary["folora"]["penalty_by_module"])
+    assert sum(summary["folora"]["penalty_by_module"].values()) < sum(baseline["penalty_by_module"].values())
     base, tokenizer = load_model("tiny-llama")
     adapted = PeftModel.from_pretrained(base, str(tmp_path / "ds" / "folora_adapter"))
     ids = tokenizer("Write 7 in words.", return_tensors="pt")
@@ -49,7 +53,7 @@ def test_deepspeed_launcher_zero2(tmp_path):
 def test_torchrun_zero1_bf16(tmp_path):
     torchrun = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
     summary = _run([torchrun, "--nproc_per_node", "2", "--master_port", "29632", str(REPO / "launch" / "train.py"),
-                    "--deepspeed", str(REPO / "ds_configs" / "zero1_bf16.json"), *SMALL], tmp_path / "tr")
+                    "--deepspeed", str(REPO / "ds_configs" / "zero1_bf16.json"), *NO_BASELINE], tmp_path / "tr")
     assert summary["zero_stage"] == 1 and summary["optimizer_steps"] == 6
 
 
@@ -58,7 +62,7 @@ def test_torchrun_zero1_bf16(tmp_path):
 def test_mpirun_with_mpi4py_discovery(tmp_path):
     summary = _run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1",
                     sys.executable, str(REPO / "launch" / "train.py"), "--deepspeed",
-                    str(REPO / "ds_configs" / "zero2.json"), *SMALL], tmp_path / "mpi")
+                    str(REPO / "ds_configs" / "zero2.json"), *NO_BASELINE], tmp_path / "mpi")
     assert summary["world_size"] == 2
 
 
@@ -67,6 +71,6 @@ def test_torchrun_zero3_bf16(tmp_path):
     torchrun = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
     summary = _run([torchrun, "--nproc_per_node", "2", "--master_port", "29633", str(REPO / "launch" / "train.py"),
                     "--deepspeed", str(REPO / "ds_configs" / "zero3_bf16.json"), "--collective-timeout", "120",
-                    *SMALL], tmp_path / "z3")
+                    *NO_BASELINE], tmp_path / "z3")
     assert summary["zero_stage"] == 3 and summary["optimizer_steps"] == 6
     assert (tmp_path / "z3" / "folora_adapter" / "adapter_model.safetensors").is_file()

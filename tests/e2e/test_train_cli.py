@@ -1,4 +1,5 @@
-"""The single-process run end to end: `folora-ds train` and `python launch/train.py`."""
+"""The training command end to end in one process (`folora-ds train`, `python launch/train.py`), and every bad
+input a new user meets on it: named in one line with exit code 2, config errors before any model is loaded."""
 
 from __future__ import annotations
 
@@ -12,23 +13,35 @@ import torch
 from peft import PeftModel
 
 from folora_ds.cli import load_folora_config, main
-from folora_ds.models import load_model
+from folora_ds.models import build_byte_tokenizer, build_tiny_llama, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "proxy.num_sequences=8", "--set", "proxy.seq_len=24", "--set", "proxy.batch_size=4",
-         "--set", "max_seq_len=64", "--set", "refresh_interval=4", "--set", "lora_rank=4"]
+         "--set", "max_seq_len=64", "--set", "refresh_interval=4", "--set", "lora_rank=4", "--no-progress"]
+
+
+def _summary(directory: Path) -> dict:
+    return json.loads((directory / "summary.json").read_text())
+
+
+def _one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("folora-ds: error: "), lines[-5:]
+    return lines[0]
 
 
 def test_train_runs_end_to_end_and_reports_gating(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--steps", "10", "--batch-size", "4", "--calibration-batches", "2", "--lr", "3e-3",
-                 "--output-dir", str(out), "--no-progress", *SMALL])
+    code = main(["train", "--steps", "10", "--batch-size", "4", "--calibration-steps", "2", "--lr", "3e-3",
+                 "--output-dir", str(out), *SMALL])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "penalty ratio FoLoRA / AdamW" in printed and "gated steps per LoRA-A = [10]" in printed
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["folora"]["gated_steps"].values()) == {10}
+    assert "penalty ratio FoLoRA / AdamW" in printed and "gated steps per rank [[10]]" in printed
+    summary = _summary(out)
+    counts = summary["folora"]["gated_steps_per_rank"]
+    assert len(counts) == 1 and len(counts[0]) == 14 and set(counts[0]) == {10}  # every LoRA-A, every step
     assert summary["folora"]["refreshes"] == 2
+    assert summary["micro_batch"] == 4 and summary["optimizer"]["lr"] == 3e-3
     assert len(summary["layers"]) == 8  # 2 blocks × (attention-in, o-in, mlp-in, down-in)
     for layer in summary["layers"]:
         assert 0 < layer["effective_rank"] <= layer["dim"]
@@ -36,20 +49,72 @@ def test_train_runs_end_to_end_and_reports_gating(tmp_path, capsys):
         assert summary[run]["eval_loss"] < summary["base_eval_loss"]  # both learned something
         assert all(value > 0 for value in summary[run]["penalty_by_module"].values())
     assert (out / "proxy.jsonl").is_file()
+    assert not list(out.glob(".partial-*")), "no scratch file may remain"
 
 
 def test_exported_adapter_reproduces_the_trained_model(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--steps", "4", "--batch-size", "4", "--calibration-batches", "1", "--no-baseline",
-                 "--output-dir", str(out), "--no-progress", *SMALL]) == 0
+    assert main(["train", "--steps", "4", "--batch-size", "4", "--calibration-steps", "1", "--no-baseline",
+                 "--output-dir", str(out), *SMALL]) == 0
     base, tokenizer = load_model("tiny-llama")
     adapted = PeftModel.from_pretrained(base, str(out / "folora_adapter")).eval()
     ids = tokenizer("Write 12 in words.", return_tensors="pt")
     with torch.no_grad():
         plain_base, _ = load_model("tiny-llama")
         assert not torch.allclose(adapted(**ids).logits, plain_base(**ids).logits)  # the adapter does something
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["adamw"] is None
+    assert _summary(out)["adamw"] is None
+
+
+def test_every_setting_of_the_config_file_is_honoured(tmp_path):
+    """The micro-batch and the AdamW block of --config reach the run (they were once dropped silently)."""
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.01}}, "folora": {}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--steps", "2", "--calibration-steps", "1", "--no-baseline",
+                 "--output-dir", str(out), *SMALL]) == 0
+    summary = _summary(out)
+    assert (summary["micro_batch"], summary["gradient_accumulation_steps"]) == (2, 2)
+    assert summary["optimizer"] == {"lr": 1e-5, "weight_decay": 0.01}
+
+
+def test_a_flag_that_disagrees_with_the_config_file_is_an_error(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {
+        "lr": 1e-5}}, "folora": {}}))
+    assert main(["train", "--config", str(path), "--lr", "1e-3", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--lr 0.001 disagrees with optimizer.params.lr=1e-05" in _one_line_error(capsys)
+    assert main(["train", "--config", str(path), "--batch-size", "8", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "train_micro_batch_size_per_gpu=2" in _one_line_error(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+BAD_CONFIGS = [
+    ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1},
+     "train_batch_size=16 contradicts"),
+    ({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 5}}, "zero_optimization.stage=5"),
+    ({"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}}, "fp16"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+     "offload"),
+    ({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Lamb"}}, "Lamb"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2, "round_robin_gradients": True}},
+     "round_robin_gradients"),
+    ({"gradient_accumulation_steps": 2}, "train_micro_batch_size_per_gpu"),
+]
+
+
+@pytest.mark.parametrize(("config", "message"), BAD_CONFIGS, ids=[m for _, m in BAD_CONFIGS])
+def test_config_errors_are_named_before_any_model_is_loaded(tmp_path, capsys, config, message):
+    """The model path does not exist: an error about the config proves it came first."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**config, "folora": {}}))
+    assert main(["train", "--config", str(path), "--model", str(tmp_path / "no-model"),
+                 "--output-dir", str(tmp_path / "x")]) == 2
+    line = _one_line_error(capsys)
+    assert message in line and "no-model" not in line
+    assert not (tmp_path / "x").exists()
 
 
 def test_config_errors_stop_before_any_work(tmp_path, capsys):
@@ -60,10 +125,70 @@ def test_config_errors_stop_before_any_work(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--steps", "0", "--output-dir", str(tmp_path / "y")]) == 2
     assert "steps" in capsys.readouterr().err
-    assert main(["train-ds", "--deepspeed", "ds_configs/zero2.json", "--collective-timeout", "0"]) == 2
+    assert main(["train", "--deepspeed", "ds_configs/zero2.json", "--collective-timeout", "0"]) == 2
     assert "--collective-timeout" in capsys.readouterr().err
-    assert main(["train-ds", "--deepspeed", "ds_configs/zero2.json", "--set", "forgetting_budget=-1"]) == 2
+    assert main(["train", "--deepspeed", "ds_configs/zero2.json", "--set", "forgetting_budget=-1"]) == 2
     assert "forgetting_budget" in capsys.readouterr().err
+
+
+def _saved_tiny_model(directory: Path, *, weights: bool = True, poison: bool = False) -> Path:
+    tokenizer = build_byte_tokenizer()
+    model = build_tiny_llama(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    if poison:
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    if not weights:
+        for path in directory.glob("*.safetensors"):
+            path.unlink()
+    return directory
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("config_only", "has config.json but no weights"),
+    ("inf_weights", "'model.layers.0.mlp.up_proj.weight' has NaN or Inf"),
+    ("malformed_jsonl", "line 3: not valid JSON"),
+    ("missing_data", "does not exist"),
+])
+def test_model_and_data_errors_are_one_named_line(tmp_path, capsys, case, message):
+    model, data = "tiny-llama", str(REPO / "folora_ds" / "data_files" / "number_words.jsonl")
+    if case == "config_only":
+        model = str(tmp_path / "model")
+        (tmp_path / "model").mkdir()
+        (_saved_tiny_model(tmp_path / "full") / "config.json").rename(tmp_path / "model" / "config.json")
+    elif case == "inf_weights":
+        model = str(_saved_tiny_model(tmp_path / "model", poison=True))
+    elif case == "malformed_jsonl":
+        data = str(tmp_path / "task.jsonl")
+        Path(data).write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n{"prompt": "e\n')
+    else:
+        data = str(tmp_path / "nothing.jsonl")
+    capsys.readouterr()  # saving the model printed progress
+    assert main(["train", "--model", model, "--data", data, "--steps", "2", "--output-dir",
+                 str(tmp_path / "out"), *SMALL]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_a_non_empty_output_directory_is_refused_unless_overwritten(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    arguments = ["train", "--steps", "2", "--calibration-steps", "1", "--no-baseline", "--output-dir", str(out), *SMALL]
+    assert main(arguments) == 0
+    assert main(arguments) == 2
+    assert "is not empty" in _one_line_error(capsys) and (out / "summary.json").is_file()
+    (out / "stray.txt").write_text("from another run")
+
+    import folora_ds.run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(folora_ds.run, "_train", interrupted)  # a run killed mid-training
+    with pytest.raises(KeyboardInterrupt):
+        main([*arguments, "--overwrite"])
+    left = sorted(path.name for path in out.iterdir())
+    assert left == ["proxy.jsonl"], f"an interrupted run must not sit beside an earlier run's outputs: {left}"
 
 
 def test_shipped_config_loads_and_overrides_apply():
@@ -75,8 +200,7 @@ def test_shipped_config_loads_and_overrides_apply():
 def test_launch_script_runs_as_a_subprocess(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "launch" / "train.py"), "--steps", "3", "--batch-size", "4",
-         "--calibration-batches", "1", "--no-baseline", "--no-progress", "--output-dir", str(tmp_path / "run"),
-         *SMALL],
+         "--calibration-steps", "1", "--no-baseline", "--output-dir", str(tmp_path / "run"), *SMALL],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "gated steps per LoRA-A = [3]" in result.stdout
+    assert "gated steps per rank [[3]]" in result.stdout

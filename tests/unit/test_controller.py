@@ -46,8 +46,8 @@ def _ready(config: FoLoRAConfig, seed: int = 0):
 
 def test_solve_produces_one_projector_per_shared_input():
     model, controller = _ready(FoLoRAConfig(k=5))
-    assert len(controller.projectors) == 8  # 4 inputs per block (attn-in, o-in, mlp-in, down-in) × 2 blocks
-    for projector in controller.projectors.values():
+    assert len(controller.owned_projectors) == 8  # 4 inputs per block (attn-in, o-in, mlp-in, down-in) × 2 blocks
+    for projector in controller.owned_projectors.values():
         assert projector.rank == 5
 
 
@@ -77,20 +77,20 @@ def test_kaiming_init_leaves_lora_a_untouched():
         assert torch.equal(weight, lora_a_weight(layer))
 
 
-def _train(model, controller, optimizer, steps: int):
-    for batch in _batches(steps, 5, labels=True):
+def _train(model, controller, optimizer, steps: int, batches: list | None = None):
+    for batch in _batches(steps, 5, labels=True) if batches is None else batches:
         with controller.track_task(batch):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        controller.after_optimizer_step()
+        controller.after_step()
 
 
 def test_training_gates_every_step_and_refreshes_on_schedule():
     model, controller = _ready(FoLoRAConfig(refresh_interval=3))
     optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
-    controller.attach_optimizer(optimizer)
+    controller.attach(optimizer)
     first = {key: projector.v.clone() for key, projector in controller.projectors.items()}
     _train(model, controller, optimizer, 7)
     assert controller.refreshes == 2
@@ -106,12 +106,12 @@ def test_training_gates_every_step_and_refreshes_on_schedule():
 def test_refresh_without_tracked_forwards_names_the_problem():
     model, controller = _ready(FoLoRAConfig(refresh_interval=1))
     optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
-    controller.attach_optimizer(optimizer)
+    controller.attach(optimizer)
     batch = _batches(1, 5, labels=True)[0]
     model(**batch).loss.backward()
     optimizer.step()
     with pytest.raises(RuntimeError, match="track_task"):
-        controller.after_optimizer_step()
+        controller.after_step()
 
 
 def test_forgetting_penalty_matches_explicit_trace():
@@ -122,7 +122,7 @@ def test_forgetting_penalty_matches_explicit_trace():
     penalties = controller.forgetting_penalty()
     for name, layer in controller.layers.items():
         delta = lora_scaling(layer) * lora_b_weight(layer).detach().double() @ lora_a_weight(layer).detach().double()
-        c_pre = controller.pre_covariance(controller.collector.key_of(name)).double()
+        c_pre = controller.pre_covariances[controller.collector.key_of(name)].double()
         assert penalties[name] == pytest.approx(float(torch.trace(delta @ c_pre @ delta.T)), rel=1e-9)
 
 
@@ -176,7 +176,7 @@ def _penalty_after_training(config: FoLoRAConfig) -> tuple[float, FoLoRAControll
     model, controller = _ready(config)
     controller.initialize_lora_a()
     optimizer = GatedAdamW(folora_param_groups(model), lr=3e-2)
-    controller.attach_optimizer(optimizer)
+    controller.attach(optimizer)
     _train(model, controller, optimizer, 12)
     return sum(controller.forgetting_penalty().values()), controller
 
@@ -191,3 +191,85 @@ def test_forgetting_budget_raises_tau_when_over_budget_and_forgets_less():
     assert all(tau > 0 for tau in taus)
     assert budgeted < 0.8 * free, (budgeted, free)  # ... and the adapter forgot less than without a budget
     assert controller.measured_forgetting() == pytest.approx(budgeted / controller._base_energy, rel=1e-12)
+
+
+def test_a_state_dict_restores_training_exactly_in_one_process():
+    """Train 4 steps, save, restore into a fresh controller/optimizer, train 3 more: equal to 7 uninterrupted."""
+    config = FoLoRAConfig(refresh_interval=2, k=6)
+    batches = _batches(7, 5, labels=True)
+
+    model, controller = _ready(config)
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach(optimizer)
+    _train(model, controller, optimizer, 7, batches)
+    expected = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    model, controller = _ready(config)
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach(optimizer)
+    _train(model, controller, optimizer, 4, batches[:4])
+    state = controller.state_dict()
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer_state = optimizer.state_dict()
+
+    resumed = _model()
+    with torch.no_grad():
+        for name, param in resumed.named_parameters():
+            param.copy_(weights[name])
+    restored = FoLoRAController(resumed, config)
+    restored.load_state_dict(state)
+    restored_optimizer = GatedAdamW(folora_param_groups(resumed), lr=1e-2)
+    restored_optimizer.load_state_dict(optimizer_state)
+    restored.attach(restored_optimizer)
+    assert (restored.optimizer_steps, restored.refreshes) == (4, 2)
+    _train(resumed, restored, restored_optimizer, 3, batches[4:])
+    restored.check_gating()
+    for name, param in resumed.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-6)
+
+
+def test_a_state_dict_of_another_lora_rank_is_refused():
+    model, controller = _ready(FoLoRAConfig())
+    other = FoLoRAController(_model(), FoLoRAConfig(lora_rank=4))
+    with pytest.raises(ValueError, match="different FoLoRA config: \\['lora_rank'\\]"):
+        other.load_state_dict(controller.state_dict())
+
+
+def test_check_gating_catches_a_step_that_went_ungated():
+    model, controller = _ready(FoLoRAConfig(refresh_interval=0))
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach(optimizer)
+    _train(model, controller, optimizer, 2)
+    controller.check_gating()
+    controller.after_step()  # an optimizer step counted without the gate running
+    with pytest.raises(RuntimeError, match="did not run on every step"):
+        controller.check_gating()
+
+
+def test_after_step_before_attach_and_save_without_engine_are_named():
+    model, controller = _ready(FoLoRAConfig())
+    with pytest.raises(RuntimeError, match="before attach"):
+        controller.after_step()
+    with pytest.raises(RuntimeError, match="needs a DeepSpeed engine"):
+        controller.save_checkpoint("unused")
+
+
+def test_summaries_penalties_and_export_work_in_one_process(tmp_path):
+    from peft import PeftModel
+
+    model, controller = _ready(FoLoRAConfig())
+    summaries = controller.layer_summaries()
+    assert [summary.key for summary in summaries] == controller.collector.keys()
+    assert all(0 < summary.effective_rank <= summary.dim for summary in summaries)
+    other = _model(seed=0)
+    with torch.no_grad():
+        for layer in lora_layers(other).values():
+            lora_b_weight(layer).normal_()
+    assert all(value == 0 for value in controller.forgetting_penalty().values())  # B = 0: no adapter yet
+    assert all(value > 0 for value in controller.forgetting_penalty(other).values())  # another model's adapter
+    controller.export_adapter(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(build_tiny_llama(64, hidden_size=32, intermediate_size=48, num_layers=2,
+                                                        num_heads=4, num_kv_heads=2, seed=0), str(tmp_path / "adapter"))
+    for name, layer in lora_layers(loaded).items():
+        torch.testing.assert_close(lora_a_weight(layer), lora_a_weight(controller.layers[name]))

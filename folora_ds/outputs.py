@@ -1,0 +1,91 @@
+"""Run outputs that appear only when complete, and output directories that never mix two runs.
+
+Every file or folder a run leaves (``proxy.jsonl``, adapters, ``summary.json``) is written beside its final name
+and renamed into place when complete, so an interrupted run never leaves a half-written file under a real name.
+A non-empty output directory is refused unless the user asks to overwrite it: a new run's ``proxy.jsonl`` beside
+an earlier run's adapters and summary would pass for one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_PARTIAL_PREFIX = ".partial-"
+
+
+class OutputDirectoryError(ValueError):
+    """The output directory holds another run's files."""
+
+
+def refuse_other_runs(directory: Path, *, overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless ``overwrite`` (read-only: every rank may call it).
+
+    Raises:
+        OutputDirectoryError: the path is a file, or a non-empty directory without ``overwrite``.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise OutputDirectoryError(f"output directory {str(directory)!r} is a file")
+    if directory.is_dir() and not overwrite:
+        found = sorted(entry.name for entry in directory.iterdir())
+        if found:
+            raise OutputDirectoryError(
+                f"output directory {str(directory)!r} is not empty ({', '.join(found[:4])}"
+                f"{', ...' if len(found) > 4 else ''}); pass --overwrite to replace it or choose another --output-dir")
+
+
+def clear_output_directory(directory: Path) -> None:
+    """Create ``directory`` empty (its earlier content removed). Call on one rank only."""
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            _remove(entry)
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def save_adapter(model, directory: Path) -> None:
+    """Collective: rank 0 writes ``model``'s peft adapter to ``directory`` (ZeRO-3-partitioned adapter weights
+    gathered for it; the frozen base is not); the folder appears complete or not at all."""
+    from folora_ds.distributed import comm
+
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    with comm.gathered(trainable):
+        if comm.rank() == 0:
+            with replace_atomically(Path(directory)) as scratch:
+                model.save_pretrained(str(scratch))
+    comm.barrier()
+
+
+@contextlib.contextmanager
+def replace_atomically(target: Path) -> Iterator[Path]:
+    """Yield a scratch path beside ``target`` (file or folder) to write; on success it replaces ``target``.
+
+    On an error the scratch is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_name(_PARTIAL_PREFIX + target.name)
+    _remove(scratch)
+    try:
+        yield scratch
+    except BaseException:
+        _remove(scratch)
+        raise
+    _remove(target)
+    scratch.rename(target)
+
+
+def write_json(target: Path, value: Any) -> None:
+    """Write ``value`` as indented JSON to ``target``, atomically."""
+    with replace_atomically(target) as scratch:
+        scratch.write_text(json.dumps(value, indent=2))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

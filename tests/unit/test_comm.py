@@ -1,0 +1,45 @@
+"""Without a process group the communication layer is a world of one: every collective returns its input."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from folora_ds.distributed import comm
+from folora_ds.distributed.statistics import DistributedStatisticsError, raise_if_any
+
+
+def test_no_process_group_means_world_size_one_and_no_op_collectives():
+    assert not comm.is_running()
+    assert (comm.rank(), comm.world_size()) == (0, 1)
+    tensor = torch.arange(4.0)
+    assert comm.all_reduce_sum(tensor) is tensor and torch.equal(tensor, torch.arange(4.0))
+    assert comm.reduce_sum_to(tensor, 0) is tensor and comm.broadcast(tensor, 0) is tensor
+    assert comm.all_gather_objects({"a": 1}) == [{"a": 1}]
+    comm.barrier()
+
+
+def test_parameters_deepspeed_has_not_partitioned_need_no_gather():
+    import contextlib
+
+    assert isinstance(comm.gathered([torch.nn.Parameter(torch.ones(2))]), contextlib.nullcontext)
+
+
+def test_a_single_process_error_is_raised_without_a_rank_prefix():
+    raise_if_any(None)
+    try:
+        raise_if_any("the proxy calibration set produced no batches")
+    except DistributedStatisticsError as error:
+        assert str(error) == "the proxy calibration set produced no batches"
+        assert isinstance(error, ValueError) and isinstance(error, RuntimeError)
+    else:
+        raise AssertionError("no error raised")
+
+
+def test_the_communication_layer_imports_no_deepspeed_until_needed():
+    import subprocess
+
+    code = "import folora_ds, sys; print('deepspeed' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

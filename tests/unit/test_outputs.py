@@ -1,0 +1,55 @@
+"""Outputs appear only when complete; an output directory never mixes two runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from folora_ds.outputs import (
+    OutputDirectoryError,
+    clear_output_directory,
+    refuse_other_runs,
+    replace_atomically,
+    write_json,
+)
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_scratch(tmp_path):
+    target = tmp_path / "summary.json"
+    write_json(target, {"run": 1})
+    with pytest.raises(RuntimeError, match="interrupted"), replace_atomically(target) as scratch:
+        scratch.write_text('{"run": 2, "trunc')
+        raise RuntimeError("interrupted")
+    assert target.read_text() == '{\n  "run": 1\n}'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_folder_is_replaced_whole(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    with replace_atomically(target) as scratch:
+        scratch.mkdir()
+        (scratch / "new.bin").write_text("new")
+        assert not (target / "new.bin").exists(), "nothing appears under the real name before completion"
+    assert sorted(path.name for path in target.iterdir()) == ["new.bin"]
+
+
+def test_non_empty_output_directories_are_refused_unless_overwritten(tmp_path):
+    refuse_other_runs(tmp_path / "new", overwrite=False)  # missing is fine
+    (tmp_path / "run").mkdir()
+    refuse_other_runs(tmp_path / "run", overwrite=False)  # empty is fine
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(OutputDirectoryError, match="not empty \\(summary.json\\).*--overwrite"):
+        refuse_other_runs(tmp_path / "run", overwrite=False)
+    refuse_other_runs(tmp_path / "run", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputDirectoryError, match="is a file"):
+        refuse_other_runs(tmp_path / "file", overwrite=True)
+
+
+def test_clearing_removes_every_earlier_output(tmp_path):
+    (tmp_path / "run" / "folora_adapter").mkdir(parents=True)
+    (tmp_path / "run" / "folora_adapter" / "adapter_model.safetensors").write_text("x")
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    clear_output_directory(tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []
