@@ -33,14 +33,19 @@ def save_checkpoint(engine, folora_state: dict[str, Any], directory: str | Path,
 
     ``tag`` defaults to DeepSpeed's ``global_step<N>``. Returns the tag folder.
     """
+    from folora_ds.distributed.statistics import raise_if_any
     from folora_ds.outputs import replace_atomically
 
     tag = tag or f"global_step{engine.global_steps}"
     folder = Path(directory) / tag
+    error = None
     if comm.rank() == 0:
-        with replace_atomically(folder / FOLORA_STATE_FILE) as scratch:
-            torch.save(folora_state, scratch)
-    comm.barrier()
+        try:
+            with replace_atomically(folder / FOLORA_STATE_FILE) as scratch:
+                torch.save(folora_state, scratch)
+        except OSError as problem:
+            error = f"cannot write {str(folder / FOLORA_STATE_FILE)!r}: {problem}"
+    raise_if_any(error)  # also the barrier before DeepSpeed writes its files and 'latest'
     engine.save_checkpoint(str(directory), tag=tag)
     return folder
 
@@ -107,11 +112,18 @@ def _check_readable(path: Path) -> None:
 
 def refuse_world_size_change(folder: Path, stage: int, world_size: int, universal: bool) -> None:
     """Before loading: a ZeRO 1/2/3 checkpoint saved with another data-parallel world size cannot be loaded
-    directly (DeepSpeed fails with a bare assertion); say how to convert it."""
-    if stage == 0 or universal:
+    directly (DeepSpeed fails with a bare assertion); say how to convert it. A checkpoint of ZeRO-0 resumed at
+    ZeRO 1/2/3 (or the reverse) is refused: DeepSpeed would restart the Adam moments with only a log line."""
+    if universal:
         return
     saved_ranks = len(list(folder.glob("*zero_pp_rank_*optim_states.pt")))
-    if saved_ranks and saved_ranks != world_size:
+    if (stage == 0) != (saved_ranks == 0):  # DeepSpeed would silently start the optimizer state from scratch
+        saved = "stage 0" if saved_ranks == 0 else "a ZeRO stage 1-3"
+        raise ValueError(f"checkpoint {str(folder)!r} was written at {saved}, this run uses ZeRO stage {stage}: "
+                         "DeepSpeed would drop the Adam moments; resume with the stage it was written with")
+    if stage == 0:
+        return
+    if saved_ranks != world_size:
         raise ValueError(
             f"checkpoint {str(folder)!r} holds ZeRO stage-{stage} optimizer state of {saved_ranks} data-parallel "
             f"ranks, this run has {world_size}: DeepSpeed cannot re-partition it directly. Convert it once "

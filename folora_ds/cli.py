@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from folora_ds.config import FoLoRAConfig
+from folora_ds.config import FoLoRAConfig, MissingFoloraBlockError
 
 EXIT_USER_ERROR = 2
-_USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
+_USER_ERRORS = (ValueError, MissingFoloraBlockError, FileNotFoundError)
 
 
 def _parse_overrides(pairs: Sequence[str]) -> dict:
@@ -60,7 +60,7 @@ def load_folora_config(config_path: str | None, overrides: Sequence[str] = ()) -
     """The FoLoRA config from a DeepSpeed JSON's ``"folora"`` block (or defaults) plus ``--set`` overrides."""
     from folora_ds.ds_config import load_ds_config
 
-    block = {} if config_path is None else dict(load_ds_config(config_path).get("folora") or {})
+    block = {} if config_path is None else FoLoRAConfig.from_deepspeed_config(load_ds_config(config_path)).to_dict()
     return FoLoRAConfig.from_dict(_merge(block, _parse_overrides(overrides)))
 
 
@@ -75,15 +75,15 @@ def build_run_config(config_path: str | None, overrides: Sequence[str] = (),
 
     Raises:
         ValueError: a flag disagrees with the value the file sets for the same key.
-        KeyError: the file has no ``"folora"`` block.
+        MissingFoloraBlockError: the file has no ``"folora"`` block.
     """
     from folora_ds.ds_config import load_ds_config
     from folora_ds.run import DEFAULT_DS_CONFIG
 
     ds_config = copy.deepcopy(DEFAULT_DS_CONFIG) if config_path is None else load_ds_config(config_path)
     if "folora" not in ds_config:
-        raise KeyError(f'the DeepSpeed config {config_path!r} has no "folora" block; add "folora": {{}} to use '
-                       "every default (see README, config reference)")
+        raise MissingFoloraBlockError(f'the DeepSpeed config {config_path!r} has no "folora" block; add "folora": '
+                                      "{} to use every default (see README, config reference)")
     ds_config["folora"] = _merge(dict(ds_config["folora"] or {}), _parse_overrides(overrides))
     for flag, value in (flags or {}).items():
         if value is None:
@@ -178,12 +178,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _train(args) if args.command == "train" else _sample_proxy(args)
     except _USER_ERRORS as error:
-        from folora_ds.distributed import comm
-
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        where = f"[rank {comm.rank()}] " if comm.world_size() > 1 else ""
-        print(f"folora-ds: {where}error: {message}", file=sys.stderr)
+        print(f"folora-ds: {_rank_label()}error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _rank_label() -> str:
+    """"[rank N] " under a launcher of several processes (read from its environment: the process group may be
+    gone by the time an error is printed), else ""."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+    rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    return f"[rank {rank}] " if int(world) > 1 else ""
 
 
 if __name__ == "__main__":

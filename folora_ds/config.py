@@ -27,6 +27,13 @@ STATISTICS_DTYPES = ("float32", "float64")
 PROXY_PROMPTS = ("bos", "random_token", "chat_empty_user", "mixed")
 
 
+class MissingFoloraBlockError(KeyError):
+    """A DeepSpeed config without a ``"folora"`` block (a user error, unlike other KeyErrors)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def _require(condition: bool, name: str, value: Any, allowed: str) -> None:
     if not condition:
         raise ValueError(f"folora config: {name}={value!r} is invalid; allowed: {allowed}")
@@ -209,7 +216,7 @@ class FoLoRAConfig:
 
         Raises:
             FileNotFoundError: the JSON file does not exist.
-            KeyError: the config has no ``"folora"`` block (add one; ``{}`` means all defaults).
+            MissingFoloraBlockError (a KeyError): the config has no ``"folora"`` block (``{}`` means all defaults).
         """
         if isinstance(config, (str, Path)):
             path = Path(config)
@@ -217,8 +224,8 @@ class FoLoRAConfig:
                 raise FileNotFoundError(f"DeepSpeed config {str(path)!r} does not exist")
             config = json.loads(path.read_text())
         if "folora" not in config:
-            raise KeyError('the DeepSpeed config has no "folora" block; add "folora": {} to use every default '
-                           "(see README, config reference)")
+            raise MissingFoloraBlockError('the DeepSpeed config has no "folora" block; add "folora": {} to use every '
+                                          "default (see README, config reference)")
         return cls.from_dict(config["folora"])
 
     def to_dict(self) -> dict[str, Any]:

@@ -51,17 +51,9 @@ _STRUCTURAL_FIELDS = ("lora_rank", "lora_alpha", "target_modules", "k", "variant
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """What the gate does to one input key (shared by its member modules).
-
-    Attributes:
-        key: input key (first member's module name).
-        members: LoRA modules fed by this input.
-        dim: input dimension d.
-        effective_rank: Σ g over all d directions.
-        attenuated: directions with g < 0.5.
-        tau: absolute τ used.
-        solve_failures: consecutive failed re-solves at the end of the run.
-    """
+    """What the gate does to one input key (``key``: its first member's module name; ``members``: the LoRA modules
+    fed by it): input width ``dim``, ``effective_rank`` Σg, ``attenuated`` directions (g < 0.5), the absolute ``tau``
+    used, and the consecutive failed re-solves at the end (``solve_failures``)."""
 
     key: str
     members: tuple[str, ...]
@@ -280,11 +272,14 @@ class FoLoRAController:
         return list(self.optimizer.gated_step_counts().values())
 
     def check_gating(self) -> None:
-        """Raise unless every optimizer step so far was gated on this rank (no silent fallback)."""
+        """Collective: raise on every rank unless every optimizer step so far was gated on every rank (no silent
+        fallback; a rank that skipped the gate cannot leave the others waiting in a later collective)."""
         counts = self.gated_step_counts()
+        error = None
         if not counts or set(counts) != {self.optimizer_steps}:
-            raise RuntimeError(f"gated steps {counts} differ from optimizer steps {self.optimizer_steps}: the gate "
-                               "did not run on every step")
+            error = (f"gated steps {counts} differ from optimizer steps {self.optimizer_steps}: the gate did not run "
+                     "on every step")
+        raise_if_any(error, self.group)
 
     # ------------------------------------------------------------------ reporting
     def layer_summaries(self) -> list[LayerSummary]:
@@ -406,8 +401,8 @@ class FoLoRAController:
             self._base_energy = float(state["budget"]["base_energy"])
 
     def save_checkpoint(self, directory: str | Path, tag: str | None = None) -> Path:
-        """Collective: the engine's checkpoint plus FoLoRA's state (``folora_ds.checkpoint``); returns the tag
-        folder. Needs an engine (attach(optimizer, engine)); without one, save ``state_dict()`` yourself."""
+        """Collective: the engine's checkpoint plus FoLoRA's state (``folora_ds.checkpoint``); returns the tag folder.
+        Needs an engine; in a plain loop save ``state_dict()`` with the model's and the optimizer's."""
         from folora_ds.checkpoint import save_checkpoint
 
         if self.engine is None:

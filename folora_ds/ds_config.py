@@ -126,6 +126,10 @@ def _refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> i
         if device not in (None, "none"):
             raise ValueError(f"zero_optimization.{key}.device={device!r}: offloaded optimizer/parameters would step "
                              "outside GatedAdamW; remove the offload block")
+    for key in ("cpu_offload", "cpu_offload_param"):  # DeepSpeed's deprecated spellings of the same
+        if zero.get(key):
+            raise ValueError(f"zero_optimization.{key}=true offloads the optimizer/parameters outside GatedAdamW; "
+                             "remove it")
     if zero.get("round_robin_gradients"):
         raise ValueError("zero_optimization.round_robin_gradients=true reorders ZeRO partitions; set it to false")
     for key in ("zero_quantized_weights", "zero_quantized_gradients"):
@@ -141,7 +145,7 @@ def _refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> i
         raise ValueError("zero_optimization.zenflow steps parameters outside GatedAdamW's flat layout; remove it")
     if (ds_config.get("fp16") or {}).get("enabled"):
         raise ValueError("fp16 is not supported with FoLoRA yet; use bf16 (ZeRO 1/2/3) or fp32")
-    if (ds_config.get("bf16") or {}).get("enabled") and stage == 0:
+    if any((ds_config.get(key) or {}).get("enabled") for key in ("bf16", "bfloat16")) and stage == 0:
         raise ValueError("bf16 at ZeRO stage 0 wraps the client optimizer; use ZeRO stage 1, 2 or 3 for bf16")
     if stage > 0 and (folora.variant != "A" or folora.cap_update_norm):
         raise ValueError("variant='B' and cap_update_norm need whole LoRA-A rows; use ZeRO stage 0 for them")

@@ -85,12 +85,17 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
     """
     from folora_ds import checkpoint
 
-    prepared = prepare_ds_config(config)
-    universal = bool((prepared.ds_config.get("checkpoint") or {}).get("load_universal"))
-    folder = None if resume_from is None else checkpoint.resolve_tag(resume_from, tag, universal=universal)
     if resume_from is None and (task_batches is None or (proxy_batches is None and tokenizer is None)):
         raise ValueError("initialize needs task_batches and proxy_batches (or a tokenizer to sample the proxy set "
                          "with the config's proxy settings), or resume_from a checkpoint")
+    if resume_from is not None and any(value is not None for value in (task_batches, proxy_batches, tokenizer)):
+        raise ValueError("resume_from restores the statistics and bases from the checkpoint; task_batches, "
+                         "proxy_batches and tokenizer would be ignored, so pass them only for a fresh start")
+    if resume_from is None and tag is not None:
+        raise ValueError(f"tag={tag!r} names a checkpoint to resume from; pass resume_from too")
+    prepared = prepare_ds_config(config)
+    universal = bool((prepared.ds_config.get("checkpoint") or {}).get("load_universal"))
+    folder = None if resume_from is None else checkpoint.resolve_tag(resume_from, tag, universal=universal)
     comm.init_distributed()  # a no-op when the launcher's script already started the process group
     import deepspeed
 

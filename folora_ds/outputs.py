@@ -22,14 +22,19 @@ class OutputDirectoryError(ValueError):
     """The output directory holds another run's files."""
 
 
-def refuse_other_runs(directory: Path, *, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless ``overwrite`` (read-only: every rank may call it).
+def refuse_other_runs(directory: Path, *, overwrite: bool, inputs: tuple[str | Path | None, ...] = ()) -> None:
+    """Refuse a non-empty output directory unless ``overwrite`` (read-only: every rank may call it), and one that
+    holds one of the run's ``inputs`` (overwriting would delete it).
 
     Raises:
-        OutputDirectoryError: the path is a file, or a non-empty directory without ``overwrite``.
+        OutputDirectoryError: the path is a file, a non-empty directory without ``overwrite``, or holds an input.
     """
     if directory.exists() and not directory.is_dir():
         raise OutputDirectoryError(f"output directory {str(directory)!r} is a file")
+    for path in (Path(p).resolve() for p in inputs if p is not None):
+        if path == directory.resolve() or directory.resolve() in path.parents:
+            raise OutputDirectoryError(f"output directory {str(directory)!r} holds the run's input {str(path)!r}; "
+                                       "choose another --output-dir")
     if directory.is_dir() and not overwrite:
         found = sorted(entry.name for entry in directory.iterdir())
         if found:
@@ -50,13 +55,18 @@ def save_adapter(model, directory: Path) -> None:
     """Collective: rank 0 writes ``model``'s peft adapter to ``directory`` (ZeRO-3-partitioned adapter weights
     gathered for it; the frozen base is not); the folder appears complete or not at all."""
     from folora_ds.distributed import comm
+    from folora_ds.distributed.statistics import raise_if_any
 
     trainable = [param for param in model.parameters() if param.requires_grad]
+    error = None
     with comm.gathered(trainable):
         if comm.rank() == 0:
-            with replace_atomically(Path(directory)) as scratch:
-                model.save_pretrained(str(scratch))
-    comm.barrier()
+            try:
+                with replace_atomically(Path(directory)) as scratch:
+                    model.save_pretrained(str(scratch))
+            except OSError as problem:
+                error = f"cannot write the adapter to {str(directory)!r}: {problem}"
+    raise_if_any(error)  # also the barrier: every rank waits for the write
 
 
 @contextlib.contextmanager

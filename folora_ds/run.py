@@ -96,21 +96,21 @@ def rank_micro_batches(step_indices: list[int], micro: int, accumulation: int, r
 
 def _train(engine, batches: Callable[[int], Iterator[dict]], steps: int, *, controller, description: str,
            progress: bool) -> list[float]:
-    """Train ``steps`` optimizer steps; returns the mean loss of each step on this rank."""
+    """Train ``steps`` optimizer steps; returns each step's mean micro-batch loss over all ranks (collective)."""
     engine.train()
-    losses = []
+    losses = torch.zeros(steps, dtype=torch.float64, device=engine.device)
     for step in tqdm(range(steps), desc=description, disable=not progress):
-        step_losses = []
-        for batch in batches(step):
+        micro_batches = list(batches(step))
+        for batch in micro_batches:
+            batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
             with controller.track_task(batch) if controller is not None else contextlib.nullcontext():
                 loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
             if controller is not None:
                 controller.after_step()
-            step_losses.append(float(loss.detach()))
-        losses.append(sum(step_losses) / len(step_losses))
-    return losses
+            losses[step] += float(loss.detach()) / len(micro_batches)
+    return (comm.all_reduce_sum(losses) / comm.world_size()).tolist()
 
 
 @torch.no_grad()
@@ -121,16 +121,15 @@ def _eval_loss(engine, dataset, collate: TaskCollator, batch_size: int) -> float
     mine = list(range(rank, len(dataset), world))
     forwards = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     engine.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for index in range(forwards):
         indices = mine[index * batch_size:(index + 1) * batch_size]
-        batch = collate([dataset[i] for i in (indices or [0])])
-        device = next(engine.module.parameters()).device
-        logits = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-                        ).logits
+        batch = {name: tensor.to(engine.device) for name, tensor in collate([dataset[i] for i in (indices or [0])]
+                                                                             ).items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if not indices:  # a rank with no example left still joins the forward
             continue
-        labels = batch["labels"][:, 1:].to(logits.device)
+        labels = batch["labels"][:, 1:]
         totals[0] += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                                              ignore_index=-100, reduction="sum"))
         totals[1] += float((labels != -100).sum())
@@ -140,8 +139,12 @@ def _eval_loss(engine, dataset, collate: TaskCollator, batch_size: int) -> float
 
 
 def _peft_model(name: str, folora: FoLoRAConfig, seed: int):
-    """The base model with LoRA on ``folora.target_modules``; the same LoRA init for the same seed."""
+    """The base model on this rank's accelerator, its tokenizer, and the LoRA config of ``folora.target_modules``
+    (``torch.manual_seed(seed)`` is set last, so ``get_peft_model`` draws the same LoRA init for the same seed)."""
+    from deepspeed.accelerator import get_accelerator
+
     model, tokenizer = load_model(name, seed=seed)
+    model.to(get_accelerator().current_device_name())
     torch.manual_seed(seed)
     targets = folora.target_modules if isinstance(folora.target_modules, str) else list(folora.target_modules)
     return model, tokenizer, LoraConfig(r=folora.lora_rank, lora_alpha=folora.lora_alpha,
@@ -159,7 +162,7 @@ def run(settings: RunSettings, ds_config: Mapping[str, Any] | str | Path) -> dic
     started = time.perf_counter()
     prepared = prepare_ds_config(ds_config)
     output_dir = Path(settings.output_dir)
-    refuse_other_runs(output_dir, overwrite=settings.overwrite)
+    refuse_other_runs(output_dir, overwrite=settings.overwrite, inputs=(settings.data, prepared.folora.proxy.path))
     started_group = comm.init_distributed(timeout_seconds=settings.collective_timeout_seconds)
     try:
         return _run(settings, prepared, output_dir, started)
@@ -206,10 +209,11 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
     calibration = [batch for step in range(min(settings.calibration_steps, settings.steps)) for batch in batches(step)]
     engine, controller = initialize(model, prepared, proxy_batches=calibration_batches(samples, tokenizer, folora),
                                     task_batches=calibration, progress=progress)
+    engine_settings = _engine_settings(engine, controller.optimizer)
     base_eval_loss = _eval_loss(engine, eval_set, collate, micro)
     folora_losses = _train(engine, batches, settings.steps, controller=controller,
                            description=f"FoLoRA, ZeRO-{prepared.stage} ×{world}", progress=progress)
-    controller.check_gating()
+    controller.check_gating()  # on every rank: one that skipped the gate stops all
     result = {"train_losses": folora_losses, "train_loss_last10": _mean_last(folora_losses),
               "eval_loss": _eval_loss(engine, eval_set, collate, micro),
               "penalty_by_module": controller.forgetting_penalty(), "refreshes": controller.refreshes,
@@ -238,15 +242,23 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
     if rank != 0:
         return None
     summary = {"settings": asdict(settings), "folora_config": folora.to_dict(), "world_size": world,
-               "zero_stage": prepared.stage, "micro_batch": micro, "gradient_accumulation_steps": accumulation,
-               "optimizer": {key: list(value) if isinstance(value, tuple) else value
-                             for key, value in prepared.optimizer_arguments.items()},
-               "optimizer_steps": controller.optimizer_steps, "proxy_sequences": len(all_samples),
+               "zero_stage": prepared.stage, **engine_settings, "optimizer_steps": controller.optimizer_steps,
+               "proxy_sequences": len(all_samples),
                "train_examples": len(train_set), "eval_examples": len(eval_set), "base_eval_loss": base_eval_loss,
                "layers": [asdict(layer) for layer in layers], "folora": result, "adamw": baseline,
                "seconds": time.perf_counter() - started}
     write_json(output_dir / "summary.json", summary)
     return summary
+
+
+def _engine_settings(engine, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What the engine and the optimizer really run with (read back from them, not from the config)."""
+    group = optimizer.param_groups[0]
+    return {"micro_batch": engine.train_micro_batch_size_per_gpu(),
+            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+            "gradient_clipping": engine.gradient_clipping(), "bf16": engine.bfloat16_enabled(),
+            "optimizer": {"lr": group["lr"], "betas": list(group["betas"]), "eps": group["eps"],
+                          "weight_decay": group["weight_decay"]}}
 
 
 def _mean_last(losses: list[float], count: int = 10) -> float:

@@ -109,7 +109,8 @@ def gathered(params: Iterable[torch.nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-_SET_LOCAL_RANK = "FOLORA_DS_SET_LOCAL_RANK"
+_SET_BY_US: set[str] = set()
+"""Environment variables ``init_distributed`` set for a plain process (removed again by ``shutdown``)."""
 
 
 def init_distributed(timeout_seconds: float = 600.0) -> bool:
@@ -122,6 +123,9 @@ def init_distributed(timeout_seconds: float = 600.0) -> bool:
 
     Returns:
         Whether this call started the group (False when one was running already).
+
+    Raises:
+        ValueError: the environment announces several processes (WORLD_SIZE or PMI_SIZE > 1) without a RANK.
     """
     import datetime
     import importlib
@@ -142,14 +146,19 @@ def init_distributed(timeout_seconds: float = 600.0) -> bool:
     if "RANK" in os.environ or mpi:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, timeout=timeout)
         return True
-    # A plain process: a world of one on a free local port. Only LOCAL_RANK (which the engine reads) is set in the
-    # environment, and removed again by shutdown(), so nothing leaks into processes launched afterwards.
+    for variable in ("WORLD_SIZE", "PMI_SIZE"):  # N processes that would each think they are alone
+        if int(os.environ.get(variable, "1")) > 1:
+            raise ValueError(f"{variable}={os.environ[variable]} but RANK is not set: start the processes with "
+                             "deepspeed, torchrun or Open MPI's mpirun (or set RANK, LOCAL_RANK, MASTER_ADDR and "
+                             "MASTER_PORT), or each would train alone")
+    # A plain process: a world of one on a free local port. LOCAL_RANK (which the engine reads) is set in the
+    # environment for the group's lifetime and removed by shutdown(); DS_ACCELERATOR=cpu stays on CPU-only machines.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = "0"
-        os.environ[_SET_LOCAL_RANK] = "1"
+        _SET_BY_US.add("LOCAL_RANK")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return True
@@ -161,5 +170,5 @@ def shutdown() -> None:
 
     if is_running():
         _dist().destroy_process_group()
-    if os.environ.pop(_SET_LOCAL_RANK, None):
-        os.environ.pop("LOCAL_RANK", None)
+    while _SET_BY_US:
+        os.environ.pop(_SET_BY_US.pop(), None)

@@ -152,3 +152,10 @@ def test_latest_naming_a_missing_tag_is_named(zero2_checkpoint, tmp_path):
     (tmp_path / "ckpt" / "latest").write_text("global_step999")
     with pytest.raises(ProcessRaisedException, match="names tag 'global_step999'.*does not exist"):
         run_ranks(2, _train, 2, STOP_AT, STOP_AT + 1, None, checkpoint)
+
+
+def test_a_checkpoint_of_another_zero_stage_is_refused(runs):
+    """DeepSpeed would restart the Adam moments from zero with only a log line."""
+    _, zero0 = runs(0)
+    with pytest.raises(ProcessRaisedException, match="written at stage 0, this run uses ZeRO stage 2"):
+        run_ranks(2, _train, 2, STOP_AT, STOP_AT + 1, None, zero0)

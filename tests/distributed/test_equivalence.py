@@ -120,7 +120,7 @@ def test_zero3_with_several_sub_groups_per_step_equals_one_process(reference):
 
 
 def test_default_adam_eps_agrees_within_a_looser_stated_tolerance():
-    """With eps = 1e-8 tiny second moments amplify summation-order noise (DESIGN.md): ZeRO-2 on 3 ranks and one
+    """With eps = 1e-8 tiny second moments amplify summation-order noise: ZeRO-2 on 3 ranks and one
     process agree to DEFAULT_EPS_ATOL, not 1e-6; longer runs drift further (the other tests use eps = 1e-3)."""
     reference = _reference(None, {"eps": 1e-8})
     _assert_matches_reference(run_ranks(3, _distributed, 2, None, None, {"eps": 1e-8}), reference,

@@ -74,9 +74,10 @@ def test_every_setting_of_the_config_file_is_honoured(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--config", str(path), "--steps", "2", "--calibration-steps", "1", "--no-baseline",
                  "--output-dir", str(out), *SMALL]) == 0
-    summary = _summary(out)
+    summary = _summary(out)  # read back from the engine and the optimizer, not from the config
     assert (summary["micro_batch"], summary["gradient_accumulation_steps"]) == (2, 2)
-    assert summary["optimizer"] == {"lr": 1e-5, "weight_decay": 0.01}
+    assert summary["gradient_clipping"] == 0.5
+    assert summary["optimizer"]["lr"] == 1e-5 and summary["optimizer"]["weight_decay"] == 0.01
 
 
 def test_a_flag_that_disagrees_with_the_config_file_is_an_error(tmp_path, capsys):
@@ -189,6 +190,33 @@ def test_a_non_empty_output_directory_is_refused_unless_overwritten(tmp_path, ca
         main([*arguments, "--overwrite"])
     left = sorted(path.name for path in out.iterdir())
     assert left == ["proxy.jsonl"], f"an interrupted run must not sit beside an earlier run's outputs: {left}"
+
+
+def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    data = out / "task.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n')
+    assert main(["train", "--data", str(data), "--overwrite", "--output-dir", str(out), *SMALL]) == 2
+    assert "holds the run's input" in _one_line_error(capsys) and data.is_file()
+
+
+def test_sample_proxy_refuses_a_config_without_a_folora_block(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_micro_batch_size_per_gpu": 2}')
+    assert main(["sample-proxy", "--config", str(path), "--output", str(tmp_path / "p.jsonl")]) == 2
+    assert 'has no "folora" block' in _one_line_error(capsys)
+
+
+def test_errors_under_a_launcher_name_the_rank(monkeypatch):
+    from folora_ds.cli import _rank_label
+
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert _rank_label() == "[rank 3] "
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _rank_label() == ""
 
 
 def test_shipped_config_loads_and_overrides_apply():

@@ -43,3 +43,15 @@ def test_the_communication_layer_imports_no_deepspeed_until_needed():
     code = "import folora_ds, sys; print('deepspeed' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_several_processes_without_a_rank_are_refused(monkeypatch):
+    """Every process would otherwise start its own world of one and train alone."""
+    import pytest
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but RANK is not set"):
+        comm.init_distributed()
+    assert not comm.is_running()

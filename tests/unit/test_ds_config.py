@@ -23,6 +23,10 @@ DS_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "ds_configs").glob("z
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload"),
     ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, "offload"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
+    ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, "cpu_offload"),
+    ({"zero_optimization": {"stage": 3, "cpu_offload_param": True}}, "cpu_offload_param"),
+    ({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "bf16"),
+    ({"zero_optimization": {"stage": 5}}, "stage=5"),
     ({"zero_optimization": {"stage": 1, "round_robin_gradients": True}}, "round_robin_gradients"),
     ({"zero_optimization": {"stage": 2, "zero_quantized_weights": True}}, "ZeRO\\+\\+"),
     ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "ZeRO\\+\\+"),
@@ -142,3 +146,12 @@ def test_a_config_is_read_once_into_what_deepspeed_and_gated_adamw_get(tmp_path)
 def test_adam_with_l2_regularisation_is_refused():
     with pytest.raises(ValueError, match="adam_w_mode"):
         _optimizer_arguments({"type": "Adam", "params": {"adam_w_mode": False}})
+
+
+def test_initialize_refuses_arguments_it_would_ignore(tmp_path):
+    import folora_ds
+
+    with pytest.raises(ValueError, match="would be ignored"):
+        folora_ds.initialize(None, {"folora": {}}, resume_from=tmp_path, task_batches=[])
+    with pytest.raises(ValueError, match="pass resume_from too"):
+        folora_ds.initialize(None, {"folora": {}}, task_batches=[], proxy_batches=[], tag="global_step4")
