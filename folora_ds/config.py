@@ -112,7 +112,10 @@ class FoLoRAConfig:
         temperature: sigmoid temperature (1.0 makes the sigmoid gate equal the rational one).
         tau: the trade-off knob; larger τ preserves more.
         tau_mode: "relative_median" (τ is multiplied by the layer's median λ) or "absolute".
-        k: number of most-attenuated directions stored per input (None = all d directions, exact P_g).
+        k: number of directions stored per input (None = all d directions, exact P_g); see
+            ``spectral.select_directions`` for which ones.
+        gate_tie_tolerance: gates closer than this are one tied cluster, stored whole or not at all, so the
+            projector does not depend on round-off (or on the number of ranks) when k would split a cluster.
         ridge: relative ridge δ: C̃ = C_pre + δ·(tr C_pre / d)·I.
         max_ridge_escalations: times δ is multiplied by 10 after a Cholesky failure before giving up.
         solve_dtype: precision of the eigensolve; "float32" retries in float64 when ``retry_float64``.
@@ -146,6 +149,7 @@ class FoLoRAConfig:
     tau: float = 1.0
     tau_mode: str = "relative_median"
     k: int | None = None
+    gate_tie_tolerance: float = 1e-6
     ridge: float = 1e-3
     max_ridge_escalations: int = 6
     solve_dtype: str = "float64"
@@ -180,6 +184,8 @@ class FoLoRAConfig:
         _require_choice("tau_mode", self.tau_mode, TAU_MODES)
         if self.k is not None:
             _require_int("k", self.k, 1)
+        _require_real("gate_tie_tolerance", self.gate_tie_tolerance, low=0.0, high=1.0, low_open=False,
+                      high_open=True)
         _require_real("ridge", self.ridge, low=0.0, high=1.0)
         _require_int("max_ridge_escalations", self.max_ridge_escalations, 0)
         _require_choice("solve_dtype", self.solve_dtype, SOLVE_DTYPES)

@@ -53,7 +53,9 @@ _STRUCTURAL_FIELDS = ("lora_rank", "lora_alpha", "target_modules", "k", "variant
 class LayerSummary:
     """What the gate does to one input key (``key``: its first member's module name; ``members``: the LoRA modules
     fed by it): input width ``dim``, ``effective_rank`` Σg, ``attenuated`` directions (g < 0.5), the absolute ``tau``
-    used, and the consecutive failed re-solves at the end (``solve_failures``)."""
+    used, the consecutive failed re-solves at the end (``solve_failures``), and what the width-k projector keeps:
+    ``stored`` directions, the ``base_gate`` of all others, ``approximated`` directions (k too small) and, of
+    those, ``split_ties`` (tied clusters left out whole; see ``spectral.select_directions``)."""
 
     key: str
     members: tuple[str, ...]
@@ -62,6 +64,10 @@ class LayerSummary:
     attenuated: int
     tau: float
     solve_failures: int
+    stored: int
+    base_gate: float
+    approximated: int
+    split_ties: int
 
 
 class FoLoRAController:
@@ -287,7 +293,9 @@ class FoLoRAController:
         members = self.collector.members()
         mine = [LayerSummary(key=key, members=tuple(members[key]), dim=report.gates.numel(),
                              effective_rank=float(report.gates.sum()), attenuated=int((report.gates < 0.5).sum()),
-                             tau=report.tau, solve_failures=report.consecutive_failures)
+                             tau=report.tau, solve_failures=report.consecutive_failures, stored=report.stored,
+                             base_gate=report.base_gate, approximated=report.approximated,
+                             split_ties=report.split_ties)
                 for key, report in self.solver.reports.items()]
         by_key = {summary.key: summary for rank_list in comm.all_gather_objects(mine, self.group)
                   for summary in rank_list}

@@ -15,7 +15,8 @@ or end in the middle of a row on a rank:
 The gate is linear in the row: its spectral coordinates c = u·C̃V_k are the SUM over the pieces of the row of
 u_piece · (C̃V_k)[cols of piece]. So whole rows are gated locally, and a cut row needs only its k coordinates
 summed across ranks (one all-reduce of k numbers per cut row for all modules at once), after which every rank
-finishes its own piece: u_piece − (c ⊙ (1 − g_k)) · V_k[cols of piece]ᵀ. Exact, and far below the cost of
+finishes its own piece: base·u_piece + (c ⊙ (g_k − base)) · V_k[cols of piece]ᵀ (base = 1 for the usual
+truncation; see ``Projector``). Exact, and far below the cost of
 moving rows.
 """
 
@@ -131,6 +132,9 @@ def gate_flat_update(
     for piece, projector, col_start, col_end, slot in partial:
         coordinates[slot:slot + projector.rank] += piece @ projector.c_tilde_v[col_start:col_end]
     coordinates = sum_across_ranks(coordinates)
-    for piece, projector, col_start, col_end, slot in partial:
-        weighted = coordinates[slot:slot + projector.rank] * (1 - projector.gates)
-        piece.sub_(projector.v[col_start:col_end] @ weighted)
+    for piece, projector, col_start, col_end, slot in partial:  # u_piece·base + V[cols]·(c ⊙ (g − base))
+        own = coordinates[slot:slot + projector.rank]
+        if projector.base == 1.0:
+            piece.sub_(projector.v[col_start:col_end] @ (own * (1 - projector.gates)))
+        else:
+            piece.mul_(projector.base).add_(projector.v[col_start:col_end] @ (own * (projector.gates - projector.base)))

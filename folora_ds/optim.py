@@ -154,6 +154,7 @@ class GatedAdamW(torch.optim.Optimizer):
         state["projector_c_tilde_v"] = projector.c_tilde_v
         state["projector_v"] = projector.v
         state["projector_gates"] = projector.gates
+        state["projector_base"] = float(projector.base)
         state["projector_refreshes"] = state.get("projector_refreshes", 0) + 1
         state.setdefault("gated_steps", 0)
 
@@ -190,7 +191,8 @@ class GatedAdamW(torch.optim.Optimizer):
         state = self.state.get(param, {})
         if "projector_v" not in state:
             return None
-        return Projector(state["projector_c_tilde_v"], state["projector_v"], state["projector_gates"])
+        return Projector(state["projector_c_tilde_v"], state["projector_v"], state["projector_gates"],
+                         state.get("projector_base", 1.0))
 
     def gated_step_counts(self) -> dict[str, int]:
         """Gated steps taken per LoRA-A parameter (by ``param_names`` where given)."""

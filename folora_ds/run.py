@@ -273,13 +273,14 @@ def format_summary(summary: dict) -> str:
     def members_penalty(result: dict, members) -> float:
         return sum(result["penalty_by_module"][name] for name in members)
 
-    lines = [f"{'input (shared by)':<58} {'d':>5} {'Σg':>8} {'atten.':>6} {'pen FoLoRA':>11}"
+    lines = [f"{'input (shared by)':<50} {'d':>5} {'Σg':>8} {'atten.':>6} {'kept@base':>10} {'pen FoLoRA':>11}"
              + (f" {'pen AdamW':>11}" if adamw else "")]
     for layer in summary["layers"]:
         short = [name.split("model.layers.")[-1] for name in layer["members"]]
         label = short[0] + (f" (+{','.join(s.split('.')[-1] for s in short[1:])})" if len(short) > 1 else "")
-        row = (f"{label[:58]:<58} {layer['dim']:>5} {layer['effective_rank']:>8.1f} {layer['attenuated']:>6} "
-               f"{members_penalty(folora, layer['members']):>11.3e}")
+        kept = f"{layer['stored']}@{layer['base_gate']:.2g}"
+        row = (f"{label[:50]:<50} {layer['dim']:>5} {layer['effective_rank']:>8.1f} {layer['attenuated']:>6} "
+               f"{kept:>10} {members_penalty(folora, layer['members']):>11.3e}")
         if adamw:
             row += f" {members_penalty(adamw, layer['members']):>11.3e}"
         lines.append(row)

@@ -15,6 +15,7 @@ stored:  u·P_g = u − ((u·C̃V_k)·diag(1 − g_k))·V_kᵀ.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -143,6 +144,22 @@ def generalized_eigh(c_task: torch.Tensor, c_pre: torch.Tensor, ridge: float = 1
     return result.eigenvalues, result.eigenvectors
 
 
+NULL_SPACE_RTOL = 1e-6
+"""Generalized eigenvalues below this fraction of the largest are C_task's null space seen through round-off."""
+
+
+def zero_null_space(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """λ with every λ < NULL_SPACE_RTOL · max λ set to exactly 0.
+
+    Task inputs that span fewer than d directions (a narrow vocabulary at layer 0, few tokens) leave C_task a null
+    space whose eigenvalues are round-off: ±1e-16 relative with float64 statistics, ~1e-7 with float32, and
+    different for every summation order (so for every number of ranks). As exact zeros they get gate 0 exactly,
+    form one tied cluster (``select_directions``), and no longer pull the relative τ's median down.
+    """
+    largest = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
+    return torch.where(eigenvalues >= NULL_SPACE_RTOL * largest, eigenvalues, torch.zeros_like(eigenvalues))
+
+
 def effective_tau(eigenvalues: torch.Tensor, tau: float, tau_mode: str) -> float:
     """τ in eigenvalue units: ``tau`` itself ("absolute") or ``tau`` × the median positive λ ("relative_median").
 
@@ -184,17 +201,27 @@ def gate_values(eigenvalues: torch.Tensor, *, kind: str, tau: float, temperature
 
 @dataclass(frozen=True)
 class Projector:
-    """Low-rank storage of P_g over the k most-attenuated directions of one input.
+    """Low-rank storage of P_g: k stored directions with their own gates, every other direction at ``base``.
+
+        u·P_g = base·u + ((u·C̃V_k)·diag(g_k − base))·V_kᵀ          (exact when base = 1 and the d − k directions
+                                                                  left out have g = 1, or every one has g = base)
+
+    This uses C̃VVᵀ = I (from VᵀC̃V = I): the directions not stored all get the gate ``base``. ``base = 1`` is the
+    usual truncation to the k most-attenuated directions; a smaller base represents a large cluster of equal gates
+    (e.g. the null space of C_task, all at g ≈ 0) by storing its complement instead (``select_directions``).
+    Stored columns beyond the chosen ones are zero with gate = base (no effect), so k is fixed per input.
 
     Attributes:
         c_tilde_v: (d, k) columns C̃ v_i.
         v: (d, k) generalized eigenvectors v_i.
         gates: (k,) their gates g_i.
+        base: the gate of every direction that is not stored, in [0, 1].
     """
 
     c_tilde_v: torch.Tensor
     v: torch.Tensor
     gates: torch.Tensor
+    base: float = 1.0
 
     def __post_init__(self) -> None:
         if self.c_tilde_v.ndim != 2 or self.c_tilde_v.shape != self.v.shape:
@@ -202,6 +229,8 @@ class Projector:
                              "must both be (d, k)")
         if self.gates.shape != (self.v.shape[1],):
             raise ValueError(f"projector gates {tuple(self.gates.shape)} must be ({self.v.shape[1]},)")
+        if not 0.0 <= float(self.base) <= 1.0:
+            raise ValueError(f"projector base gate {self.base!r} must be in [0, 1]")
 
     @property
     def dim(self) -> int:
@@ -215,20 +244,89 @@ class Projector:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Projector:
         return Projector(self.c_tilde_v.to(device=device, dtype=dtype), self.v.to(device=device, dtype=dtype),
-                         self.gates.to(device=device, dtype=dtype))
+                         self.gates.to(device=device, dtype=dtype), self.base)
 
 
-def build_projector(result: GeneralizedEigenResult, gates: torch.Tensor, k: int | None = None) -> Projector:
-    """Keep the ``k`` most-attenuated directions (smallest gates) of a solve; ``k=None`` keeps all d."""
+@dataclass(frozen=True)
+class DirectionChoice:
+    """Which directions of one input a width-k projector stores (``select_directions``).
+
+    Attributes:
+        indices: (m,) stored directions, m ≤ k, in ascending gate order.
+        base: the gate every other direction gets.
+        approximated: directions gated at ``base`` although their gate differs from it by more than the tolerance
+            (0 = the projector is exact up to the tolerance).
+        split_ties: of those, directions in tied clusters that were left out whole rather than split by k.
+    """
+
+    indices: torch.Tensor
+    base: float
+    approximated: int
+    split_ties: int
+
+
+def select_directions(gates: torch.Tensor, k: int, tie_tolerance: float = 0.0) -> DirectionChoice:
+    """Choose what a width-``k`` projector stores, the same way whatever the summation order of the statistics.
+
+    Gates within ``tie_tolerance`` of their neighbour (in sorted order) form a tied cluster. Inside a cluster the
+    generalized eigenvectors are defined only up to rotation, so storing part of a cluster would depend on
+    round-off (and so on the number of ranks). Clusters are therefore stored whole or not at all. Two bases are
+    tried — 1 (store the most attenuated directions) and the gate of the largest tied cluster (store what differs
+    from it, e.g. the few useful directions beside a large C_task null space) — each filling k with whole clusters
+    by decreasing |g − base|; the one that leaves the smaller Σ|g − base| over the directions not stored wins
+    (base 1 on a tie).
+    """
+    d = gates.numel()
+    order = torch.argsort(gates, stable=True)
+    values = gates[order].double().tolist()
+    clusters, start = [], 0
+    for position in range(1, d + 1):
+        if position == d or values[position] - values[position - 1] > tie_tolerance:
+            clusters.append(list(range(start, position)))
+            start = position
+    candidates = [1.0]
+    largest = max(clusters, key=len)
+    if len(largest) > 1:
+        candidates.append(min(max(sum(values[i] for i in largest) / len(largest), 0.0), 1.0))
+    best = None
+    for base in candidates:
+        distance = [abs(value - base) for value in values]
+        needed = sorted((cluster for cluster in clusters if max(distance[i] for i in cluster) > tie_tolerance),
+                        key=lambda cluster: (-max(distance[i] for i in cluster), cluster[0]))
+        stored, left_out, split = [], [], 0
+        for cluster in needed:
+            fits = len(stored) + len(cluster) <= k
+            (stored if fits else left_out).extend(cluster)
+            split += 0 if fits or len(cluster) == 1 else len(cluster)
+        error = sum(distance[i] for i in left_out)
+        if best is None or error < best[0] - 1e-9 * d:
+            best = (error, base, sorted(stored), len(left_out), split)
+    _, base, stored, approximated, split = best
+    return DirectionChoice(order[stored], base, approximated, split)
+
+
+def build_projector(result: GeneralizedEigenResult, gates: torch.Tensor, k: int | None = None, *,
+                    tie_tolerance: float = 0.0) -> Projector:
+    """The projector of a solve: all d directions (``k=None`` or k ≥ d), else width k as ``select_directions``
+    chooses (unused columns zero, with gate = base)."""
     d = result.eigenvectors.shape[0]
     if gates.shape != (d,):
         raise ValueError(f"gates {tuple(gates.shape)} must be ({d},) to match the solve")
     if k is not None and not (isinstance(k, int) and k >= 1):
         raise ValueError(f"projector rank k={k!r} must be None or an integer >= 1")
-    keep = d if k is None else min(k, d)
-    order = torch.argsort(gates, stable=True)[:keep]
-    return Projector(result.c_tilde_v[:, order].contiguous(), result.eigenvectors[:, order].contiguous(),
-                     gates[order].contiguous())
+    if k is None or k >= d:
+        order = torch.argsort(gates, stable=True)
+        return Projector(result.c_tilde_v[:, order].contiguous(), result.eigenvectors[:, order].contiguous(),
+                         gates[order].contiguous())
+    choice = select_directions(gates, k, tie_tolerance)
+    c_tilde_v = result.c_tilde_v.new_zeros(d, k)
+    v = result.eigenvectors.new_zeros(d, k)
+    stored_gates = gates.new_full((k,), choice.base)
+    count = choice.indices.numel()
+    c_tilde_v[:, :count] = result.c_tilde_v[:, choice.indices]
+    v[:, :count] = result.eigenvectors[:, choice.indices]
+    stored_gates[:count] = gates[choice.indices]
+    return Projector(c_tilde_v, v, stored_gates, choice.base)
 
 
 def apply_projector(update: torch.Tensor, projector: Projector) -> torch.Tensor:
@@ -239,7 +337,9 @@ def apply_projector(update: torch.Tensor, projector: Projector) -> torch.Tensor:
     if update.shape[-1] != projector.dim:
         raise ValueError(f"update rows have {update.shape[-1]} columns but the projector is for d={projector.dim}")
     coordinates = update @ projector.c_tilde_v  # (..., k)
-    return update - (coordinates * (1 - projector.gates)) @ projector.v.mT
+    if projector.base == 1.0:
+        return update - (coordinates * (1 - projector.gates)) @ projector.v.mT
+    return projector.base * update + (coordinates * (projector.gates - projector.base)) @ projector.v.mT
 
 
 def cap_row_norms(gated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -270,6 +370,11 @@ class SolveReport:
         ridge: relative ridge used.
         failed: this attempt failed and the previous basis was kept.
         consecutive_failures: failures in a row for this key after this attempt.
+        stored: directions the projector stores (≤ k); the others are gated at ``base_gate``.
+        base_gate: the gate of every direction not stored (1 for the usual truncation).
+        approximated: directions whose gate differs from ``base_gate`` by more than the tie tolerance but are not
+            stored (k too small; 0 = exact).
+        split_ties: of those, directions of tied clusters left out whole instead of being split by k.
     """
 
     key: str
@@ -279,6 +384,10 @@ class SolveReport:
     ridge: float
     failed: bool
     consecutive_failures: int
+    stored: int = 0
+    base_gate: float = 1.0
+    approximated: int = 0
+    split_ties: int = 0
 
 
 class SpectralSolver:
@@ -308,8 +417,9 @@ class SpectralSolver:
                 solve_dtype=getattr(torch, cfg.solve_dtype), retry_float64=cfg.retry_float64, layer=key)
             if not bool((result.eigenvalues > 0).any()):
                 raise SpectralSolveError(key, "C_task is zero (no task tokens reached this input)")
-            tau = effective_tau(result.eigenvalues, cfg.tau, cfg.tau_mode) * tau_scale
-            gates = gate_values(result.eigenvalues, kind=cfg.gate, tau=tau, temperature=cfg.temperature)
+            eigenvalues = zero_null_space(result.eigenvalues)
+            tau = effective_tau(eigenvalues, cfg.tau, cfg.tau_mode) * tau_scale
+            gates = gate_values(eigenvalues, kind=cfg.gate, tau=tau, temperature=cfg.temperature)
         except SpectralSolveError as error:
             if key not in self._projectors:
                 raise
@@ -319,14 +429,18 @@ class SpectralSolver:
                 raise ConsecutiveSolveFailuresError(
                     f"{key!r}: {failures} consecutive solve failures (max_consecutive_failures="
                     f"{cfg.max_consecutive_failures}); last: {error}") from error
-            previous = self._reports[key]
-            report = SolveReport(key, previous.eigenvalues, previous.gates, previous.tau, previous.ridge,
-                                 failed=True, consecutive_failures=failures)
+            report = dataclasses.replace(self._reports[key], failed=True, consecutive_failures=failures)
             self._reports[key] = report
             return self._projectors[key], report
-        projector = build_projector(result, gates, cfg.k)
+        d = gates.numel()
+        if cfg.k is None or cfg.k >= d:
+            choice = DirectionChoice(torch.arange(d), 1.0, 0, 0)
+        else:
+            choice = select_directions(gates, cfg.k, cfg.gate_tie_tolerance)
+        projector = build_projector(result, gates, cfg.k, tie_tolerance=cfg.gate_tie_tolerance)
         report = SolveReport(key, result.eigenvalues, gates, tau, result.ridge, failed=False,
-                             consecutive_failures=0)
+                             consecutive_failures=0, stored=choice.indices.numel(), base_gate=choice.base,
+                             approximated=choice.approximated, split_ties=choice.split_ties)
         self._projectors[key] = projector
         self._reports[key] = report
         self._consecutive_failures[key] = 0
@@ -334,10 +448,10 @@ class SpectralSolver:
 
     def state_dict(self) -> dict:
         """The last good projector, report and failure count per key (tensors on CPU)."""
-        return {key: {"projector": {"c_tilde_v": p.c_tilde_v.cpu(), "v": p.v.cpu(), "gates": p.gates.cpu()},
-                      "report": {"eigenvalues": self._reports[key].eigenvalues.cpu(),
-                                 "gates": self._reports[key].gates.cpu(), "tau": self._reports[key].tau,
-                                 "ridge": self._reports[key].ridge, "failed": self._reports[key].failed},
+        return {key: {"projector": {"c_tilde_v": p.c_tilde_v.cpu(), "v": p.v.cpu(), "gates": p.gates.cpu(),
+                                    "base": p.base},
+                      "report": {name: value.cpu() if isinstance(value, torch.Tensor) else value
+                                 for name, value in dataclasses.asdict(self._reports[key]).items()},
                       "consecutive_failures": self._consecutive_failures[key]}
                 for key, p in self._projectors.items()}
 
@@ -346,10 +460,8 @@ class SpectralSolver:
         for key in (state if keys is None else keys):
             entry = state[key]
             self._projectors[key] = Projector(**entry["projector"])
-            report = entry["report"]
             self._consecutive_failures[key] = entry["consecutive_failures"]
-            self._reports[key] = SolveReport(key, report["eigenvalues"], report["gates"], report["tau"],
-                                             report["ridge"], report["failed"], entry["consecutive_failures"])
+            self._reports[key] = SolveReport(**entry["report"])
 
     def projector(self, key: str) -> Projector:
         """The projector in use for ``key``."""

@@ -121,9 +121,11 @@ def deliver_projectors(projectors: Mapping[str, Projector], owners: Mapping[str,
                 continue
             if me == owner:
                 projector = projectors[key]
-                comm.send_tensors([projector.c_tilde_v.float(), projector.v.float(), projector.gates.float()], rank,
-                                  group)
+                base = projector.gates.new_tensor([projector.base])
+                gates_and_base = torch.cat([projector.gates, base]).float()
+                comm.send_tensors([projector.c_tilde_v.float(), projector.v.float(), gates_and_base], rank, group)
             elif me == rank:
-                c_tilde_v, v, gates = comm.receive_tensors([(d, k), (d, k), (k,)], torch.float32, owner, device, group)
-                received[key] = Projector(c_tilde_v, v, gates)
+                c_tilde_v, v, gates_and_base = comm.receive_tensors([(d, k), (d, k), (k + 1,)], torch.float32, owner,
+                                                                    device, group)
+                received[key] = Projector(c_tilde_v, v, gates_and_base[:k], float(gates_and_base[k]))
     return received

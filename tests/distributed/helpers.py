@@ -88,9 +88,10 @@ def tiny_model(lora_rank: int = FOLORA["lora_rank"], targets: list[str] = TARGET
     return get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=FOLORA["lora_alpha"], target_modules=targets))
 
 
-def batch(seed: int) -> dict[str, torch.Tensor]:
+def batch(seed: int, tokens: int = VOCAB) -> dict[str, torch.Tensor]:
+    """Two sequences of 10 random ids out of the first ``tokens`` of the vocabulary (one sequence padded)."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (2, 10), generator=generator)
+    ids = torch.randint(0, tokens, (2, 10), generator=generator)
     mask = torch.ones_like(ids)
     mask[seed % 2, 7:] = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
@@ -100,15 +101,16 @@ def proxy_batch(index: int) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch(1000 + index).items() if k != "labels"}
 
 
-def micro_batch(step: int, index: int) -> dict[str, torch.Tensor]:
+def micro_batch(step: int, index: int, tokens: int = VOCAB) -> dict[str, torch.Tensor]:
     """Micro-batch ``index`` (of MICRO_BATCHES_PER_STEP) of optimizer step ``step``."""
-    return batch(10_000 + step * MICRO_BATCHES_PER_STEP + index)
+    return batch(10_000 + step * MICRO_BATCHES_PER_STEP + index, tokens)
 
 
-def calibration_shards(rank: int, world: int, count: int = 6) -> dict[str, list]:
-    """This rank's share of ``count`` proxy and task calibration batches (``initialize`` keyword arguments)."""
+def calibration_shards(rank: int, world: int, count: int = 6, tokens: int = VOCAB) -> dict[str, list]:
+    """This rank's share of ``count`` proxy and task calibration batches (``initialize`` keyword arguments); the
+    task batches use the first ``tokens`` ids of the vocabulary."""
     return {"proxy_batches": [proxy_batch(i) for i in range(count) if i % world == rank],
-            "task_batches": [batch(i) for i in range(count) if i % world == rank]}
+            "task_batches": [batch(i, tokens) for i in range(count) if i % world == rank]}
 
 
 # ---------------------------------------------------------------------- DeepSpeed
@@ -124,12 +126,13 @@ def ds_config(stage: int, *, accumulation: int = 1, zero: dict | None = None, fo
     return config
 
 
-def train_steps(engine, controller, rank: int, world: int, first: int, last: int, accumulation: int) -> None:
+def train_steps(engine, controller, rank: int, world: int, first: int, last: int, accumulation: int,
+                tokens: int = VOCAB) -> None:
     """Optimizer steps ``first``..``last`` − 1: rank r takes micro-batch slots m·world + r of each step."""
     engine.train()
     for step in range(first, last):
         for micro in range(accumulation):
-            data = micro_batch(step, micro * world + rank)
+            data = micro_batch(step, micro * world + rank, tokens)
             with controller.track_task(data):
                 loss = engine(**data).loss
             engine.backward(loss)

@@ -11,11 +11,11 @@ from folora_ds.flat import Fragment, gate_flat_update, local_cut_rows
 from folora_ds.spectral import Projector, apply_projector
 
 
-def _projector(d: int, k: int, seed: int) -> Projector:
+def _projector(d: int, k: int, seed: int, base: float = 1.0) -> Projector:
     generator = torch.Generator().manual_seed(seed)
     return Projector(torch.randn(d, k, generator=generator, dtype=torch.float64),
                      torch.randn(d, k, generator=generator, dtype=torch.float64),
-                     torch.rand(k, generator=generator, dtype=torch.float64))
+                     torch.rand(k, generator=generator, dtype=torch.float64), base)
 
 
 class _ThreadAllReduce:
@@ -59,12 +59,14 @@ def _partition(weights: dict[str, torch.Tensor], world: int, padding: int = 0):
     return shards, fragments, size
 
 
+@pytest.mark.parametrize("base", [1.0, 0.25])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
-def test_flat_gating_equals_whole_matrix_gating(world):
+def test_flat_gating_equals_whole_matrix_gating(world, base):
+    """Also with a base gate < 1 (a projector storing the complement of a large tied cluster)."""
     shapes = {"a": (3, 8), "b": (5, 7), "c": (2, 13)}
     generator = torch.Generator().manual_seed(world)
     updates = {name: torch.randn(*shape, generator=generator, dtype=torch.float64) for name, shape in shapes.items()}
-    projectors = {name: _projector(shape[1], k, seed) for (name, shape), k, seed in
+    projectors = {name: _projector(shape[1], k, seed, base) for (name, shape), k, seed in
                   zip(shapes.items(), (3, 7, 5), (1, 2, 3))}
     expected = {name: apply_projector(update, projectors[name]) for name, update in updates.items()}
     shards, fragments, size = _partition(updates, world)

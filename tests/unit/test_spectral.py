@@ -24,7 +24,9 @@ from folora_ds.spectral import (
     gate_values,
     generalized_eigh,
     project_rows,
+    select_directions,
     solve_generalized_eigenproblem,
+    zero_null_space,
 )
 
 F64 = torch.float64
@@ -660,3 +662,92 @@ def test_solver_float32_eigh_failure_on_resolve_keeps_previous_basis():
     first, _ = solver.solve(LAYER, *(m.float() for m in _good_pair(d=6)))
     kept, report = solver.solve(LAYER, *_float32_overflow_pair())
     assert kept is first and report.failed and report.consecutive_failures == 1
+
+
+# ---------------------------------------------------------------------------------------------- ties at k
+def _null_space_solve(d: int = 12, task_rank: int = 3, seed: int = 7):
+    """C_task of rank ``task_rank`` < d: d − task_rank generalized eigenvalues ≈ 0, so gates tie at ≈ 0."""
+    c_pre = _spd(d, seed)
+    result = solve_generalized_eigenproblem(_spd(d, seed + 1, tokens=task_rank), c_pre)
+    return result, gate_values(result.eigenvalues, kind="rational", tau=0.5)
+
+
+def _rotate_cluster(result: GeneralizedEigenResult, cluster: torch.Tensor, seed: int) -> GeneralizedEigenResult:
+    """Another, equally valid basis: the eigenvectors of a degenerate cluster rotated among themselves (what a
+    different summation order of the statistics, e.g. another number of ranks, can produce)."""
+    rotation, _ = torch.linalg.qr(torch.randn(cluster.numel(), cluster.numel(),
+                                              generator=torch.Generator().manual_seed(seed), dtype=F64))
+    v, c_tilde_v = result.eigenvectors.clone(), result.c_tilde_v.clone()
+    v[:, cluster] = v[:, cluster] @ rotation
+    c_tilde_v[:, cluster] = c_tilde_v[:, cluster] @ rotation
+    return GeneralizedEigenResult(result.eigenvalues, v, c_tilde_v, result.ridge, result.dtype)
+
+
+def test_a_large_tied_cluster_is_stored_as_its_complement_exactly():
+    """9 of 12 gates ≈ 0 (C_task null space), k = 4: base gate ≈ 0 and the 3 useful directions stored is P_g."""
+    result, gates = _null_space_solve()
+    choice = select_directions(gates, 4, tie_tolerance=1e-6)
+    assert choice.indices.numel() == 3 and choice.base < 1e-6 and choice.approximated == 0
+    projector = build_projector(result, gates, k=4, tie_tolerance=1e-6)
+    assert projector.rank == 4 and projector.base == choice.base
+    rows = _rows((5, 12), seed=8)
+    torch.testing.assert_close(apply_projector(rows, projector), rows @ _dense_projector(result, gates),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_k_splitting_a_tie_gives_the_same_projector_in_every_basis_of_the_cluster():
+    result, gates = _null_space_solve()
+    cluster = torch.nonzero(gates < 1e-6).flatten()
+    assert cluster.numel() == 9
+    rotated = _rotate_cluster(result, cluster, seed=3)
+    rows = _rows((5, 12), seed=9)
+    for k in (2, 4, 6, 10):
+        first = apply_projector(rows, build_projector(result, gates, k=k, tie_tolerance=1e-6))
+        second = apply_projector(rows, build_projector(rotated, gates, k=k, tie_tolerance=1e-6))
+        torch.testing.assert_close(first, second, rtol=1e-9, atol=1e-9, msg=f"k={k}")
+    # without the tie rule (the k smallest gates, base 1) the two bases disagree: this test could fail
+    naive = [apply_projector(rows, build_projector(r, gates + 1e-3 * torch.arange(12, dtype=F64), k=4))
+             for r in (result, rotated)]
+    assert not torch.allclose(naive[0], naive[1], atol=1e-3)
+
+
+def test_a_tied_cluster_that_does_not_fit_is_left_out_whole_and_reported():
+    """Gates: 3 distinct small ones, a tied cluster of 5 at 0.4, 6 at 1; k = 6 cannot hold 3 + 5."""
+    gates = torch.tensor([0.1, 0.2, 0.3] + [0.4] * 5 + [1.0] * 6, dtype=F64)
+    choice = select_directions(gates, 6, tie_tolerance=1e-6)
+    assert choice.base == 1.0 and sorted(choice.indices.tolist()) == [0, 1, 2]
+    assert (choice.approximated, choice.split_ties) == (5, 5)
+    # when the tied cluster is the largest, storing its complement is the better (here exact) choice
+    gates = torch.tensor([0.1, 0.2] + [0.4] * 5 + [1.0] * 3, dtype=F64)
+    choice = select_directions(gates, 5, tie_tolerance=1e-6)
+    assert choice.base == pytest.approx(0.4) and choice.approximated == 0 and choice.indices.numel() == 5
+
+
+def test_without_ties_the_k_smallest_gates_are_kept_with_base_one():
+    gates = torch.rand(20, generator=torch.Generator().manual_seed(1), dtype=F64)
+    choice = select_directions(gates, 7, tie_tolerance=0.0)
+    assert choice.base == 1.0 and choice.split_ties == 0 and choice.approximated == 13 - int((gates == 1).sum())
+    assert sorted(choice.indices.tolist()) == sorted(torch.argsort(gates)[:7].tolist())
+
+
+def test_solver_reports_what_the_projector_keeps():
+    c_pre = _spd(12, 7)
+    solver = SpectralSolver(FoLoRAConfig(k=4, tau=0.5, tau_mode="absolute"))
+    _, report = solver.solve(LAYER, _spd(12, 8, tokens=3), c_pre)
+    assert (report.stored, report.approximated, report.split_ties) == (3, 0, 0) and report.base_gate < 1e-6
+    restored = SpectralSolver(FoLoRAConfig(k=4, tau=0.5, tau_mode="absolute"))
+    restored.load_state_dict(solver.state_dict())
+    assert (restored.reports[LAYER].stored, restored.reports[LAYER].base_gate) == (3, report.base_gate)
+    assert restored.projector(LAYER).base == report.base_gate
+
+
+def test_a_projector_base_gate_outside_zero_one_is_refused():
+    with pytest.raises(ValueError, match="base gate"):
+        Projector(torch.zeros(3, 1, dtype=F64), torch.zeros(3, 1, dtype=F64), torch.zeros(1, dtype=F64), 1.5)
+
+
+def test_round_off_eigenvalues_of_the_task_null_space_become_exact_zeros():
+    lam = torch.tensor([-3e-16, 2e-16, 5e-8, 1e-3, 0.5, 2.0], dtype=F64)
+    torch.testing.assert_close(zero_null_space(lam), torch.tensor([0, 0, 0, 1e-3, 0.5, 2.0], dtype=F64))
+    # the median of the "positive" ones is then taken over real directions only
+    assert effective_tau(zero_null_space(lam), 1.0, "relative_median") == pytest.approx(0.5)
