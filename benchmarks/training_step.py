@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from folora_ds.config import FoLoRAConfig
+
 
 def _sync() -> None:
     if torch.cuda.is_available():
@@ -87,7 +89,8 @@ def _bench(rank: int, world: int, args) -> None:
         optimizer=torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=1e-4))
     folora_config = {**ds_config, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
                      "folora": {"lora_rank": args.rank, "lora_alpha": 2 * args.rank, "k": args.k,
-                                "refresh_interval": 0}}
+                                "refresh_interval": 0,
+                                "statistics_tokens": args.statistics_tokens or None}}
     folora_engine, controller = folora_ds.engine.initialize(
         copy.deepcopy(model), folora_config, proxy_batches=[_batch(args, 100 + rank, device)],
         task_batches=[_batch(args, 200 + rank, device)])
@@ -130,7 +133,8 @@ def _bench(rank: int, world: int, args) -> None:
         reduce_bytes = statistics_bytes_per_refresh(dims, element)
         plain_step, folora_step = statistics.median(plain_steps), statistics.median(folora_steps)
         print(f"device={device} world={world} ZeRO-{args.stage} {args.precision} hidden={args.hidden} "
-              f"layers={args.layers} r={args.rank} k={args.k} batch={args.batch}x{args.seq} steps={args.steps}")
+              f"layers={args.layers} r={args.rank} k={args.k} batch={args.batch}x{args.seq} steps={args.steps} "
+              f"statistics_tokens={args.statistics_tokens or 'all'}")
         print(f"training step: AdamW {plain_step * 1e3:.1f} ms, FoLoRA {folora_step * 1e3:.1f} ms, "
               f"ratio {folora_step / plain_step:.3f}")
         print(f"statistics pass ÷ plain forward: {statistics.median(stats_times) / statistics.median(plain_times):.3f}"
@@ -176,6 +180,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--statistics-tokens", type=int, default=FoLoRAConfig().statistics_tokens,
+                        help="tokens per input and micro-batch counted towards C_task (0: every token, exact)")
     args = parser.parse_args()
     if "RANK" in os.environ:  # started by a launcher
         from folora_ds.distributed import comm

@@ -100,6 +100,7 @@ class FoLoRAController:
         self.layouts: list[FlatPartitionLayout] = []
         self.optimizer_steps = 0
         self.refreshes = 0
+        self.task_forwards = 0
         self._base_energy = 0.0
         self._last_global_steps = 0
         self._device = next(model.parameters()).device
@@ -163,16 +164,26 @@ class FoLoRAController:
             for key, sums in task.items():
                 self.task_ema.update(key, sums.covariance(name=f"{key} [task]"))
         except ValueError as problem:
-            hint = "; run the training forward inside controller.track_task(batch)" if training else ""
+            hint = ("; run the training forward inside controller.track_task(batch) (and keep statistics_every at "
+                    "most the micro-batches between refreshes)") if training else ""
             error = f"{problem}{hint}"
         raise_if_any(error, self.group)
 
     @contextlib.contextmanager
     def track_task(self, batch: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Count the training forward run inside this context towards the running C_task."""
+        """Count the training forward run inside this context towards the running C_task: on one micro-batch in
+        ``statistics_every``, ``statistics_tokens`` tokens per input (a draw seeded by ``proxy.seed``, the rank and
+        the micro-batch count, so a resumed run draws the same)."""
+        self.task_forwards += 1
+        if (self.task_forwards - 1) % self.config.statistics_every != 0:
+            yield
+            return
         use_labels = self.config.task_token_mask == "labels"
+        generator = torch.Generator().manual_seed(
+            self.config.proxy.seed * 1_000_003 + comm.rank(self.group) * 7_919 + self.task_forwards)
         with self.collector.collect("task", attention_mask=batch.get("attention_mask"),
-                                    labels=batch.get("labels") if use_labels else None):
+                                    labels=batch.get("labels") if use_labels else None,
+                                    sample_tokens=self.config.statistics_tokens, generator=generator):
             yield
 
     # ------------------------------------------------------------------ bases
@@ -356,6 +367,7 @@ class FoLoRAController:
             window[key] = {"sum": packed[:-1].reshape(dim, dim).cpu(), "tokens": int(packed[-1].round())}
         return {"version": STATE_VERSION, "config": self.config.to_dict(), "dims": dict(self.dims),
                 "members": self.collector.members(), "optimizer_steps": self.optimizer_steps,
+                "task_forwards": self.task_forwards,
                 "refreshes": self.refreshes, "task_window": window,
                 "budget": None if self.budget is None else {**self.budget.state_dict(),
                                                             "base_energy": self._base_energy},
@@ -404,6 +416,7 @@ class FoLoRAController:
                         window["sum"].to(self._device), torch.tensor(window["tokens"], device=self._device)))
         self.optimizer_steps = int(state["optimizer_steps"])
         self.refreshes = int(state["refreshes"])
+        self.task_forwards = int(state["task_forwards"])
         if self.budget is not None:
             self.budget.load_state_dict(state["budget"])
             self._base_energy = float(state["budget"]["base_energy"])

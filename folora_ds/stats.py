@@ -75,6 +75,8 @@ class CovarianceCollector:
         self._sums: dict[str, dict[str, CovarianceSums]] = {source: {} for source in SOURCES}
         self._source: str | None = None
         self._mask: torch.Tensor | None = None
+        self._sample_tokens: int | None = None
+        self._generator: torch.Generator | None = None
         self._handles = [
             module.register_forward_pre_hook(self._make_hook(name))
             for name, module in model.named_modules() if name in set(self._layer_names)
@@ -83,14 +85,20 @@ class CovarianceCollector:
     # ------------------------------------------------------------------ public API
     @contextlib.contextmanager
     def collect(self, source: str, *, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> Iterator[None]:
+                labels: torch.Tensor | None = None, sample_tokens: int | None = None,
+                generator: torch.Generator | None = None) -> Iterator[None]:
         """Count the inputs of the forwards run inside this context towards ``source``.
 
         Args:
             source: "pre" or "task".
             attention_mask: (batch, seq); tokens with 0 are padding and are not counted.
             labels: (batch, seq); if given, only tokens with label != -100 are counted as well.
+            sample_tokens: count only this many of the counted tokens per input and forward, drawn uniformly
+                without replacement (None: every token). The same draw serves every module sharing the input.
+            generator: the CPU generator of the draws (for reproducible sampling).
         """
+        if sample_tokens is not None and not (isinstance(sample_tokens, int) and sample_tokens >= 1):
+            raise ValueError(f"sample_tokens={sample_tokens!r} must be None or an integer >= 1")
         if source not in SOURCES:
             raise ValueError(f"source {source!r}; allowed: {SOURCES}")
         if self._source is not None:
@@ -103,10 +111,11 @@ class CovarianceCollector:
             label_mask = labels != -100
             mask = label_mask if mask is None else mask & label_mask
         self._source, self._mask = source, mask
+        self._sample_tokens, self._generator = sample_tokens, generator
         try:
             yield
         finally:
-            self._source, self._mask = None, None
+            self._source, self._mask, self._sample_tokens, self._generator = None, None, None, None
 
     def keys(self) -> list[str]:
         """Input keys in first-forward order. Raises if no collecting forward has run yet."""
@@ -229,6 +238,12 @@ class CovarianceCollector:
             self._sums[self._source][key] = sums
         elif sums.sum.shape[0] != d:
             raise ValueError(f"{key!r}: input width changed from {sums.sum.shape[0]} to {d}")
+        if self._sample_tokens is not None:  # keep a uniform draw of the counted tokens
+            counted = torch.arange(rows.shape[0]) if weights is None else torch.nonzero(weights.flatten().cpu()
+                                                                                         ).flatten()
+            if counted.numel() > self._sample_tokens:
+                counted = counted[torch.randperm(counted.numel(), generator=self._generator)[:self._sample_tokens]]
+            rows, weights = rows[counted.to(rows.device)], None
         if weights is None:
             sums.sum.addmm_(rows.mT, rows)
             sums.tokens += rows.shape[0]

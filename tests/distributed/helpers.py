@@ -25,7 +25,7 @@ STEPS = 10
 CLIP = 1.0
 MICRO_BATCHES_PER_STEP = 6
 FOLORA = {"lora_rank": 5, "lora_alpha": 10, "k": 5, "refresh_interval": 4, "ema_decay": 0.5, "tau": 1.0,
-          "statistics_dtype": "float64"}
+          "statistics_dtype": "float64", "statistics_tokens": None}  # exact statistics: every token counts
 ADAMW = {"lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-3, "weight_decay": 0.01}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 64

@@ -273,3 +273,44 @@ def test_summaries_penalties_and_export_work_in_one_process(tmp_path):
                                                         num_heads=4, num_kv_heads=2, seed=0), str(tmp_path / "adapter"))
     for name, layer in lora_layers(loaded).items():
         torch.testing.assert_close(lora_a_weight(layer), lora_a_weight(controller.layers[name]))
+
+
+def test_statistics_every_n_micro_batches_and_sampled_tokens_feed_the_running_c_task():
+    """statistics_every = 2: only micro-batches 1, 3, 5 reach C_task; statistics_tokens = 7 of their 4 × 12 − 3."""
+    model, controller = _ready(FoLoRAConfig(refresh_interval=0, statistics_every=2, statistics_tokens=7))
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach(optimizer)
+    _train(model, controller, optimizer, 5)
+    assert controller.task_forwards == 5
+    window = controller.collector.sums("task")
+    assert {int(sums.tokens) for sums in window.values()} == {3 * 7}
+
+
+def test_sampled_statistics_resume_with_the_same_draws():
+    """The draw is seeded by the micro-batch count, which the state dict carries."""
+    config = FoLoRAConfig(refresh_interval=3, statistics_tokens=5, k=6)
+    batches = _batches(6, 5, labels=True)
+    model, controller = _ready(config)
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach(optimizer)
+    _train(model, controller, optimizer, 6, batches)
+    expected = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    model, controller = _ready(config)
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach(optimizer)
+    _train(model, controller, optimizer, 4, batches[:4])
+    state, weights, optimizer_state = controller.state_dict(), dict(model.named_parameters()), optimizer.state_dict()
+    resumed = _model()
+    with torch.no_grad():
+        for name, param in resumed.named_parameters():
+            param.copy_(weights[name])
+    restored = FoLoRAController(resumed, config)
+    restored.load_state_dict(state)
+    restored_optimizer = GatedAdamW(folora_param_groups(resumed), lr=1e-2)
+    restored_optimizer.load_state_dict(optimizer_state)
+    restored.attach(restored_optimizer)
+    _train(resumed, restored, restored_optimizer, 2, batches[4:])
+    for name, param in resumed.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-6)

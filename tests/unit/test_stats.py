@@ -533,3 +533,53 @@ def test_gpt2_conv1d_fan_in_fan_out_layers_collect_inputs_of_the_right_width():
         expected, tokens = _masked_second_moment(recorder.inputs[key], [batch["attention_mask"]])
         assert int(sums.tokens) == tokens
         torch.testing.assert_close(sums.sum.to(F64), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- sampled statistics
+def _sampled(model, batch, sample_tokens, seed):
+    collector = CovarianceCollector(model, dtype=F64)
+    with torch.no_grad(), collector.collect("task", attention_mask=batch["attention_mask"],
+                                            sample_tokens=sample_tokens, generator=torch.Generator().manual_seed(seed)):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return collector
+
+
+def test_sampled_statistics_count_that_many_unmasked_tokens_drawn_from_the_real_inputs():
+    model = _llama()
+    batch = _batch(3)  # 27 tokens, 19 unmasked
+    recorder = _BaseInputRecorder(model)
+    collector = _sampled(model, batch, 5, seed=1)
+    recorder.remove()
+    key = collector.keys()[0]
+    sums = collector.sums("task")[key]
+    assert int(sums.tokens) == 5
+    rows = recorder.inputs[key][0].to(F64)[batch["attention_mask"].bool()]  # the 19 unmasked rows
+    # Σxxᵀ of the 5 drawn rows: each drawn row is one of the unmasked rows, and together they give the sum
+    eigenvalues = torch.linalg.eigvalsh(sums.sum)
+    assert int((eigenvalues > 1e-9 * eigenvalues.max()).sum()) == 5, "five distinct token rows"
+    onto_unmasked = torch.linalg.pinv(rows) @ rows  # projector onto the span of the unmasked token rows
+    assert float((sums.sum - onto_unmasked @ sums.sum).abs().max()) < 1e-8, "a padding token was drawn"
+
+
+def test_sampling_is_reproducible_for_a_seed_and_shared_by_modules_of_one_input():
+    model = _llama()
+    first = _sampled(model, _batch(4), 6, seed=2)
+    again = _sampled(model, _batch(4), 6, seed=2)
+    other = _sampled(model, _batch(4), 6, seed=3)
+    for key in first.keys():
+        torch.testing.assert_close(first.sums("task")[key].sum, again.sums("task")[key].sum, rtol=0, atol=0)
+    assert any(not torch.equal(first.sums("task")[k].sum, other.sums("task")[k].sum) for k in first.keys())
+    assert len(first.keys()) == 4 * LAYERS  # q/k/v and gate/up still share one key (one draw each)
+
+
+def test_sampling_more_tokens_than_there_are_counts_every_token_exactly():
+    model = _llama()
+    batch = _batch(5)
+    exact = _collect(model, [batch], source="task", dtype=F64)
+    sampled = _sampled(model, batch, 1000, seed=0)
+    for key in exact.keys():
+        torch.testing.assert_close(sampled.sums("task")[key].sum, exact.sums("task")[key].sum, rtol=1e-12,
+                                   atol=1e-12)
+    with pytest.raises(ValueError, match="sample_tokens=0"):
+        with exact.collect("task", sample_tokens=0):
+            pass
