@@ -18,7 +18,7 @@ import time
 import torch
 
 from folora_ds.optim import GatedAdamW
-from folora_ds.spectral import Projector
+from folora_ds.projector import Projector
 
 
 def _sync(device: torch.device) -> None:

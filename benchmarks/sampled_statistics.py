@@ -25,15 +25,9 @@ from peft import LoraConfig, get_peft_model
 
 from folora_ds.config import FoLoRAConfig, ProxyConfig
 from folora_ds.data import DEFAULT_TASK_FILE, TaskCollator, build_task_dataset
+from folora_ds.projector import apply_projector, build_projector
 from folora_ds.proxy import proxy_batches, sample_proxy
-from folora_ds.spectral import (
-    apply_projector,
-    build_projector,
-    effective_tau,
-    gate_values,
-    solve_generalized_eigenproblem,
-    zero_null_space,
-)
+from folora_ds.spectral import effective_tau, gate_values, solve_generalized_eigenproblem, zero_null_space
 from folora_ds.stats import CovarianceCollector
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

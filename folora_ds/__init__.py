@@ -18,7 +18,8 @@ from folora_ds.config import FoLoRAConfig, ProxyConfig
 from folora_ds.controller import FoLoRAController
 from folora_ds.engine import initialize
 from folora_ds.optim import GatedAdamW, folora_param_groups
-from folora_ds.spectral import Projector, generalized_eigh
+from folora_ds.projector import Projector
+from folora_ds.spectral import generalized_eigh
 from folora_ds.stats import CovarianceCollector
 
 __version__ = "0.1.0"

@@ -42,7 +42,8 @@ from folora_ds.distributed.statistics import agree_on_inputs, deliver_projectors
 from folora_ds.distributed.zero_layout import register_zero_partitions
 from folora_ds.optim import FlatPartitionLayout, GatedAdamW
 from folora_ds.peft_utils import base_weight_matrix, lora_a_weight, lora_b_weight, lora_layers, lora_scaling
-from folora_ds.spectral import Projector, SolveReport, SpectralSolveError, SpectralSolver, project_rows
+from folora_ds.projector import Projector, project_rows
+from folora_ds.spectral import SolveReport, SpectralSolveError, SpectralSolver
 from folora_ds.stats import CovarianceCollector, CovarianceEMA, CovarianceSums
 
 STATE_VERSION = 2

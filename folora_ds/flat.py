@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from folora_ds.spectral import Projector, apply_projector
+from folora_ds.projector import Projector, apply_projector
 
 RowKey = tuple[str, int]
 """(LoRA-A name, row index): identifies one row across ranks."""

@@ -26,7 +26,7 @@ from torch import nn
 from folora_ds.config import VARIANTS
 from folora_ds.flat import CutRow, Fragment, gate_flat_update
 from folora_ds.peft_utils import lora_a_weight, lora_layers
-from folora_ds.spectral import Projector, apply_projector, cap_row_norms
+from folora_ds.projector import Projector, apply_projector, cap_row_norms
 
 
 @dataclass

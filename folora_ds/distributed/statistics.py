@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from folora_ds.distributed import comm
-from folora_ds.spectral import Projector
+from folora_ds.projector import Projector
 from folora_ds.stats import CovarianceCollector, CovarianceSums
 
 

@@ -193,40 +193,43 @@ def test_forgetting_budget_raises_tau_when_over_budget_and_forgets_less():
     assert controller.measured_forgetting() == pytest.approx(budgeted / controller._base_energy, rel=1e-12)
 
 
-def test_a_state_dict_restores_training_exactly_in_one_process():
-    """Train 4 steps, save, restore into a fresh controller/optimizer, train 3 more: equal to 7 uninterrupted."""
-    config = FoLoRAConfig(refresh_interval=2, k=6)
-    batches = _batches(7, 5, labels=True)
-
+def _uninterrupted_and_resumed(config: FoLoRAConfig, batches: list, stop: int):
+    """Train on ``batches`` straight through, and again with a state-dict save/restore (fresh model, controller
+    and optimizer) after ``stop`` steps; returns both final weights and the restored controller."""
     model, controller = _ready(config)
     optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
     controller.attach(optimizer)
-    _train(model, controller, optimizer, 7, batches)
+    _train(model, controller, optimizer, len(batches), batches)
     expected = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     model, controller = _ready(config)
     optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
     controller.attach(optimizer)
-    _train(model, controller, optimizer, 4, batches[:4])
-    state = controller.state_dict()
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer_state = optimizer.state_dict()
-
+    _train(model, controller, optimizer, stop, batches[:stop])
+    state, optimizer_state = controller.state_dict(), optimizer.state_dict()
     resumed = _model()
     with torch.no_grad():
         for name, param in resumed.named_parameters():
-            param.copy_(weights[name])
+            param.copy_(dict(model.named_parameters())[name])
     restored = FoLoRAController(resumed, config)
     restored.load_state_dict(state)
     restored_optimizer = GatedAdamW(folora_param_groups(resumed), lr=1e-2)
     restored_optimizer.load_state_dict(optimizer_state)
     restored.attach(restored_optimizer)
-    assert (restored.optimizer_steps, restored.refreshes) == (4, 2)
-    _train(resumed, restored, restored_optimizer, 3, batches[4:])
+    counters = (restored.optimizer_steps, restored.refreshes)
+    _train(resumed, restored, restored_optimizer, len(batches) - stop, batches[stop:])
     restored.check_gating()
-    for name, param in resumed.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-6)
+    weights = {name: p.detach().clone() for name, p in resumed.named_parameters() if p.requires_grad}
+    return expected, weights, counters
+
+
+def test_a_state_dict_restores_training_exactly_in_one_process():
+    """Train 4 steps, save, restore into a fresh controller/optimizer, train 3 more: equal to 7 uninterrupted."""
+    expected, resumed, counters = _uninterrupted_and_resumed(FoLoRAConfig(refresh_interval=2, k=6),
+                                                             _batches(7, 5, labels=True), 4)
+    assert counters == (4, 2)
+    for name, value in resumed.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
 
 
 def test_a_state_dict_of_another_lora_rank_is_refused():
@@ -288,29 +291,7 @@ def test_statistics_every_n_micro_batches_and_sampled_tokens_feed_the_running_c_
 
 def test_sampled_statistics_resume_with_the_same_draws():
     """The draw is seeded by the micro-batch count, which the state dict carries."""
-    config = FoLoRAConfig(refresh_interval=3, statistics_tokens=5, k=6)
-    batches = _batches(6, 5, labels=True)
-    model, controller = _ready(config)
-    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
-    controller.attach(optimizer)
-    _train(model, controller, optimizer, 6, batches)
-    expected = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    model, controller = _ready(config)
-    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
-    controller.attach(optimizer)
-    _train(model, controller, optimizer, 4, batches[:4])
-    state, weights, optimizer_state = controller.state_dict(), dict(model.named_parameters()), optimizer.state_dict()
-    resumed = _model()
-    with torch.no_grad():
-        for name, param in resumed.named_parameters():
-            param.copy_(weights[name])
-    restored = FoLoRAController(resumed, config)
-    restored.load_state_dict(state)
-    restored_optimizer = GatedAdamW(folora_param_groups(resumed), lr=1e-2)
-    restored_optimizer.load_state_dict(optimizer_state)
-    restored.attach(restored_optimizer)
-    _train(resumed, restored, restored_optimizer, 2, batches[4:])
-    for name, param in resumed.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-6)
+    expected, resumed, _ = _uninterrupted_and_resumed(FoLoRAConfig(refresh_interval=2, statistics_tokens=5, k=6),
+                                                      _batches(6, 5, labels=True), 3)  # the step-4 refresh matters
+    for name, value in resumed.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from folora_ds.flat import Fragment, gate_flat_update, local_cut_rows
-from folora_ds.spectral import Projector, apply_projector
+from folora_ds.projector import Projector, apply_projector
 
 
 def _projector(d: int, k: int, seed: int, base: float = 1.0) -> Projector:

@@ -12,14 +12,8 @@ from peft import LoraConfig, get_peft_model
 from folora_ds.models import build_tiny_llama
 from folora_ds.optim import GatedAdamW, folora_param_groups
 from folora_ds.peft_utils import lora_a_weight, lora_b_weight, lora_layers
-from folora_ds.spectral import (
-    GeneralizedEigenResult,
-    Projector,
-    build_projector,
-    effective_tau,
-    gate_values,
-    solve_generalized_eigenproblem,
-)
+from folora_ds.projector import Projector, build_projector
+from folora_ds.spectral import GeneralizedEigenResult, effective_tau, gate_values, solve_generalized_eigenproblem
 
 F64 = torch.float64
 

@@ -10,21 +10,23 @@ import scipy.linalg
 import torch
 
 from folora_ds.config import FoLoRAConfig
+from folora_ds.projector import (
+    Projector,
+    apply_projector,
+    build_projector,
+    cap_row_norms,
+    project_rows,
+    select_directions,
+)
 from folora_ds.spectral import (
     ConsecutiveSolveFailuresError,
     GeneralizedEigenResult,
     NonFiniteStatisticsError,
-    Projector,
     SpectralSolveError,
     SpectralSolver,
-    apply_projector,
-    build_projector,
-    cap_row_norms,
     effective_tau,
     gate_values,
     generalized_eigh,
-    project_rows,
-    select_directions,
     solve_generalized_eigenproblem,
     zero_null_space,
 )
