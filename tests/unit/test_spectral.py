@@ -11,16 +11,10 @@ import torch
 
 from folora_ds.config import FoLoRAConfig
 from folora_ds.projector import (
-    Projector,
     apply_projector,
-    build_projector,
-    cap_row_norms,
-    project_rows,
-    select_directions,
 )
 from folora_ds.spectral import (
     ConsecutiveSolveFailuresError,
-    GeneralizedEigenResult,
     NonFiniteStatisticsError,
     SpectralSolveError,
     SpectralSolver,
@@ -30,61 +24,18 @@ from folora_ds.spectral import (
     solve_generalized_eigenproblem,
     zero_null_space,
 )
+from tests.unit.linalg_helpers import F64, dense_projector, ill_conditioned, random_rows, ridged, spd
 
-F64 = torch.float64
 LAYER = "model.layers.3.self_attn.q_proj"
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _spd(d: int, seed: int, *, tokens: int | None = None, dtype: torch.dtype = F64) -> torch.Tensor:
-    """A covariance X Xᵀ / n of ``tokens`` random Gaussian inputs (rank-deficient when tokens < d)."""
-    generator = torch.Generator().manual_seed(seed)
-    n = 3 * d if tokens is None else tokens
-    scales = torch.rand(d, generator=generator, dtype=F64) + 0.1
-    x = torch.randn(n, d, generator=generator, dtype=F64) * scales
-    return (x.mT @ x / n).to(dtype)
-
-
-def _ill_conditioned(d: int, seed: int, condition: float) -> torch.Tensor:
-    """Q diag(λ) Qᵀ with λ spread logarithmically from 1 down to 1/condition."""
-    generator = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=F64))
-    spectrum = torch.logspace(0.0, -math.log10(condition), d, dtype=F64)
-    matrix = q @ torch.diag(spectrum) @ q.mT
-    return 0.5 * (matrix + matrix.mT)
-
-
-def _c_tilde(c_pre: torch.Tensor, ridge: float) -> torch.Tensor:
-    d = c_pre.shape[0]
-    return c_pre + ridge * (torch.trace(c_pre) / d) * torch.eye(d, dtype=c_pre.dtype)
-
-
-def _solve(d: int = 12, seed: int = 0, **kwargs) -> tuple[GeneralizedEigenResult, torch.Tensor]:
-    c_pre = _spd(d, seed)
-    result = solve_generalized_eigenproblem(_spd(d, seed + 100), c_pre, **kwargs)
-    return result, _c_tilde(c_pre, result.ridge)
-
-
-def _dense_projector(result: GeneralizedEigenResult, gates: torch.Tensor) -> torch.Tensor:
-    """P_g = (C̃V) · diag(g) · Vᵀ over all d directions."""
-    return result.c_tilde_v @ torch.diag(gates) @ result.eigenvectors.mT
-
-
-def _rows(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def _c_norm(rows: torch.Tensor, c_tilde: torch.Tensor) -> torch.Tensor:
-    return ((rows @ c_tilde) * rows).sum(-1).sqrt()
 
 
 # ---------------------------------------------------------------------------------------------- the solve
 @pytest.mark.parametrize("d", [3, 16, 64, 128])
 @pytest.mark.parametrize("ridge", [1e-3, 1e-6])
 def test_solve_matches_scipy_generalized_eigh(d, ridge):
-    c_task, c_pre = _spd(d, seed=d), _spd(d, seed=d + 1)
+    c_task, c_pre = spd(d, seed=d), spd(d, seed=d + 1)
     result = solve_generalized_eigenproblem(c_task, c_pre, ridge=ridge)
-    c_tilde = _c_tilde(c_pre, ridge)
+    c_tilde = ridged(c_pre, ridge)
     reference = scipy.linalg.eigh(c_task.numpy(), c_tilde.numpy(), eigvals_only=True)
 
     assert result.ridge == ridge and result.dtype == F64
@@ -102,11 +53,11 @@ def test_solve_matches_scipy_generalized_eigh(d, ridge):
 @pytest.mark.parametrize("condition", [1e8, 1e10])
 def test_solve_matches_scipy_on_ill_conditioned_c_pre(d, condition):
     """C_pre with eigenvalues spread over 8–10 decades; a ridge small enough to keep C̃ that ill-conditioned."""
-    c_pre = _ill_conditioned(d, seed=d, condition=condition)
-    c_task = _spd(d, seed=d + 7)
+    c_pre = ill_conditioned(d, seed=d, condition=condition)
+    c_task = spd(d, seed=d + 7)
     ridge = 1e-14
     result = solve_generalized_eigenproblem(c_task, c_pre, ridge=ridge)
-    c_tilde = _c_tilde(c_pre, ridge)
+    c_tilde = ridged(c_pre, ridge)
     assert result.ridge == ridge
     assert np.linalg.cond(c_tilde.numpy()) > 0.1 * condition
     reference = scipy.linalg.eigh(c_task.numpy(), c_tilde.numpy(), eigvals_only=True)
@@ -123,27 +74,27 @@ def test_solve_matches_scipy_on_ill_conditioned_c_pre(d, condition):
 
 def test_rank_deficient_c_pre_is_regularised_by_the_ridge():
     d = 32
-    c_pre = _spd(d, seed=1, tokens=5)  # rank 5
+    c_pre = spd(d, seed=1, tokens=5)  # rank 5
     assert int(torch.linalg.matrix_rank(c_pre)) == 5
-    result = solve_generalized_eigenproblem(_spd(d, seed=2), c_pre, ridge=1e-3)
+    result = solve_generalized_eigenproblem(spd(d, seed=2), c_pre, ridge=1e-3)
     assert result.ridge == 1e-3  # the initial ridge already suffices: no escalation
     for tensor in (result.eigenvalues, result.eigenvectors, result.c_tilde_v):
         assert bool(torch.isfinite(tensor).all())
-    c_tilde = _c_tilde(c_pre, 1e-3)
-    reference = scipy.linalg.eigh(_spd(d, seed=2).numpy(), c_tilde.numpy(), eigvals_only=True)
+    c_tilde = ridged(c_pre, 1e-3)
+    reference = scipy.linalg.eigh(spd(d, seed=2).numpy(), c_tilde.numpy(), eigvals_only=True)
     np.testing.assert_allclose(result.eigenvalues.numpy(), reference, rtol=1e-8)
 
 
 def test_c_pre_with_all_zero_rows_is_regularised_by_the_ridge():
     """Inputs that never fire on proxy data give zero rows/columns of C_pre: the ridge makes C̃ definite."""
     d = 10
-    c_pre = _spd(d, seed=3)
+    c_pre = spd(d, seed=3)
     c_pre[:3, :] = 0
     c_pre[:, :3] = 0
-    result = solve_generalized_eigenproblem(_spd(d, seed=4), c_pre)
+    result = solve_generalized_eigenproblem(spd(d, seed=4), c_pre)
     assert result.ridge == 1e-3
     assert bool(torch.isfinite(result.eigenvalues).all() and torch.isfinite(result.eigenvectors).all())
-    c_tilde = _c_tilde(c_pre, 1e-3)
+    c_tilde = ridged(c_pre, 1e-3)
     v = result.eigenvectors
     torch.testing.assert_close(v.mT @ c_tilde @ v, torch.eye(d, dtype=F64), rtol=0, atol=1e-9)
 
@@ -155,7 +106,7 @@ def test_non_psd_c_pre_escalates_the_ridge():
     result = solve_generalized_eigenproblem(c_task, c_pre, ridge=1e-3)
     assert result.ridge > 1e-3
     assert result.ridge == pytest.approx(1e-1)
-    c_tilde = _c_tilde(c_pre, result.ridge)
+    c_tilde = ridged(c_pre, result.ridge)
     v = result.eigenvectors
     torch.testing.assert_close(v.mT @ c_tilde @ v, torch.eye(4, dtype=F64), rtol=0, atol=1e-12)
 
@@ -172,7 +123,7 @@ def test_non_psd_c_pre_without_escalations_raises_naming_the_layer():
 @pytest.mark.parametrize("which", ["c_task", "c_pre"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_statistics_raise_naming_the_layer(which, bad):
-    c_task, c_pre = _spd(6, seed=0), _spd(6, seed=1)
+    c_task, c_pre = spd(6, seed=0), spd(6, seed=1)
     (c_task if which == "c_task" else c_pre)[2, 4] = bad
     with pytest.raises(NonFiniteStatisticsError) as caught:
         solve_generalized_eigenproblem(c_task, c_pre, layer=LAYER)
@@ -184,7 +135,7 @@ def test_non_finite_statistics_raise_naming_the_layer(which, bad):
 
 def test_zero_c_pre_raises_spectral_solve_error():
     with pytest.raises(SpectralSolveError) as caught:
-        solve_generalized_eigenproblem(_spd(5, seed=0), torch.zeros(5, 5, dtype=F64), layer=LAYER)
+        solve_generalized_eigenproblem(spd(5, seed=0), torch.zeros(5, 5, dtype=F64), layer=LAYER)
     assert caught.value.layer == LAYER
     assert not isinstance(caught.value, NonFiniteStatisticsError)
 
@@ -200,7 +151,7 @@ def test_shape_errors_raise_value_error(task_shape, pre_shape):
 
 
 def test_float32_solve_is_finite_and_close_to_float64():
-    c_task, c_pre = _spd(24, seed=5, dtype=torch.float32), _spd(24, seed=6, dtype=torch.float32)
+    c_task, c_pre = spd(24, seed=5, dtype=torch.float32), spd(24, seed=6, dtype=torch.float32)
     result = solve_generalized_eigenproblem(c_task, c_pre, solve_dtype=torch.float32, retry_float64=True)
     exact = solve_generalized_eigenproblem(c_task.double(), c_pre.double())
     assert result.dtype == torch.float32
@@ -230,8 +181,8 @@ def test_failed_float32_cholesky_is_retried_in_float64():
 
 def _float32_overflow_pair() -> tuple[torch.Tensor, torch.Tensor]:
     """Finite float32 statistics whose generalized eigenvalues (~1e40) overflow float32 but not float64."""
-    c_pre = _spd(6, seed=11, dtype=torch.float32) * 1e-30
-    c_task = (_spd(6, seed=12, dtype=torch.float32) + torch.eye(6)) * 1e10
+    c_pre = spd(6, seed=11, dtype=torch.float32) * 1e-30
+    c_task = (spd(6, seed=12, dtype=torch.float32) + torch.eye(6)) * 1e10
     return c_task, c_pre
 
 
@@ -258,7 +209,7 @@ def test_float32_eigh_failure_without_retry_is_a_spectral_solve_error():
 
 
 def test_generalized_eigh_returns_eigenvalues_and_eigenvectors():
-    c_task, c_pre = _spd(9, seed=0), _spd(9, seed=1)
+    c_task, c_pre = spd(9, seed=0), spd(9, seed=1)
     lam, v = generalized_eigh(c_task, c_pre, ridge=1e-4)
     result = solve_generalized_eigenproblem(c_task, c_pre, ridge=1e-4)
     torch.testing.assert_close(lam, result.eigenvalues, rtol=0, atol=0)
@@ -360,184 +311,9 @@ def test_effective_tau_unknown_mode_raises():
         effective_tau(LAMBDAS, 1.0, "relative_mean")
 
 
-# ---------------------------------------------------------------------------------------------- projector
-def test_all_gates_one_projector_is_the_identity():
-    result, _ = _solve(d=16, seed=1)
-    projector = build_projector(result, torch.ones(16, dtype=F64))
-    rows = _rows((5, 16), seed=0)
-    torch.testing.assert_close(apply_projector(rows, projector), rows, rtol=0, atol=1e-15)
-    torch.testing.assert_close(_dense_projector(result, torch.ones(16, dtype=F64)), torch.eye(16, dtype=F64),
-                               rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("kind", ["rational", "sigmoid", "hard"])
-def test_full_rank_projector_equals_dense_p_g(kind):
-    d = 20
-    result, _ = _solve(d=d, seed=2)
-    tau = effective_tau(result.eigenvalues, 1.0, "relative_median")
-    gates = gate_values(result.eigenvalues, kind=kind, tau=tau, temperature=0.7)
-    projector = build_projector(result, gates, k=None)
-    assert projector.rank == d and projector.dim == d
-    rows = _rows((4, d), seed=3)
-    expected = rows @ _dense_projector(result, gates)
-    torch.testing.assert_close(apply_projector(rows, projector), expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(apply_projector(rows, build_projector(result, gates, k=d)), expected,
-                               rtol=1e-10, atol=1e-10)
-
-
-def test_low_rank_projector_keeps_the_k_smallest_gates():
-    d, k = 15, 6
-    result, _ = _solve(d=d, seed=4)
-    gates = gate_values(result.eigenvalues, kind="rational", tau=1.0)
-    shuffled = torch.randperm(d, generator=torch.Generator().manual_seed(0))  # order must not matter
-    shuffled_result = GeneralizedEigenResult(result.eigenvalues[shuffled], result.eigenvectors[:, shuffled],
-                                             result.c_tilde_v[:, shuffled], result.ridge, result.dtype)
-    projector = build_projector(shuffled_result, gates[shuffled], k=k)
-    order = torch.argsort(gates)[:k]
-    assert projector.rank == k and projector.dim == d
-    torch.testing.assert_close(projector.gates, gates[order], rtol=0, atol=0)
-    torch.testing.assert_close(projector.v, result.eigenvectors[:, order], rtol=0, atol=0)
-    torch.testing.assert_close(projector.c_tilde_v, result.c_tilde_v[:, order], rtol=0, atol=0)
-
-
-def test_k_larger_than_d_keeps_all_directions():
-    result, _ = _solve(d=5, seed=4)
-    assert build_projector(result, torch.full((5,), 0.5, dtype=F64), k=50).rank == 5
-
-
-@pytest.mark.parametrize("extra", [0, 3])
-def test_low_rank_projector_with_hard_gates_equals_dense_p_g(extra):
-    """With the hard gate every unstored direction has g = 1 exactly, so the low-rank P_g is exact."""
-    d = 24
-    result, _ = _solve(d=d, seed=5)
-    tau = float(result.eigenvalues[9])  # λ_0..λ_8 below τ → 9 closed directions
-    gates = gate_values(result.eigenvalues, kind="hard", tau=tau)
-    closed = int((gates < 1).sum())
-    assert 0 < closed < d
-    k = closed + extra
-    projector = build_projector(result, gates, k=k)
-    assert projector.rank == k
-    rows = _rows((7, d), seed=6)
-    expected = rows @ _dense_projector(result, gates)
-    torch.testing.assert_close(apply_projector(rows, projector), expected, rtol=1e-10, atol=1e-10)
-
-
-def test_gated_update_penalty_is_sum_of_squared_gated_coordinates():
-    """u' C̃ u'ᵀ = Σ_i g_i² c_i² with c = u·C̃V, per row, for a batch of rows."""
-    d = 18
-    result, c_tilde = _solve(d=d, seed=7)
-    gates = gate_values(result.eigenvalues, kind="rational", tau=effective_tau(result.eigenvalues, 1.0,
-                                                                                 "relative_median"))
-    projector = build_projector(result, gates)
-    rows = _rows((3, 5, d), seed=8)  # any leading batch shape
-    gated = apply_projector(rows, projector)
-    assert gated.shape == rows.shape
-    penalty = ((gated @ c_tilde) * gated).sum(-1)
-    coordinates = rows @ result.c_tilde_v
-    expected = (gates**2 * coordinates**2).sum(-1)
-    torch.testing.assert_close(penalty, expected, rtol=1e-9, atol=0)
-    # and the ungated penalty is Σ c_i² (V is C̃-orthonormal)
-    torch.testing.assert_close(((rows @ c_tilde) * rows).sum(-1), (coordinates**2).sum(-1), rtol=1e-9, atol=0)
-
-
-@pytest.mark.parametrize("kind", ["rational", "sigmoid", "hard"])
-@pytest.mark.parametrize("k", [None, 4])
-def test_gating_never_increases_the_c_tilde_norm(kind, k):
-    d = 16
-    result, c_tilde = _solve(d=d, seed=9, ridge=1e-6)
-    gates = gate_values(result.eigenvalues, kind=kind, tau=float(result.eigenvalues.median()), temperature=0.5)
-    projector = build_projector(result, gates, k=k)
-    rows = _rows((64, d), seed=10)
-    before, after = _c_norm(rows, c_tilde), _c_norm(apply_projector(rows, projector), c_tilde)
-    assert bool((after <= before * (1 + 1e-10)).all())
-
-
-def test_gating_can_lengthen_a_row_in_the_euclidean_norm():
-    """The documented caveat: P_g is oblique, so a row may get up to ~sqrt(cond C̃) longer; the cap undoes it."""
-    c_pre = torch.diag(torch.tensor([1.0, 1e-4], dtype=F64))  # cond 1e4
-    high_utility = c_pre @ torch.tensor([0.01, 1.0], dtype=F64)
-    c_task = torch.outer(high_utility, high_utility)  # one useful direction v ∝ (0.01, 1), nearly along e_2
-    result = solve_generalized_eigenproblem(c_task, c_pre, ridge=1e-6)
-    gates = gate_values(result.eigenvalues, kind="hard", tau=1e-4)
-    assert gates.tolist() == [0.0, 1.0]
-    projector = build_projector(result, gates)
-    row = torch.tensor([[1.0, 0.01]], dtype=F64)
-    gated = apply_projector(row, projector)
-    assert float(gated.norm() / row.norm()) > 10.0
-    capped = cap_row_norms(gated, row)
-    torch.testing.assert_close(capped.norm(), row.norm())
-
-
-def test_cap_row_norms_caps_long_rows_and_leaves_short_ones():
-    reference = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=F64)
-    gated = torch.tensor([[6.0, 8.0], [0.5, 0.0], [0.0, 0.0], [-3.0, 4.0]], dtype=F64)
-    capped = cap_row_norms(gated, reference)
-    torch.testing.assert_close(capped[0], torch.tensor([3.0, 4.0], dtype=F64))  # shrunk to ‖ref‖ = 5
-    torch.testing.assert_close(capped[1], gated[1], rtol=0, atol=0)  # shorter: untouched
-    torch.testing.assert_close(capped[2], gated[2], rtol=0, atol=0)  # zero row stays zero
-    torch.testing.assert_close(capped[3], gated[3] * (math.sqrt(2) / 5))  # direction kept, length ‖ref‖
-    norms = capped.norm(dim=-1)
-    assert bool((norms <= reference.norm(dim=-1) * (1 + 1e-12)).all())
-
-
-def test_cap_row_norms_on_batched_random_rows():
-    gated, reference = _rows((3, 4, 8), seed=12) * 2, _rows((3, 4, 8), seed=13)
-    capped = cap_row_norms(gated, reference)
-    longer = gated.norm(dim=-1) > reference.norm(dim=-1)
-    torch.testing.assert_close(capped.norm(dim=-1)[longer], reference.norm(dim=-1)[longer])
-    torch.testing.assert_close(capped[~longer], gated[~longer], rtol=0, atol=0)
-
-
-def test_project_rows_keeps_row_norms_and_gated_direction():
-    d = 14
-    result, _ = _solve(d=d, seed=14)
-    gates = gate_values(result.eigenvalues, kind="rational", tau=float(result.eigenvalues.median()))
-    projector = build_projector(result, gates, k=8)
-    rows = _rows((6, d), seed=15)
-    projected = project_rows(rows, projector)
-    torch.testing.assert_close(projected.norm(dim=-1), rows.norm(dim=-1), rtol=1e-12, atol=0)
-    gated = apply_projector(rows, projector)
-    cosine = (projected * gated).sum(-1) / (projected.norm(dim=-1) * gated.norm(dim=-1))
-    torch.testing.assert_close(cosine, torch.ones(6, dtype=F64), rtol=0, atol=1e-12)
-
-
-def test_apply_projector_rejects_wrong_row_length():
-    result, _ = _solve(d=6, seed=0)
-    projector = build_projector(result, torch.ones(6, dtype=F64))
-    with pytest.raises(ValueError, match="d=6"):
-        apply_projector(torch.ones(3, 7, dtype=F64), projector)
-    with pytest.raises(ValueError):
-        project_rows(torch.ones(3, 5, dtype=F64), projector)
-
-
-def test_build_projector_rejects_wrong_number_of_gates():
-    result, _ = _solve(d=6, seed=0)
-    for gates in (torch.ones(5, dtype=F64), torch.ones(6, 1, dtype=F64), torch.ones(7, dtype=F64)):
-        with pytest.raises(ValueError, match="gates"):
-            build_projector(result, gates)
-
-
-@pytest.mark.parametrize(
-    "c_tilde_v_shape, v_shape, gates_shape",
-    [((6, 3), (6, 2), (2,)), ((6, 3), (6, 3), (2,)), ((6, 3), (6, 3), (3, 1)), ((6,), (6,), (6,)),
-     ((5, 3), (6, 3), (3,))],
-)
-def test_projector_construction_checks_shapes(c_tilde_v_shape, v_shape, gates_shape):
-    with pytest.raises(ValueError, match="projector"):
-        Projector(torch.zeros(c_tilde_v_shape), torch.zeros(v_shape), torch.zeros(gates_shape))
-
-
-def test_projector_properties_and_to():
-    projector = Projector(torch.zeros(7, 3, dtype=F64), torch.zeros(7, 3, dtype=F64), torch.ones(3, dtype=F64))
-    assert projector.dim == 7 and projector.rank == 3
-    moved = projector.to(dtype=torch.float32)
-    assert moved.v.dtype == moved.c_tilde_v.dtype == moved.gates.dtype == torch.float32
-    assert moved.dim == 7 and moved.rank == 3
-
-
 # ---------------------------------------------------------------------------------------------- SpectralSolver
 def _good_pair(d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    return _spd(d, seed=seed + 50), _spd(d, seed=seed + 60)
+    return spd(d, seed=seed + 50), spd(d, seed=seed + 60)
 
 
 def _nan_pair(d: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,8 +353,8 @@ def test_solver_good_solve_reports_gates_tau_and_ridge():
     torch.testing.assert_close(report.eigenvalues, result.eigenvalues)
     torch.testing.assert_close(report.gates, gates)
     assert projector.rank == 8  # k=None keeps every direction
-    rows = _rows((3, 8), seed=0)
-    torch.testing.assert_close(apply_projector(rows, projector), rows @ _dense_projector(result, gates))
+    rows = random_rows((3, 8), seed=0)
+    torch.testing.assert_close(apply_projector(rows, projector), rows @ dense_projector(result, gates))
     assert solver.reports == {LAYER: report}
 
 
@@ -667,85 +443,15 @@ def test_solver_float32_eigh_failure_on_resolve_keeps_previous_basis():
 
 
 # ---------------------------------------------------------------------------------------------- ties at k
-def _null_space_solve(d: int = 12, task_rank: int = 3, seed: int = 7):
-    """C_task of rank ``task_rank`` < d: d − task_rank generalized eigenvalues ≈ 0, so gates tie at ≈ 0."""
-    c_pre = _spd(d, seed)
-    result = solve_generalized_eigenproblem(_spd(d, seed + 1, tokens=task_rank), c_pre)
-    return result, gate_values(result.eigenvalues, kind="rational", tau=0.5)
-
-
-def _rotate_cluster(result: GeneralizedEigenResult, cluster: torch.Tensor, seed: int) -> GeneralizedEigenResult:
-    """Another, equally valid basis: the eigenvectors of a degenerate cluster rotated among themselves (what a
-    different summation order of the statistics, e.g. another number of ranks, can produce)."""
-    rotation, _ = torch.linalg.qr(torch.randn(cluster.numel(), cluster.numel(),
-                                              generator=torch.Generator().manual_seed(seed), dtype=F64))
-    v, c_tilde_v = result.eigenvectors.clone(), result.c_tilde_v.clone()
-    v[:, cluster] = v[:, cluster] @ rotation
-    c_tilde_v[:, cluster] = c_tilde_v[:, cluster] @ rotation
-    return GeneralizedEigenResult(result.eigenvalues, v, c_tilde_v, result.ridge, result.dtype)
-
-
-def test_a_large_tied_cluster_is_stored_as_its_complement_exactly():
-    """9 of 12 gates ≈ 0 (C_task null space), k = 4: base gate ≈ 0 and the 3 useful directions stored is P_g."""
-    result, gates = _null_space_solve()
-    choice = select_directions(gates, 4, tie_tolerance=1e-6)
-    assert choice.indices.numel() == 3 and choice.base < 1e-6 and choice.approximated == 0
-    projector = build_projector(result, gates, k=4, tie_tolerance=1e-6)
-    assert projector.rank == 4 and projector.base == choice.base
-    rows = _rows((5, 12), seed=8)
-    torch.testing.assert_close(apply_projector(rows, projector), rows @ _dense_projector(result, gates),
-                               rtol=1e-9, atol=1e-9)
-
-
-def test_k_splitting_a_tie_gives_the_same_projector_in_every_basis_of_the_cluster():
-    result, gates = _null_space_solve()
-    cluster = torch.nonzero(gates < 1e-6).flatten()
-    assert cluster.numel() == 9
-    rotated = _rotate_cluster(result, cluster, seed=3)
-    rows = _rows((5, 12), seed=9)
-    for k in (2, 4, 6, 10):
-        first = apply_projector(rows, build_projector(result, gates, k=k, tie_tolerance=1e-6))
-        second = apply_projector(rows, build_projector(rotated, gates, k=k, tie_tolerance=1e-6))
-        torch.testing.assert_close(first, second, rtol=1e-9, atol=1e-9, msg=f"k={k}")
-    # without the tie rule (the k smallest gates, base 1) the two bases disagree: this test could fail
-    naive = [apply_projector(rows, build_projector(r, gates + 1e-3 * torch.arange(12, dtype=F64), k=4))
-             for r in (result, rotated)]
-    assert not torch.allclose(naive[0], naive[1], atol=1e-3)
-
-
-def test_a_tied_cluster_that_does_not_fit_is_left_out_whole_and_reported():
-    """Gates: 3 distinct small ones, a tied cluster of 5 at 0.4, 6 at 1; k = 6 cannot hold 3 + 5."""
-    gates = torch.tensor([0.1, 0.2, 0.3] + [0.4] * 5 + [1.0] * 6, dtype=F64)
-    choice = select_directions(gates, 6, tie_tolerance=1e-6)
-    assert choice.base == 1.0 and sorted(choice.indices.tolist()) == [0, 1, 2]
-    assert (choice.approximated, choice.split_ties) == (5, 5)
-    # when the tied cluster is the largest, storing its complement is the better (here exact) choice
-    gates = torch.tensor([0.1, 0.2] + [0.4] * 5 + [1.0] * 3, dtype=F64)
-    choice = select_directions(gates, 5, tie_tolerance=1e-6)
-    assert choice.base == pytest.approx(0.4) and choice.approximated == 0 and choice.indices.numel() == 5
-
-
-def test_without_ties_the_k_smallest_gates_are_kept_with_base_one():
-    gates = torch.rand(20, generator=torch.Generator().manual_seed(1), dtype=F64)
-    choice = select_directions(gates, 7, tie_tolerance=0.0)
-    assert choice.base == 1.0 and choice.split_ties == 0 and choice.approximated == 13 - int((gates == 1).sum())
-    assert sorted(choice.indices.tolist()) == sorted(torch.argsort(gates)[:7].tolist())
-
-
 def test_solver_reports_what_the_projector_keeps():
-    c_pre = _spd(12, 7)
+    c_pre = spd(12, 7)
     solver = SpectralSolver(FoLoRAConfig(k=4, tau=0.5, tau_mode="absolute"))
-    _, report = solver.solve(LAYER, _spd(12, 8, tokens=3), c_pre)
+    _, report = solver.solve(LAYER, spd(12, 8, tokens=3), c_pre)
     assert (report.stored, report.approximated, report.split_ties) == (3, 0, 0) and report.base_gate < 1e-6
     restored = SpectralSolver(FoLoRAConfig(k=4, tau=0.5, tau_mode="absolute"))
     restored.load_state_dict(solver.state_dict())
     assert (restored.reports[LAYER].stored, restored.reports[LAYER].base_gate) == (3, report.base_gate)
     assert restored.projector(LAYER).base == report.base_gate
-
-
-def test_a_projector_base_gate_outside_zero_one_is_refused():
-    with pytest.raises(ValueError, match="base gate"):
-        Projector(torch.zeros(3, 1, dtype=F64), torch.zeros(3, 1, dtype=F64), torch.zeros(1, dtype=F64), 1.5)
 
 
 def test_round_off_eigenvalues_of_the_task_null_space_become_exact_zeros():
