@@ -58,10 +58,7 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 def load_folora_config(config_path: str | None, overrides: Sequence[str] = ()) -> FoLoRAConfig:
     """The FoLoRA config from a DeepSpeed JSON's ``"folora"`` block (or defaults) plus ``--set`` overrides."""
-    from folora_ds.ds_config import load_ds_config
-
-    block = {} if config_path is None else FoLoRAConfig.from_deepspeed_config(load_ds_config(config_path)).to_dict()
-    return FoLoRAConfig.from_dict(_merge(block, _parse_overrides(overrides)))
+    return FoLoRAConfig.from_dict(build_run_config(config_path, overrides)["folora"])
 
 
 _FLAG_KEYS = {"--lr": ("optimizer", "params", "lr"), "--weight-decay": ("optimizer", "params", "weight_decay"),

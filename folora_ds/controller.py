@@ -180,8 +180,10 @@ class FoLoRAController:
             yield
             return
         use_labels = self.config.task_token_mask == "labels"
-        generator = torch.Generator().manual_seed(
-            self.config.proxy.seed * 1_000_003 + comm.rank(self.group) * 7_919 + self.task_forwards)
+        generator = None
+        if self.config.statistics_tokens is not None:
+            generator = torch.Generator().manual_seed(
+                self.config.proxy.seed * 1_000_003 + comm.rank(self.group) * 7_919 + self.task_forwards)
         with self.collector.collect("task", attention_mask=batch.get("attention_mask"),
                                     labels=batch.get("labels") if use_labels else None,
                                     sample_tokens=self.config.statistics_tokens, generator=generator):

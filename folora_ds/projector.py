@@ -83,8 +83,10 @@ class DirectionChoice:
     split_ties: int
 
 
-def select_directions(gates: torch.Tensor, k: int, tie_tolerance: float = 0.0) -> DirectionChoice:
+def select_directions(gates: torch.Tensor, k: int | None, tie_tolerance: float = 0.0) -> DirectionChoice:
     """Choose what a width-``k`` projector stores, the same way whatever the summation order of the statistics.
+
+    ``k=None`` or k ≥ d: every direction, in ascending gate order (the exact P_g).
 
     Gates within ``tie_tolerance`` of their neighbour (in sorted order) form a tied cluster. Inside a cluster the
     generalized eigenvectors are defined only up to rotation, so storing part of a cluster would depend on
@@ -96,6 +98,8 @@ def select_directions(gates: torch.Tensor, k: int, tie_tolerance: float = 0.0) -
     """
     d = gates.numel()
     order = torch.argsort(gates, stable=True)
+    if k is None or k >= d:
+        return DirectionChoice(order, 1.0, 0, 0)
     values = gates[order].double().tolist()
     clusters, start = [], 0
     for position in range(1, d + 1):
@@ -124,22 +128,19 @@ def select_directions(gates: torch.Tensor, k: int, tie_tolerance: float = 0.0) -
 
 
 def build_projector(result: GeneralizedEigenResult, gates: torch.Tensor, k: int | None = None, *,
-                    tie_tolerance: float = 0.0) -> Projector:
-    """The projector of a solve: all d directions (``k=None`` or k ≥ d), else width k as ``select_directions``
-    chooses (unused columns zero, with gate = base)."""
+                    tie_tolerance: float = 0.0, choice: DirectionChoice | None = None) -> Projector:
+    """The projector of a solve, of width min(k, d) (d for ``k=None``), storing what ``select_directions`` chooses
+    (or ``choice``, when the caller already made it); unused columns are zero, with gate = base."""
     d = result.eigenvectors.shape[0]
     if gates.shape != (d,):
         raise ValueError(f"gates {tuple(gates.shape)} must be ({d},) to match the solve")
     if k is not None and not (isinstance(k, int) and k >= 1):
         raise ValueError(f"projector rank k={k!r} must be None or an integer >= 1")
-    if k is None or k >= d:
-        order = torch.argsort(gates, stable=True)
-        return Projector(result.c_tilde_v[:, order].contiguous(), result.eigenvectors[:, order].contiguous(),
-                         gates[order].contiguous())
-    choice = select_directions(gates, k, tie_tolerance)
-    c_tilde_v = result.c_tilde_v.new_zeros(d, k)
-    v = result.eigenvectors.new_zeros(d, k)
-    stored_gates = gates.new_full((k,), choice.base)
+    choice = select_directions(gates, k, tie_tolerance) if choice is None else choice
+    width = d if k is None else min(k, d)
+    c_tilde_v = result.c_tilde_v.new_zeros(d, width)
+    v = result.eigenvectors.new_zeros(d, width)
+    stored_gates = gates.new_full((width,), choice.base)
     count = choice.indices.numel()
     c_tilde_v[:, :count] = result.c_tilde_v[:, choice.indices]
     v[:, :count] = result.eigenvectors[:, choice.indices]

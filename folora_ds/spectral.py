@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from folora_ds.config import FoLoRAConfig
-from folora_ds.projector import DirectionChoice, Projector, build_projector, select_directions
+from folora_ds.projector import Projector, build_projector, select_directions
 
 
 class SpectralSolveError(RuntimeError):
@@ -272,12 +272,8 @@ class SpectralSolver:
             report = dataclasses.replace(self._reports[key], failed=True, consecutive_failures=failures)
             self._reports[key] = report
             return self._projectors[key], report
-        d = gates.numel()
-        if cfg.k is None or cfg.k >= d:
-            choice = DirectionChoice(torch.arange(d), 1.0, 0, 0)
-        else:
-            choice = select_directions(gates, cfg.k, cfg.gate_tie_tolerance)
-        projector = build_projector(result, gates, cfg.k, tie_tolerance=cfg.gate_tie_tolerance)
+        choice = select_directions(gates, cfg.k, cfg.gate_tie_tolerance)
+        projector = build_projector(result, gates, cfg.k, choice=choice)
         report = SolveReport(key, result.eigenvalues, gates, tau, result.ridge, failed=False,
                              consecutive_failures=0, stored=choice.indices.numel(), base_gate=choice.base,
                              approximated=choice.approximated, split_ties=choice.split_ties)

@@ -77,6 +77,7 @@ class CovarianceCollector:
         self._mask: torch.Tensor | None = None
         self._sample_tokens: int | None = None
         self._generator: torch.Generator | None = None
+        self._drawn: tuple[int, torch.Tensor] | None = None  # (tokens of the forward, kept positions)
         self._handles = [
             module.register_forward_pre_hook(self._make_hook(name))
             for name, module in model.named_modules() if name in set(self._layer_names)
@@ -93,8 +94,8 @@ class CovarianceCollector:
             source: "pre" or "task".
             attention_mask: (batch, seq); tokens with 0 are padding and are not counted.
             labels: (batch, seq); if given, only tokens with label != -100 are counted as well.
-            sample_tokens: count only this many of the counted tokens per input and forward, drawn uniformly
-                without replacement (None: every token). The same draw serves every module sharing the input.
+            sample_tokens: count only this many of the counted tokens per forward, drawn uniformly without
+                replacement once per forward and used for every input (None: every token).
             generator: the CPU generator of the draws (for reproducible sampling).
         """
         if sample_tokens is not None and not (isinstance(sample_tokens, int) and sample_tokens >= 1):
@@ -111,11 +112,11 @@ class CovarianceCollector:
             label_mask = labels != -100
             mask = label_mask if mask is None else mask & label_mask
         self._source, self._mask = source, mask
-        self._sample_tokens, self._generator = sample_tokens, generator
+        self._sample_tokens, self._generator, self._drawn = sample_tokens, generator, None
         try:
             yield
         finally:
-            self._source, self._mask, self._sample_tokens, self._generator = None, None, None, None
+            self._source, self._mask, self._sample_tokens, self._generator, self._drawn = None, None, None, None, None
 
     def keys(self) -> list[str]:
         """Input keys in first-forward order. Raises if no collecting forward has run yet."""
@@ -239,17 +240,25 @@ class CovarianceCollector:
         elif sums.sum.shape[0] != d:
             raise ValueError(f"{key!r}: input width changed from {sums.sum.shape[0]} to {d}")
         if self._sample_tokens is not None:  # keep a uniform draw of the counted tokens
-            counted = torch.arange(rows.shape[0]) if weights is None else torch.nonzero(weights.flatten().cpu()
-                                                                                         ).flatten()
-            if counted.numel() > self._sample_tokens:
-                counted = counted[torch.randperm(counted.numel(), generator=self._generator)[:self._sample_tokens]]
-            rows, weights = rows[counted.to(rows.device)], None
+            rows, weights = rows[self._draw(rows.shape[0]).to(rows.device)], None
         if weights is None:
             sums.sum.addmm_(rows.mT, rows)
             sums.tokens += rows.shape[0]
         else:
             sums.sum.addmm_((rows * weights).mT, rows)
             sums.tokens += weights.sum().to(torch.int64)
+
+
+    def _draw(self, tokens: int) -> torch.Tensor:
+        """The token positions kept in this forward: drawn once (one host sync for the mask) and shared by every
+        input with the same number of tokens — in a language model every LoRA input of a forward."""
+        if self._drawn is None or self._drawn[0] != tokens:
+            mask = self._mask
+            counted = torch.arange(tokens) if mask is None else torch.nonzero(mask.flatten().cpu()).flatten()
+            if counted.numel() > self._sample_tokens:
+                counted = counted[torch.randperm(counted.numel(), generator=self._generator)[:self._sample_tokens]]
+            self._drawn = (tokens, counted)
+        return self._drawn[1]
 
 
 class CovarianceEMA:
