@@ -4,19 +4,21 @@ Starts ``--world`` gloo ranks on this machine (CPU) or uses the launcher's ranks
 ``deepspeed``/``torchrun`` (GPU). Each rank builds the same Llama-style model (random weights, built from a config)
 with LoRA on all linear layers, then times, alternating step by step:
   - plain: ``deepspeed.initialize`` with ``torch.optim.AdamW`` (forward + backward + step),
-  - FoLoRA: ``folora_ds.initialize`` (forward with C_task hooks + backward + gated step), no refresh inside the
-    timed steps; one refresh (reduce to owners, solves, delivery) is timed on its own.
-It also times the statistics pass (forward with the collector) against a plain forward, and reports the bytes of
-covariance sums a refresh moves per rank with reduce-to-owner against an all-reduce of the same data.
+  - FoLoRA: ``folora_ds.initialize`` (forward with C_task hooks, token rows to owners + backward + gated step), no
+    refresh inside the timed steps; one refresh (fold, solves, delivery) is timed on its own.
+It also times an exact statistics pass (forward with the collector, every token) against a plain forward, and
+reports the token-row bytes each rank sends per training micro-batch and the statistics each rank holds against
+``folora-ds plan``'s figures.
 
     python benchmarks/training_step.py --stage 2 --world 2
+    python benchmarks/training_step.py --stage 3 --world 2 --hidden 4096 --intermediate 11008 --heads 32 \
+        --kv-heads 32 --layers 1 --batch 1 --seq 256 --steps 4 --no-pass          # one Llama-2-7B block
     torchrun --nproc_per_node 8 benchmarks/training_step.py --stage 2 --hidden 4096 --layers 4 ...
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import time
@@ -54,7 +56,7 @@ def _bench(rank: int, world: int, args) -> None:
 
     import folora_ds.engine
     from folora_ds.distributed import comm
-    from folora_ds.distributed.statistics import statistics_bytes_per_refresh
+    from folora_ds.plan import PlanSettings, make_plan, model_shape
     from folora_ds.stats import CovarianceCollector
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
@@ -68,7 +70,7 @@ def _bench(rank: int, world: int, args) -> None:
     collector = CovarianceCollector(model)
     stats_times, plain_times = [], []
     with torch.no_grad():
-        for repeat in range(args.warmup + args.steps):
+        for repeat in range(0 if args.no_pass else args.warmup + args.steps):
             _sync()
             start = time.perf_counter()
             model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"])
@@ -80,10 +82,10 @@ def _bench(rank: int, world: int, args) -> None:
             if repeat >= args.warmup:
                 plain_times.append(middle - start)
                 stats_times.append(time.perf_counter() - middle)
-    dims = collector.input_dims()
     collector.remove()
+    del model, collector  # each engine gets its own copy, built from the same seed (large blocks: memory)
 
-    plain_model = copy.deepcopy(model).to(dtype if args.stage == 0 else torch.float32)
+    plain_model = _model(args).to(device).to(dtype if args.stage == 0 else torch.float32)
     plain_engine, *_ = deepspeed.initialize(
         model=plain_model, config=ds_config,
         optimizer=torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=1e-4))
@@ -92,8 +94,10 @@ def _bench(rank: int, world: int, args) -> None:
                                 "refresh_interval": 0,
                                 "statistics_tokens": args.statistics_tokens or None}}
     folora_engine, controller = folora_ds.engine.initialize(
-        copy.deepcopy(model), folora_config, proxy_batches=[_batch(args, 100 + rank, device)],
+        _model(args).to(device), folora_config, proxy_batches=[_batch(args, 100 + rank, device)],
         task_batches=[_batch(args, 200 + rank, device)])
+    exchange = controller.collector._exchange
+    sent_before = exchange.bytes_sent
 
     def step(engine, batch, track):
         _sync()
@@ -119,6 +123,8 @@ def _bench(rank: int, world: int, args) -> None:
             plain_steps.append(plain_seconds)
             folora_steps.append(folora_seconds)
     controller.check_gating()
+    sent_per_micro_batch = (exchange.bytes_sent - sent_before) / (args.warmup + args.steps)
+    statistics_held = controller.statistics_bytes()
     comm.barrier()
     _sync()
     start = time.perf_counter()
@@ -128,25 +134,42 @@ def _bench(rank: int, world: int, args) -> None:
     _sync()
     refresh_seconds = time.perf_counter() - start
     held = comm.all_gather_objects(controller.projector_bytes())
+    sent = comm.all_gather_objects(sent_per_micro_batch)
+    statistics_held = comm.all_gather_objects(statistics_held)
+    peak_rss = comm.all_gather_objects(_peak_rss())
     if rank == 0:
-        element = 4
-        reduce_bytes = statistics_bytes_per_refresh(dims, element)
+        dims = controller.dims
+        shape = model_shape(folora_engine.module.base_model.model.config, FoLoRAConfig(**folora_config["folora"]))
+        plan = make_plan(shape, PlanSettings(world_size=world, zero_stage=args.stage, model_dtype={
+            "fp32": "float32", "bf16": "bfloat16"}[args.precision], micro_batch=args.batch, seq_len=args.seq,
+            solve_seconds_per_gflop=1.0), FoLoRAConfig(**folora_config["folora"]))
         plain_step, folora_step = statistics.median(plain_steps), statistics.median(folora_steps)
         print(f"device={device} world={world} ZeRO-{args.stage} {args.precision} hidden={args.hidden} "
               f"layers={args.layers} r={args.rank} k={args.k} batch={args.batch}x{args.seq} steps={args.steps} "
               f"statistics_tokens={args.statistics_tokens or 'all'}")
         print(f"training step: AdamW {plain_step * 1e3:.1f} ms, FoLoRA {folora_step * 1e3:.1f} ms, "
               f"ratio {folora_step / plain_step:.3f}")
-        print(f"statistics pass ÷ plain forward: {statistics.median(stats_times) / statistics.median(plain_times):.3f}"
-              f" ({statistics.median(stats_times) * 1e3:.1f} ms vs {statistics.median(plain_times) * 1e3:.1f} ms)")
-        print(f"one refresh (reduce + solve + deliver): {refresh_seconds * 1e3:.1f} ms "
+        if stats_times:
+            print(f"exact statistics pass ÷ plain forward: "
+                  f"{statistics.median(stats_times) / statistics.median(plain_times):.3f} "
+                  f"({statistics.median(stats_times) * 1e3:.1f} ms vs {statistics.median(plain_times) * 1e3:.1f} ms)")
+        print(f"one refresh (fold + solve + deliver): {refresh_seconds * 1e3:.1f} ms "
               f"= {refresh_seconds / plain_step:.2f} plain steps")
-        print(f"statistics bytes per rank per refresh: reduce-to-owner {reduce_bytes / 2**20:.2f} MiB sent; an "
-              f"all-reduce of the same sums moves 2·(W−1)/W of it per rank in a ring ({2 * (world - 1) / world:.2f}×"
-              f" vs {(world - 1) / world:.2f}× for a ring reduce), and leaves a copy on every rank")
+        print(f"token rows sent per rank and training micro-batch: {[f'{b / 2**20:.2f} MiB' for b in sent]} "
+              f"(plan: {plan.bytes_per_collecting_micro_batch / 2**20:.2f} MiB on average)")
+        print(f"statistics held per rank: {[f'{b / 2**20:.1f} MiB' for b in statistics_held]} (plan: "
+              f"{[f'{r.statistics_training / 2**20:.1f} MiB' for r in plan.ranks]}; replicated before: "
+              f"{plan.replicated_statistics / 2**20:.1f} MiB on every rank)")
+        print(f"peak resident memory per rank (both engines): {[f'{b / 2**30:.2f} GiB' for b in peak_rss]}")
         full_copy = sum(d * min(d, args.k or d) * 2 * 4 + min(d, args.k or d) * 4 for d in dims.values())
         print(f"projector bytes held per rank: {held} (one full copy: {full_copy}; "
               f"sum/copy = {sum(held) / full_copy:.2f})")
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _spawned(rank: int, world: int, port: int, args) -> None:
@@ -180,6 +203,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-pass", action="store_true", help="skip the exact statistics pass timing")
     parser.add_argument("--statistics-tokens", type=int, default=FoLoRAConfig().statistics_tokens,
                         help="tokens per input and micro-batch counted towards C_task (0: every token, exact)")
     args = parser.parse_args()

@@ -1,15 +1,18 @@
-"""Checkpoints: DeepSpeed's own files plus ``folora_state.pt``, checked before anything is loaded.
+"""Checkpoints: DeepSpeed's own files plus FoLoRA's state, one file per rank, checked before anything is loaded.
 
     ckpt/
       latest                      ← the newest tag (DeepSpeed writes it last)
       global_step40/
-        folora_state.pt           ← FoLoRA's state (world-size independent; written by rank 0 first)
+        folora_state/rank_00000_of_00003.pt …   ← each rank's part (its owned inputs' statistics and solver
+                                                  state, plus the small common part), written before DeepSpeed's
         mp_rank_00_model_states.pt, *zero_pp_rank_*_optim_states.pt    ← DeepSpeed's
 
-FoLoRA's state is a file of its own, not DeepSpeed's ``client_state``: a resume reads it (a few MB, no model
-weights) and checks the FoLoRA config before DeepSpeed loads anything, so a changed ``lora_rank`` is reported
-as such instead of as torch's wall of size mismatches. A missing tag, a truncated file and a checkpoint of
-another world size are each reported with the path and what to do.
+FoLoRA's state is not DeepSpeed's ``client_state``: a resume reads it and checks the FoLoRA config before
+DeepSpeed loads anything, so a changed ``lora_rank`` is reported as such instead of as torch's wall of size
+mismatches. Each rank writes only the (d, d) statistics it owns, so no rank ever holds all of them (at 70B they
+are ~1 TB together); a resume on any world size memory-maps every part and copies in only the inputs it owns
+now. A missing tag or part, a truncated file and a checkpoint of another world size are each reported with the
+path and what to do.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ from typing import Any
 
 import torch
 
-from folora_ds.distributed import comm
+FOLORA_STATE_DIR = "folora_state"
 
-FOLORA_STATE_FILE = "folora_state.pt"
+
+def _part_name(rank: int, world: int) -> str:
+    return f"rank_{rank:05d}_of_{world:05d}.pt"
 
 
 def save_checkpoint(engine, folora_state: dict[str, Any], directory: str | Path, tag: str | None = None) -> Path:
-    """Collective: write ``folora_state`` (rank 0) and then the engine's checkpoint into ``directory/tag``.
+    """Collective: write this rank's part of FoLoRA's state (``controller.state_dict()``) and then the engine's
+    checkpoint into ``directory/tag``.
 
     ``tag`` defaults to DeepSpeed's ``global_step<N>``. Returns the tag folder.
     """
@@ -38,13 +44,14 @@ def save_checkpoint(engine, folora_state: dict[str, Any], directory: str | Path,
 
     tag = tag or f"global_step{engine.global_steps}"
     folder = Path(directory) / tag
+    path = folder / FOLORA_STATE_DIR / _part_name(*folora_state["part"])
     error = None
-    if comm.rank() == 0:
-        try:
-            with replace_atomically(folder / FOLORA_STATE_FILE) as scratch:
-                torch.save(folora_state, scratch)
-        except OSError as problem:
-            error = f"cannot write {str(folder / FOLORA_STATE_FILE)!r}: {problem}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replace_atomically(path) as scratch:
+            torch.save(folora_state, scratch)
+    except OSError as problem:
+        error = f"cannot write {str(path)!r}: {problem}"
     raise_if_any(error)  # also the barrier before DeepSpeed writes its files and 'latest'
     engine.save_checkpoint(str(directory), tag=tag)
     return folder
@@ -75,20 +82,33 @@ def resolve_tag(directory: str | Path, tag: str | None, *, universal: bool = Fal
 
 
 def read_folora_state(folder: Path) -> dict[str, Any]:
-    """FoLoRA's state from a checkpoint folder.
+    """FoLoRA's whole state from a checkpoint folder: every rank's part, memory-mapped (only the tensors a rank
+    then copies are read from disk) and merged.
 
     Raises:
-        ValueError: the folder holds no FoLoRA state, or the file is truncated or corrupt (named).
+        ValueError: the folder holds no FoLoRA state, a part is missing, truncated or corrupt (named).
     """
-    path = folder / FOLORA_STATE_FILE
-    if not path.is_file():
-        raise ValueError(f"{str(folder)!r} holds no FoLoRA checkpoint ({FOLORA_STATE_FILE} is missing); was it "
-                         "written by controller.save_checkpoint?")
-    _check_readable(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch.load raises many types for a damaged file; the path is what matters
-        raise ValueError(f"checkpoint file {str(path)!r} cannot be read ({type(error).__name__}: {error})") from error
+    from folora_ds.controller import merge_state_parts
+
+    parts_dir = folder / FOLORA_STATE_DIR
+    paths = sorted(parts_dir.glob("rank_*_of_*.pt")) if parts_dir.is_dir() else []
+    if not paths:
+        raise ValueError(f"{str(folder)!r} holds no FoLoRA checkpoint ({FOLORA_STATE_DIR}/ is missing or empty); "
+                         "was it written by controller.save_checkpoint?")
+    world = int(paths[0].stem.rsplit("_of_", 1)[1])
+    missing = [_part_name(rank, world) for rank in range(world) if not (parts_dir / _part_name(rank, world)).is_file()]
+    if missing:
+        raise ValueError(f"FoLoRA state part {str(parts_dir / missing[0])!r} is missing ({len(missing)} of {world}); "
+                         "restore it or resume from an earlier tag")
+    parts = []
+    for path in paths:
+        _check_readable(path)
+        try:
+            parts.append(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+        except Exception as error:  # torch.load raises many types for a damaged file; the path is what matters
+            raise ValueError(f"checkpoint file {str(path)!r} cannot be read ({type(error).__name__}: {error})"
+                             ) from error
+    return merge_state_parts(parts)
 
 
 def check_deepspeed_files(folder: Path) -> None:
@@ -178,5 +198,5 @@ def convert_to_universal_checkpoint(directory: str | Path, tag: str | None = Non
     if result.returncode != 0 or not (directory / "latest_universal").is_file():
         raise RuntimeError(f"ds_to_universal failed on {str(source)!r}:\n{result.stdout[-2000:]}\n"
                            f"{result.stderr[-3000:]}")
-    shutil.copy2(source / FOLORA_STATE_FILE, target / FOLORA_STATE_FILE)
+    shutil.copytree(source / FOLORA_STATE_DIR, target / FOLORA_STATE_DIR, dirs_exist_ok=True)
     return target

@@ -3,6 +3,7 @@
     folora-ds train [--config ds.json] [--set tau=2.0 --set proxy.seed=3] [--model DIR] [--data FILE] ...
     deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json ...    (the same command per rank)
     folora-ds sample-proxy --model DIR --output proxy.jsonl [--config ds.json] [--set ...]
+    folora-ds plan --model-config llama-3-70b --world 64 --nodes 8 [--config ds.json] [--set k=64] [--json]
 
 The run's settings come from a DeepSpeed JSON config (``--config``, alias ``--deepspeed``; a one-process ZeRO-0
 default without it): DeepSpeed's keys go to the engine, the ``"folora"`` block to FoLoRA, with ``--set`` overriding
@@ -138,7 +139,47 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", default=defaults.model)
     sample.add_argument("--output", required=True, help="JSONL file to write")
     sample.add_argument("--no-progress", action="store_true")
+
+    plan = commands.add_parser("plan", help="per-rank memory, communication and solve time of a run, from a "
+                               "config.json (no weights)")
+    plan.add_argument("--model-config", required=True, metavar="CONFIG",
+                      help="a HF config.json, a model folder, or a shipped name: llama-2-7b, llama-3-8b, llama-3-70b")
+    plan.add_argument("--world", type=int, required=True, help="data-parallel ranks")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--config", "--deepspeed", dest="config", metavar="CONFIG",
+                      help='DeepSpeed JSON with a "folora" block: stage, micro-batch, accumulation, bf16 and FoLoRA '
+                           "settings come from it")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--stage", type=int, help="ZeRO stage (default: the config's, else 3)")
+    plan.add_argument("--dtype", choices=["bfloat16", "float32"], help="model dtype (default: the config's bf16 "
+                      "setting, else bfloat16)")
+    plan.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: the config's, else 1)")
+    plan.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence")
+    plan.add_argument("--accumulation", type=int, help="micro-batches per optimizer step (default: the config's)")
+    plan.add_argument("--solve-rate", type=float, metavar="S", help="seconds per d³/1e9 of a float64 eigensolve "
+                      "on the solving device (default: measured here)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from folora_ds.plan import PlanSettings, format_plan, plan_from_files
+
+    ds_config = build_run_config(args.config, args.overrides) if args.config else {
+        "folora": _parse_overrides(args.overrides)}
+    zero = ds_config.get("zero_optimization") or {}
+    bf16 = bool((ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled", args.config is None))
+    settings = PlanSettings(
+        world_size=args.world, nodes=args.nodes,
+        zero_stage=args.stage if args.stage is not None else int(zero.get("stage", 3)),
+        model_dtype=args.dtype or ("bfloat16" if bf16 else "float32"),
+        micro_batch=args.micro_batch or int(ds_config.get("train_micro_batch_size_per_gpu", 1)),
+        seq_len=args.seq_len,
+        gradient_accumulation=args.accumulation or int(ds_config.get("gradient_accumulation_steps", 1)),
+        solve_seconds_per_gflop=args.solve_rate)
+    plan = plan_from_files(args.model_config, settings, FoLoRAConfig.from_dict(ds_config["folora"]))
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -173,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``folora-ds``; returns the exit code."""
     args = _build_parser().parse_args(argv)
     try:
-        return _train(args) if args.command == "train" else _sample_proxy(args)
+        return {"train": _train, "sample-proxy": _sample_proxy, "plan": _plan}[args.command](args)
     except _USER_ERRORS as error:
         print(f"folora-ds: {_rank_label()}error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

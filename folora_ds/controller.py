@@ -24,6 +24,7 @@ Life cycle (a plain torch loop; under DeepSpeed ``folora_ds.initialize`` does th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from folora_ds.budget import adapter_penalty, base_energy, budget_from_config
 from folora_ds.config import FoLoRAConfig
 from folora_ds.distributed import comm
 from folora_ds.distributed.ownership import assign_owners
-from folora_ds.distributed.statistics import agree_on_inputs, deliver_projectors, raise_if_any, reduce_to_owners
+from folora_ds.distributed.statistics import OwnerRowExchange, agree_on_inputs, deliver_projectors, raise_if_any
 from folora_ds.distributed.zero_layout import register_zero_partitions
 from folora_ds.optim import FlatPartitionLayout, GatedAdamW
 from folora_ds.peft_utils import base_weight_matrix, lora_a_weight, lora_b_weight, lora_layers, lora_scaling
@@ -46,8 +47,39 @@ from folora_ds.projector import Projector, project_rows
 from folora_ds.spectral import SolveReport, SpectralSolveError, SpectralSolver
 from folora_ds.stats import CovarianceCollector, CovarianceEMA, CovarianceSums
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 _STRUCTURAL_FIELDS = ("lora_rank", "lora_alpha", "target_modules", "k", "variant", "statistics_dtype")
+
+
+_PER_INPUT_PARTS = ("pre", "ema", "task_window", "solver")
+
+
+def merge_state_parts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The whole FoLoRA state from every rank's ``state_dict()`` part (tensors are not copied).
+
+    Raises:
+        ValueError: parts of different runs or versions, or a rank's part missing (named).
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("no FoLoRA state parts to merge")
+    world = parts[0].get("part", (0, 1))[1]
+    ranks = sorted(part.get("part", (0, 1))[0] for part in parts)
+    if ranks != list(range(world)) or any(part.get("part", (0, 1))[1] != world for part in parts):
+        missing = sorted(set(range(world)) - set(ranks))
+        raise ValueError(f"FoLoRA state parts of ranks {ranks} were given, the run had {world} ranks"
+                         + (f" (missing: {missing})" if missing else ""))
+    first = min(parts, key=lambda part: part.get("part", (0, 1))[0])
+    common = {key: value for key, value in first.items() if key not in _PER_INPUT_PARTS}
+    for part in parts:
+        if part.get("version") != first.get("version") or part["dims"] != first["dims"] or (
+                part["optimizer_steps"] != first["optimizer_steps"]):
+            raise ValueError(f"FoLoRA state part of rank {part['part'][0]} belongs to another run or step")
+    merged = {name: {} for name in _PER_INPUT_PARTS}
+    for part in parts:
+        for name in _PER_INPUT_PARTS:
+            merged[name].update(part[name])
+    return {**common, "part": (0, 1), **merged}
 
 
 @dataclass(frozen=True)
@@ -107,25 +139,70 @@ class FoLoRAController:
         self._device = next(model.parameters()).device
 
     # ------------------------------------------------------------------ statistics
-    def _forward(self, source: str, batches: Iterable[Mapping[str, torch.Tensor]], progress: bool) -> int:
+    def _set_inputs(self, dims: Mapping[str, int]) -> None:
+        """Fix the input widths, choose the owners and route every input's token rows to its owner."""
+        self.dims = dict(dims)
+        self.owners = assign_owners(self.dims, comm.world_size(self.group))
+        self.collector.route_to(OwnerRowExchange(self.owners, self.group))
+
+    def _owned_keys(self) -> list[str]:
+        me = comm.rank(self.group)
+        return [key for key, owner in self.owners.items() if owner == me]
+
+    def _owned_covariances(self, source: str, *, in_place: bool) -> dict[str, torch.Tensor]:
+        """The covariance of every input this rank owns; ValueError naming an input without a counted token."""
+        sums = self.collector.sums(source)
+        missing = [key for key in self._owned_keys() if key not in sums]
+        if missing:
+            raise ValueError(f"{missing[0]!r} [{source}]: zero unmasked tokens were counted; check the "
+                             "attention/label masks and that the calibration set is not empty")
+        return {key: sums[key].covariance(name=f"{key} [{source}]", in_place=in_place) for key in self._owned_keys()}
+
+    def _forward(self, source: str, batches: Iterator[Mapping[str, torch.Tensor]], progress: bool) -> int:
+        """Collective: run this rank's batches through the model inside ``collect(source)``; returns how many.
+
+        Every rank runs as many forwards as the rank with the most batches (the row exchange and ZeRO-3's
+        parameter gathers are collectives): a rank out of batches repeats its last one with nothing counted."""
         was_training = self.model.training
         self.model.eval()
         use_labels = source == "task" and self.config.task_token_mask == "labels"
-        count = 0
+        count, last = 0, None
+        bar = tqdm(desc=f"{source} statistics", disable=not progress, leave=False)
         with torch.no_grad():
-            for batch in tqdm(batches, desc=f"{source} statistics", disable=not progress, leave=False):
-                batch = {name: tensor.to(self._device) for name, tensor in batch.items()}
-                with self.collector.collect(source, attention_mask=batch.get("attention_mask"),
-                                            labels=batch.get("labels") if use_labels else None):
+            while True:
+                batch = next(batches, None)
+                if not any(comm.all_gather_counts(int(batch is not None), self._device, self.group)):
+                    break
+                counting = batch is not None
+                batch = {name: tensor.to(self._device) for name, tensor in batch.items()} if counting else last
+                mask = batch.get("attention_mask")
+                if not counting:
+                    mask = torch.zeros_like(batch["input_ids"])
+                with self.collector.collect(source, attention_mask=mask,
+                                            labels=batch.get("labels") if use_labels and counting else None):
                     self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-                count += 1
+                count, last = count + counting, batch
+                bar.update(int(counting))
+        bar.close()
         self.model.train(was_training)
         return count
 
+    def _discover(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Collective: one short forward (the first sequence, up to 8 tokens) that names the inputs and widths."""
+        was_training = self.model.training
+        self.model.eval()
+        short = {name: batch[name][:1, :8].to(self._device) for name in ("input_ids", "attention_mask")
+                 if name in batch}
+        with torch.no_grad(), self.collector.discover():
+            self.model(**short)
+        self.model.train(was_training)
+
     def calibrate(self, proxy_batches: Iterable[Mapping[str, torch.Tensor]],
                   task_batches: Iterable[Mapping[str, torch.Tensor]], *, progress: bool = False) -> None:
-        """Collective: C_pre over this rank's proxy batches and the first C_task over its task batches, summed
-        over ranks into each input's owner.
+        """Collective: C_pre over this rank's proxy batches and the first C_task over its task batches, each
+        input's token rows sent to its owner, which alone holds that input's (d, d) sums.
+
+        Runs one short forward first to learn the inputs (so owners are chosen before any statistics move).
 
         Raises:
             DistributedStatisticsError: on every rank, when any rank had an empty calibration set, other LoRA
@@ -133,48 +210,62 @@ class FoLoRAController:
         """
         self.collector.reset("pre")
         self.collector.reset("task")
+        proxy, task = iter(proxy_batches), iter(task_batches)
+        first_proxy, first_task = next(proxy, None), next(task, None)
         error = None
-        if self._forward("pre", proxy_batches, progress) == 0:
+        if first_proxy is None:
             error = "the proxy calibration set produced no batches"
-        elif self._forward("task", task_batches, progress) == 0:
+        elif first_task is None:
             error = "the task calibration set produced no batches"
         raise_if_any(error, self.group)
-        self.dims = agree_on_inputs(self.collector, self.group)
-        self.owners = assign_owners(self.dims, comm.world_size(self.group))
-        pre = reduce_to_owners(self.collector, "pre", self.dims, self.owners, self._device, self.group)
-        self.collector.reset("pre")
+        self._discover(first_proxy)
+        self._set_inputs(agree_on_inputs(self.collector, self.group))
+        self._forward("pre", itertools.chain([first_proxy], proxy), progress)
+        self._forward("task", itertools.chain([first_task], task), progress)
         try:
-            self.pre_covariances = {key: sums.covariance(name=f"{key} [pre]") for key, sums in pre.items()}
+            self.pre_covariances = self._owned_covariances("pre", in_place=True)
         except ValueError as problem:
             error = str(problem)
+        self.collector.reset("pre")
         raise_if_any(error, self.group)
-        if self.budget is not None:  # before DeepSpeed wraps the model, so base weights are whole on every rank
-            owned = sum(float(base_energy(base_weight_matrix(layer), self.pre_covariances[self.collector.key_of(
-                name)])) for name, layer in self.layers.items() if self.collector.key_of(name) in self.pre_covariances)
-            self._base_energy = float(comm.all_reduce_sum(
-                torch.tensor([owned], dtype=torch.float64, device=self._device), self.group)[0])
+        if self.budget is not None:
+            self._base_energy = self._total_base_energy()
         self._fold_task_window(training=False)
 
+    def _total_base_energy(self) -> float:
+        """Collective: Σ tr(W C_pre Wᵀ) over every LoRA module; owners evaluate their inputs' modules (ZeRO-3
+        base weights gathered one module at a time)."""
+        owned = 0.0
+        for name, layer in self.layers.items():
+            c_pre = self.pre_covariances.get(self.collector.key_of(name))
+            with torch.no_grad(), comm.gathered([layer.get_base_layer().weight]):
+                if c_pre is not None:
+                    owned += float(base_energy(base_weight_matrix(layer), c_pre))
+        return float(comm.all_reduce_sum(torch.tensor([owned], dtype=torch.float64, device=self._device),
+                                         self.group)[0])
+
     def _fold_task_window(self, *, training: bool = True) -> None:
-        """Collective: reduce the task sums collected since the last window to the owners, fold them into the
-        C_task EMA, and start a new window."""
-        task = reduce_to_owners(self.collector, "task", self.dims, self.owners, self._device, self.group)
-        self.collector.reset("task")
+        """Collective (error check): fold the task sums the owners collected since the last window into the C_task
+        EMA and start a new window."""
         error = None
         try:
-            for key, sums in task.items():
-                self.task_ema.update(key, sums.covariance(name=f"{key} [task]"))
+            for key, covariance in self._owned_covariances("task", in_place=True).items():
+                self.task_ema.update(key, covariance)
         except ValueError as problem:
             hint = ("; run the training forward inside controller.track_task(batch) (and keep statistics_every at "
                     "most the micro-batches between refreshes)") if training else ""
             error = f"{problem}{hint}"
+        self.collector.reset("task")
         raise_if_any(error, self.group)
 
     @contextlib.contextmanager
     def track_task(self, batch: Mapping[str, torch.Tensor]) -> Iterator[None]:
         """Count the training forward run inside this context towards the running C_task: on one micro-batch in
         ``statistics_every``, ``statistics_tokens`` tokens per input (a draw seeded by ``proxy.seed``, the rank and
-        the micro-batch count, so a resumed run draws the same)."""
+        the micro-batch count, so a resumed run draws the same).
+
+        Collective on N ranks: each input's token rows go to its owner during the forward, so every rank must
+        run the same number of training forwards inside ``track_task`` (as data-parallel training does)."""
         self.task_forwards += 1
         if (self.task_forwards - 1) % self.config.statistics_every != 0:
             yield
@@ -212,20 +303,24 @@ class FoLoRAController:
         """k of the projector of ``key`` (identical on every rank)."""
         return self.dims[key] if self.config.k is None else min(self.config.k, self.dims[key])
 
-    def initialize_lora_a(self) -> None:
+    def initialize_lora_a(self, engine=None) -> None:
         """Collective: owners project the initial LoRA-A rows of their inputs by P_g (renormalised) and broadcast
-        them (``config.init == "projected"``; a no-op for "kaiming"). Call before DeepSpeed partitions the model."""
+        them (``config.init == "projected"``; a no-op for "kaiming"). Call before the first optimizer step; with
+        a DeepSpeed ``engine`` (ZeRO-3 weights gathered one at a time), its optimizer's fp32 partitions are
+        refreshed from the new weights."""
         if self.config.init != "projected":
             return
         me = comm.rank(self.group)
         with torch.no_grad():
             for name, layer in self.layers.items():
-                key = self.collector.key_of(name)
-                weight = lora_a_weight(layer)
-                value = weight.detach().clone().float()
-                if self.owners[key] == me:
-                    value = project_rows(value, self.owned_projectors[key].to(value.device))
-                weight.copy_(comm.broadcast(value, self.owners[key], self.group))
+                key, weight = self.collector.key_of(name), lora_a_weight(layer)
+                with comm.gathered([weight], modifier_rank=self.owners[key]):  # a group rank
+                    value = weight.detach().clone().float()
+                    if self.owners[key] == me:
+                        value = project_rows(value, self.owned_projectors[key].to(value.device))
+                    weight.copy_(comm.broadcast(value, self.owners[key], self.group))
+        if engine is not None and engine.zero_optimization_stage() > 0:
+            engine.optimizer.refresh_fp32_params()
 
     # ------------------------------------------------------------------ optimizer
     def attach(self, optimizer: GatedAdamW, engine=None) -> None:
@@ -253,6 +348,14 @@ class FoLoRAController:
                 self.optimizer.set_projector(lora_a_weight(layer), self.projectors[key])
             elif name in held_names:
                 self.optimizer.set_named_projector(name, self.projectors[key])
+
+    def statistics_bytes(self) -> int:
+        """Bytes of the (d, d) statistics this rank holds now: C_pre and the C_task EMA of its owned inputs, and
+        the sums of the current collection window (owned inputs only)."""
+        held = [*self.pre_covariances.values(), *(self.task_ema[key] for key in self._owned_keys()
+                                                   if key in self.task_ema)]
+        held += [sums.sum for source in ("pre", "task") for sums in self.collector.sums(source).values()]
+        return sum(tensor.numel() * tensor.element_size() for tensor in held)
 
     def projector_bytes(self) -> int:
         """Bytes of the projector tensors this rank's optimizer uses."""
@@ -347,40 +450,29 @@ class FoLoRAController:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Collective: FoLoRA's whole state in a world-size-independent form (identical on every rank).
-
-        C_pre, the C_task EMA and the solver state (last good projector, report, failure count) per input key,
-        gathered from the owners; the current C_task window summed over ranks; counters; the input sharing.
-        """
-        owned = {"pre": {k: v.cpu() for k, v in self.pre_covariances.items()},
-                 "ema": {k: self.task_ema[k].cpu() for k in self.pre_covariances},
-                 "solver": self.solver.state_dict()}
-        merged: dict[str, dict] = {"pre": {}, "ema": {}, "solver": {}}
-        for rank_state in comm.all_gather_objects(owned, self.group):
-            for part in merged:
-                merged[part].update(rank_state[part])
-        local = self.collector.sums("task")
-        window = {}
-        for key, dim in self.dims.items():
-            packed = torch.zeros(dim * dim + 1, dtype=torch.float64, device=self._device)
-            if key in local:
-                packed[:-1] = local[key].sum.reshape(-1).to(torch.float64)
-                packed[-1] = local[key].tokens.to(torch.float64)
-            comm.all_reduce_sum(packed, self.group)
-            window[key] = {"sum": packed[:-1].reshape(dim, dim).cpu(), "tokens": int(packed[-1].round())}
-        return {"version": STATE_VERSION, "config": self.config.to_dict(), "dims": dict(self.dims),
-                "members": self.collector.members(), "optimizer_steps": self.optimizer_steps,
-                "task_forwards": self.task_forwards,
-                "refreshes": self.refreshes, "task_window": window,
+        """This rank's part of FoLoRA's state (no collective): the common part (config, inputs, counters, budget)
+        and the per-input state of the inputs it owns (C_pre, the C_task EMA, the current window, the solver's
+        last good projector and report). ``merge_state_parts`` of every rank's part is the whole state, which
+        any world size can load; at world size 1 the part is the whole."""
+        window = self.collector.sums("task")
+        return {"version": STATE_VERSION, "part": (comm.rank(self.group), comm.world_size(self.group)),
+                "config": self.config.to_dict(), "dims": dict(self.dims), "members": self.collector.members(),
+                "optimizer_steps": self.optimizer_steps, "task_forwards": self.task_forwards,
+                "refreshes": self.refreshes,
                 "budget": None if self.budget is None else {**self.budget.state_dict(),
                                                             "base_energy": self._base_energy},
-                **merged}
+                "pre": {k: v.cpu() for k, v in self.pre_covariances.items()},
+                "ema": {k: self.task_ema[k].cpu() for k in self.pre_covariances},
+                "task_window": {k: {"sum": window[k].sum.cpu(), "tokens": int(window[k].tokens)} for k in window},
+                "solver": self.solver.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a ``state_dict`` saved with any world size; call before ``attach``.
+        """Restore a state saved with any world size (``merge_state_parts`` of its ranks' parts, or one part
+        holding every input); call before ``attach``.
 
         Raises:
-            ValueError: another state version, an incompatible config, or a model with other LoRA modules.
+            ValueError: another state version, an incompatible config, a model with other LoRA modules, or a
+                state without some input this rank now owns.
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"FoLoRA state version {state.get('version')!r} is not supported (expected "
@@ -402,21 +494,23 @@ class FoLoRAController:
             raise ValueError("the checkpoint was written without a forgetting_budget; resume without one or start "
                              "a new run")
         self.collector.load_sharing(state["members"], state["dims"])
-        self.dims = dict(state["dims"])
-        self.owners = assign_owners(self.dims, comm.world_size(self.group))
-        me = comm.rank(self.group)
-        mine = [key for key, owner in self.owners.items() if owner == me]
+        self._set_inputs(state["dims"])
+        mine = self._owned_keys()
+        missing = [key for key in mine if key not in state["pre"]]
+        if missing:
+            raise ValueError(f"the FoLoRA state lacks input {missing[0]!r} ({len(missing)} missing): load the "
+                             "merge_state_parts of every rank's part, not one rank's")
         self.pre_covariances = {key: state["pre"][key].to(self._device) for key in mine}
         for key in mine:
             self.task_ema.update(key, state["ema"][key].to(self._device))
         self.solver.load_state_dict(state["solver"], mine)
         self.owned_projectors = {key: self.solver.projector(key).to(self._device) for key in mine}
         self.collector.reset("task")
-        if me == 0:  # the summed window re-enters once
-            for key, window in state["task_window"].items():
-                if window["tokens"] > 0:
-                    self.collector.add_sums("task", key, CovarianceSums(
-                        window["sum"].to(self._device), torch.tensor(window["tokens"], device=self._device)))
+        for key in mine:  # the current window re-enters at its (new) owner
+            window = state["task_window"].get(key)
+            if window is not None:
+                self.collector.add_sums("task", key, CovarianceSums(
+                    window["sum"].to(self._device), torch.tensor(window["tokens"], device=self._device)))
         self.optimizer_steps = int(state["optimizer_steps"])
         self.refreshes = int(state["refreshes"])
         self.task_forwards = int(state["task_forwards"])

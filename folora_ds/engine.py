@@ -10,10 +10,12 @@
         controller.after_step()                  # counts optimizer steps; refreshes every K of them
     controller.check_gating()                    # raises unless every optimizer step was gated on this rank
 
-Before DeepSpeed wraps the model, every rank runs its calibration shard through the (replicated) model; the
-statistics are reduced to their owner ranks, owners solve, and the projected LoRA-A init is broadcast from the
-owners. DeepSpeed then builds the engine around ``GatedAdamW``; the ZeRO partitions are mapped
-(``distributed/zero_layout.py``) and each owner sends its projectors only to the ranks holding rows they gate.
+DeepSpeed first builds the engine around ``GatedAdamW`` (so a model built under ``deepspeed.zero.Init``, which no
+rank holds whole, works as well as a replicated one). Every rank then runs its calibration shard through the
+engine's module (ZeRO-3 gathers each layer as it runs); each input's token rows go to its owner rank, owners
+solve, and the projected LoRA-A init is written into the engine's weights and optimizer partitions. The ZeRO
+partitions are mapped (``distributed/zero_layout.py``) and each owner sends its projectors only to the ranks
+holding rows they gate.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
     """Build a DeepSpeed engine that trains ``model`` (a peft LoRA model) with FoLoRA's gated AdamW.
 
     Args:
-        model: the same peft model on every rank (not yet wrapped by DeepSpeed).
+        model: the same peft model on every rank (not yet wrapped by DeepSpeed; replicated, or built under
+            ``deepspeed.zero.Init`` / ``HfDeepSpeedConfig`` for ZeRO-3).
         config: DeepSpeed config (JSON path, dict, or ``prepare_ds_config``'s result) with a ``"folora"`` block.
             An ``"optimizer"`` block may only be AdamW; its params (lr, betas, eps, weight_decay) go to GatedAdamW.
         proxy_batches: this rank's shard of proxy calibration batches (``input_ids``, ``attention_mask``). When
@@ -100,15 +103,15 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
     import deepspeed
 
     controller = FoLoRAController(model, prepared.folora)
-    if folder is None:
-        if proxy_batches is None:
-            samples = proxy_samples_for_this_rank(model, tokenizer, prepared.folora,
-                                                  progress=progress and comm.rank() == 0)
-            proxy_batches = calibration_batches(samples, tokenizer, prepared.folora)
-        controller.calibrate(proxy_batches, task_batches, progress=progress)
-        controller.solve()
-        controller.initialize_lora_a()
-    else:  # FoLoRA's config and every file are checked before DeepSpeed touches the checkpoint
+    if folder is None and proxy_batches is None:  # generation needs the whole model on each rank
+        if any(hasattr(param, "ds_id") for param in model.parameters()) and prepared.folora.proxy.path is None:
+            raise ValueError("the model is already partitioned (built under deepspeed.zero.Init), so this rank cannot "
+                             "sample the proxy set from it: set proxy.path to a proxy set (folora-ds sample-proxy on "
+                             "a node that holds the model, or a {\"text\": ...} corpus) or pass proxy_batches")
+        samples = proxy_samples_for_this_rank(model, tokenizer, prepared.folora,
+                                              progress=progress and comm.rank() == 0)
+        proxy_batches = calibration_batches(samples, tokenizer, prepared.folora)
+    if folder is not None:  # FoLoRA's config and every file are checked before DeepSpeed touches the checkpoint
         controller.load_state_dict(checkpoint.read_folora_state(folder))
         checkpoint.check_deepspeed_files(folder)
     arguments = dict(prepared.optimizer_arguments)
@@ -120,7 +123,11 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
     if client is not optimizer:
         raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__}; FoLoRA cannot "
                            "guarantee the gate runs inside it")
-    if folder is not None:
+    if folder is None:  # calibration runs through the engine's module: ZeRO-3 gathers each layer as it runs
+        controller.calibrate(proxy_batches, task_batches, progress=progress)
+        controller.solve()
+        controller.initialize_lora_a(engine)
+    else:
         checkpoint.refuse_world_size_change(folder, engine.zero_optimization_stage(), engine.dp_world_size,
                                             universal)
         checkpoint.load_engine_checkpoint(engine, optimizer, folder)

@@ -2,6 +2,8 @@
 
 For each adapted input, the collector keeps float32 sums Σ xᵢ xᵢᵀ (d, d) over unmasked tokens and their
 count, per source ("pre" for the pretraining proxy, "task" for task data). The covariance is sum / tokens.
+With a row exchange (``route_to``), each rank sends the counted token rows of every input to the input's owner
+and keeps sums only for the inputs it owns: the (d, d) accumulators are partitioned across ranks, not replicated.
 
 Modules fed the very same tensor (q/k/v of one attention block; gate/up of one MLP) share one accumulator: on
 the first collecting forward, a module whose input *is* the tensor a module before it received in the same
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -40,13 +43,14 @@ class CovarianceSums:
     sum: torch.Tensor
     tokens: torch.Tensor
 
-    def covariance(self, *, name: str = "<input>") -> torch.Tensor:
-        """sum / tokens (d, d). Raises ValueError naming the input when no token was counted."""
+    def covariance(self, *, name: str = "<input>", in_place: bool = False) -> torch.Tensor:
+        """sum / tokens (d, d); ``in_place`` divides the sum itself (no second d × d buffer; the sums are then
+        spent). Raises ValueError naming the input when no token was counted."""
         tokens = int(self.tokens)
         if tokens == 0:
             raise ValueError(f"{name!r}: zero unmasked tokens were counted; check the attention/label masks and "
                              "that the calibration set is not empty")
-        return self.sum / tokens
+        return self.sum.div_(tokens) if in_place else self.sum / tokens
 
 
 class CovarianceCollector:
@@ -77,7 +81,8 @@ class CovarianceCollector:
         self._mask: torch.Tensor | None = None
         self._sample_tokens: int | None = None
         self._generator: torch.Generator | None = None
-        self._drawn: tuple[int, torch.Tensor] | None = None  # (tokens of the forward, kept positions)
+        self._drawn: tuple[int, torch.Tensor | None] | None = None  # (tokens of the forward, kept positions)
+        self._exchange: RowExchange | None = None
         self._handles = [
             module.register_forward_pre_hook(self._make_hook(name))
             for name, module in model.named_modules() if name in set(self._layer_names)
@@ -117,6 +122,23 @@ class CovarianceCollector:
             yield
         finally:
             self._source, self._mask, self._sample_tokens, self._generator, self._drawn = None, None, None, None, None
+
+    @contextlib.contextmanager
+    def discover(self) -> Iterator[None]:
+        """Learn the input keys, their sharing and widths from the forward run inside this context, without
+        counting anything (so the owners of the inputs can be chosen before any statistics move)."""
+        if self._source is not None:
+            raise RuntimeError("discover() cannot run inside collect()")
+        self._source = "discover"
+        try:
+            yield
+        finally:
+            self._source = None
+
+    def route_to(self, exchange: RowExchange | None) -> None:
+        """Send the counted rows of every input through ``exchange`` from now on (None: keep every input here).
+        The sums already held are kept."""
+        self._exchange = exchange
 
     def keys(self) -> list[str]:
         """Input keys in first-forward order. Raises if no collecting forward has run yet."""
@@ -217,48 +239,64 @@ class CovarianceCollector:
             return
         self._live_inputs[key] = weakref.ref(inputs)
         self._dims[key] = inputs.shape[-1]
-        self._accumulate(key, inputs)
+        if self._source != "discover":
+            self._accumulate(key, inputs)
 
     @torch.no_grad()
     def _accumulate(self, key: str, inputs: torch.Tensor) -> None:
         inputs = inputs.detach()
         d = inputs.shape[-1]
-        if self._mask is None:
-            rows = inputs.reshape(-1, d).to(self.dtype)
-            weights = None
-        else:
-            if inputs.ndim != 3 or inputs.shape[:2] != self._mask.shape:
-                raise ValueError(f"{key!r}: input of shape {tuple(inputs.shape)} does not match the token mask "
-                                 f"{tuple(self._mask.shape)}; expected (batch, seq, d)")
-            rows = inputs.reshape(-1, d).to(self.dtype)
-            weights = self._mask.reshape(-1, 1).to(device=rows.device, dtype=rows.dtype)
-        sums = self._sums[self._source].get(key)
-        if sums is None:
-            sums = CovarianceSums(torch.zeros(d, d, dtype=self.dtype, device=inputs.device),
-                                  torch.zeros((), dtype=torch.int64, device=inputs.device))
-            self._sums[self._source][key] = sums
-        elif sums.sum.shape[0] != d:
-            raise ValueError(f"{key!r}: input width changed from {sums.sum.shape[0]} to {d}")
-        if self._sample_tokens is not None:  # keep a uniform draw of the counted tokens
-            rows, weights = rows[self._draw(rows.shape[0]).to(rows.device)], None
-        if weights is None:
-            sums.sum.addmm_(rows.mT, rows)
-            sums.tokens += rows.shape[0]
-        else:
-            sums.sum.addmm_((rows * weights).mT, rows)
-            sums.tokens += weights.sum().to(torch.int64)
+        if self._mask is not None and (inputs.ndim != 3 or inputs.shape[:2] != self._mask.shape):
+            raise ValueError(f"{key!r}: input of shape {tuple(inputs.shape)} does not match the token mask "
+                             f"{tuple(self._mask.shape)}; expected (batch, seq, d)")
+        rows = inputs.reshape(-1, d)
+        positions = self._positions(rows.shape[0], rows.device)
+        if positions is not None:
+            rows = rows[positions]
+        blocks = [rows] if self._exchange is None else self._exchange.route(key, rows)
+        for block in blocks:  # nothing reaches a rank that does not own the input
+            sums = self._sums[self._source].get(key)
+            if sums is None:
+                sums = CovarianceSums(torch.zeros(d, d, dtype=self.dtype, device=rows.device),
+                                      torch.zeros((), dtype=torch.int64, device=rows.device))
+                self._sums[self._source][key] = sums
+            elif sums.sum.shape[0] != d:
+                raise ValueError(f"{key!r}: input width changed from {sums.sum.shape[0]} to {d}")
+            block = block.to(self.dtype)
+            sums.sum.addmm_(block.mT, block)
+            sums.tokens += block.shape[0]
 
-
-    def _draw(self, tokens: int) -> torch.Tensor:
-        """The token positions kept in this forward: drawn once (one host sync for the mask) and shared by every
-        input with the same number of tokens — in a language model every LoRA input of a forward."""
+    def _positions(self, tokens: int, device: torch.device) -> torch.Tensor | None:
+        """The token rows counted in this forward (None: all of them), found once per forward and shared by every
+        input with the same number of tokens — in a language model every LoRA input of a forward. The mask
+        (and a draw of ``sample_tokens`` of its tokens) costs one host sync per forward; the exchange learns
+        every rank's row count here."""
         if self._drawn is None or self._drawn[0] != tokens:
             mask = self._mask
-            counted = torch.arange(tokens) if mask is None else torch.nonzero(mask.flatten().cpu()).flatten()
-            if counted.numel() > self._sample_tokens:
-                counted = counted[torch.randperm(counted.numel(), generator=self._generator)[:self._sample_tokens]]
-            self._drawn = (tokens, counted)
+            if mask is None and self._sample_tokens is None:
+                positions, count = None, tokens
+            else:
+                counted = torch.arange(tokens) if mask is None else torch.nonzero(mask.flatten().cpu()).flatten()
+                if self._sample_tokens is not None and counted.numel() > self._sample_tokens:
+                    draw = torch.randperm(counted.numel(), generator=self._generator)[:self._sample_tokens]
+                    counted = counted[draw]
+                positions, count = counted.to(device), counted.numel()
+            if self._exchange is not None:
+                self._exchange.begin_forward(count, device)
+            self._drawn = (tokens, positions)
         return self._drawn[1]
+
+
+class RowExchange(Protocol):
+    """Where the counted rows of each input go (``distributed.statistics.OwnerRowExchange``): every rank calls
+    ``begin_forward`` once per collecting forward and ``route`` once per input, in the same order."""
+
+    def begin_forward(self, rows: int, device: torch.device) -> None:
+        """This rank counts ``rows`` token rows per input in the forward that starts."""
+
+    def route(self, key: str, rows: torch.Tensor) -> Iterable[torch.Tensor]:
+        """Hand over this rank's (n, d) rows of input ``key``; yields every rank's rows of it, in blocks, on the
+        input's owner, and nothing elsewhere."""
 
 
 class CovarianceEMA:

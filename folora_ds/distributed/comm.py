@@ -75,6 +75,28 @@ def all_gather_objects(obj: Any, group=None) -> list[Any]:
     return gathered
 
 
+def all_gather_counts(count: int, device, group=None) -> list[int]:
+    """Every rank's ``count`` (a non-negative int), in rank order: one small tensor all-gather."""
+    if not is_running():
+        return [count]
+    mine = torch.tensor([count], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world_size(group))]
+    _dist().all_gather(everyone, mine, group=group)
+    return [int(value) for value in torch.cat(everyone).cpu()]
+
+
+def gather_to(tensor: torch.Tensor, destination: int, group=None) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (same shape and dtype everywhere) on ``destination`` (a group rank), in rank order;
+    None on the other ranks."""
+    if not is_running():
+        return [tensor]
+    tensor = tensor.contiguous()
+    receiving = rank(group) == destination
+    pieces = [torch.empty_like(tensor) for _ in range(world_size(group))] if receiving else None
+    _dist().gather(tensor, gather_list=pieces, dst=global_rank(group, destination), group=group)
+    return pieces
+
+
 def send_tensors(tensors: list[torch.Tensor], destination: int, group=None) -> None:
     """Send tensors to ``destination`` (a group rank); the receiver must post matching ``receive_tensors``."""
     for tensor in tensors:
@@ -98,15 +120,16 @@ def broadcast(tensor: torch.Tensor, source: int, group=None) -> torch.Tensor:
     return tensor
 
 
-def gathered(params: Iterable[torch.nn.Parameter]):
+def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = None):
     """A context in which ZeRO-3-partitioned ``params`` are whole on every rank (an all-gather, so collective);
-    a no-op for parameters DeepSpeed has not partitioned."""
+    with ``modifier_rank`` (a group rank), that rank's changes are partitioned back on exit. A no-op for
+    parameters DeepSpeed has not partitioned."""
     params = list(params)
     if not any(hasattr(param, "ds_id") for param in params):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 _SET_BY_US: set[str] = set()

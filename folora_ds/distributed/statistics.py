@@ -1,8 +1,9 @@
-"""Statistics across data-parallel ranks: agree on the inputs, reduce sums to their owners, deliver projectors.
+"""Statistics across data-parallel ranks: agree on the inputs, send token rows to their owners, deliver projectors.
 
     rank 0           rank 1           rank 2                 owners (LPT over d³):  k0 → 0, k1 → 1, k2 → 2
-    Σx xᵀ[k0..k2]    Σx xᵀ[k0..k2]    Σx xᵀ[k0..k2]          reduce(k_i) → owner(k_i): one d² per key moves
-         └── reduce(k0) → rank 0, reduce(k1) → rank 1, reduce(k2) → rank 2 ──┘  (not an all-reduce)
+    rows x[k0..k2]   rows x[k0..k2]   rows x[k0..k2]         each forward, each input: gather(rows of k_i) → owner
+         └── gather(k0) → rank 0, gather(k1) → rank 1, gather(k2) → rank 2 ──┘   (token rows move, never d × d)
+    Σx xᵀ[k0]        Σx xᵀ[k1]        Σx xᵀ[k2]              only owners hold (d, d) sums
     owner solves its keys ──► projector (C̃V_k, V_k, g_k) ──send──► only the ranks whose partition holds rows
                                                                      of a module fed by that input
 
@@ -12,13 +13,13 @@ no rank is left waiting in a collective the others never reach.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from folora_ds.distributed import comm
 from folora_ds.projector import Projector
-from folora_ds.stats import CovarianceCollector, CovarianceSums
+from folora_ds.stats import CovarianceCollector
 
 
 class DistributedStatisticsError(ValueError, RuntimeError):
@@ -63,35 +64,62 @@ def agree_on_inputs(collector: CovarianceCollector, group=None) -> dict[str, int
     return reference
 
 
-def reduce_to_owners(collector: CovarianceCollector, source: str, dims: Mapping[str, int],
-                     owners: Mapping[str, int], device, group=None) -> dict[str, CovarianceSums]:
-    """Collective: sum each key's statistics of ``source`` into its owner. Returns the global sums this rank owns.
+EXCHANGE_BUFFER_BYTES = 256 * 2**20
+"""Most bytes one gather of token rows lands on an owner (world × rows × d × element size); longer row blocks go in
+several gathers, so exact statistics of long micro-batches on many ranks stay within bounded buffers."""
 
-    One reduce of the (d, d) sum per key, in the collector's dtype, to its owner, plus one all-reduce of the
-    token counts of all keys together (int64, exact). A rank that saw no token of a key contributes zeros.
+
+def rows_per_gather(world: int, dim: int, element_bytes: int, budget: int | None = None) -> int:
+    """Rows each rank sends in one gather so that the owner receives at most ``budget`` bytes (default
+    ``EXCHANGE_BUFFER_BYTES``; at least one row)."""
+    return max(1, (EXCHANGE_BUFFER_BYTES if budget is None else budget) // (world * dim * element_bytes))
+
+
+class OwnerRowExchange:
+    """Sends the counted token rows of each input to the input's owner, inside the forward (a ``RowExchange``).
+
+    Per collecting forward: one all-gather of every rank's row count n_r; then per input, gathers of the rows,
+    zero-padded to max n_r (zero rows add nothing to Σ x xᵀ), to the owner, in blocks of ``rows_per_gather``
+    rows so that an owner never receives more than ``EXCHANGE_BUFFER_BYTES`` at once. Only owners hold (d, d)
+    sums. Traffic per forward and rank: Σ_inputs max n_r · d · element bytes, of which (world − 1)/world leaves.
+
+    Attributes:
+        rows_sent, bytes_sent: what this rank handed to other ranks (padding included), for benchmarks and plans.
     """
-    me = comm.rank(group)
-    local = collector.sums(source)
-    tokens = torch.zeros(len(dims), dtype=torch.int64, device=device)
-    owned = {}
-    for index, (key, dim) in enumerate(dims.items()):
-        sums = local.get(key)
-        if sums is not None:
-            matrix = sums.sum.clone()
-            tokens[index] = sums.tokens.to(device)
-        else:
-            matrix = torch.zeros(dim, dim, dtype=collector.dtype, device=device)
-        comm.reduce_sum_to(matrix, owners[key], group)
-        if owners[key] == me:
-            owned[key] = matrix
-    comm.all_reduce_sum(tokens, group)
-    keys = list(dims)
-    return {key: CovarianceSums(matrix, tokens[keys.index(key)].clone()) for key, matrix in owned.items()}
 
+    def __init__(self, owners: Mapping[str, int], group=None) -> None:
+        self.owners = dict(owners)
+        self.group = group
+        self.me = comm.rank(group)
+        self.world = comm.world_size(group)
+        self._counts: list[int] = []
+        self.rows_sent = 0
+        self.bytes_sent = 0
 
-def statistics_bytes_per_refresh(dims: Mapping[str, int], element_bytes: int) -> int:
-    """Bytes of covariance sums one rank contributes to a refresh (Σ d² · element size, token counts aside)."""
-    return sum(dim * dim for dim in dims.values()) * element_bytes
+    def begin_forward(self, rows: int, device) -> None:
+        self._counts = comm.all_gather_counts(rows, device, self.group)
+
+    def route(self, key: str, rows: torch.Tensor) -> Iterator[torch.Tensor]:
+        owner = self.owners.get(key)
+        if owner is None:
+            raise RuntimeError(f"input {key!r} has no owner: the inputs changed after the owners were chosen")
+        if self.world == 1:
+            yield rows
+            return
+        width = max(self._counts)
+        block = rows_per_gather(self.world, rows.shape[1], rows.element_size())
+        for start in range(0, width, block):
+            stop = min(start + block, width)
+            padded = rows.new_zeros(stop - start, rows.shape[1])
+            mine = rows[start:stop]
+            padded[:mine.shape[0]] = mine
+            if owner != self.me:
+                self.rows_sent += padded.shape[0]
+                self.bytes_sent += padded.numel() * padded.element_size()
+            pieces = comm.gather_to(padded, owner, self.group)
+            for piece, count in zip(pieces or [], self._counts):
+                if count > start:
+                    yield piece[:count - start]
 
 
 def deliver_projectors(projectors: Mapping[str, Projector], owners: Mapping[str, int], needed: set[str],

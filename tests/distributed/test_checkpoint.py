@@ -140,10 +140,18 @@ def test_a_truncated_file_is_named(zero2_checkpoint, tmp_path, damaged):
     checkpoint = _copy(zero2_checkpoint, tmp_path / "ckpt")
     tag = (tmp_path / "ckpt" / "latest").read_text().strip()
     pattern = {"model": "mp_rank_00_model_states.pt", "optimizer": "*zero_pp_rank_1_*optim_states.pt",
-               "folora": "folora_state.pt"}[damaged]
+               "folora": "folora_state/rank_00001_of_00002.pt"}[damaged]
     path = next((tmp_path / "ckpt" / tag).glob(pattern))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ProcessRaisedException, match=f"{path.name}.*truncated or corrupt"):
+        run_ranks(2, _train, 2, STOP_AT, STOP_AT + 1, None, checkpoint)
+
+
+def test_a_missing_folora_state_part_is_named(zero2_checkpoint, tmp_path):
+    checkpoint = _copy(zero2_checkpoint, tmp_path / "ckpt")
+    tag = (tmp_path / "ckpt" / "latest").read_text().strip()
+    (tmp_path / "ckpt" / tag / "folora_state" / "rank_00000_of_00002.pt").unlink()
+    with pytest.raises(ProcessRaisedException, match="rank_00000_of_00002.pt' is missing"):
         run_ranks(2, _train, 2, STOP_AT, STOP_AT + 1, None, checkpoint)
 
 

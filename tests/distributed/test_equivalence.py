@@ -43,10 +43,10 @@ DEFAULT_EPS_ATOL = 1e-5  # observed 3e-7 (ZeRO-2 × 3 ranks) and 2e-7 (ZeRO-3 ×
 
 
 def _reference(folora_overrides: dict | None = None, adamw_overrides: dict | None = None,
-               tokens: int = VOCAB) -> dict[str, torch.Tensor]:
+               tokens: int = VOCAB, num_layers: int = 1) -> dict[str, torch.Tensor]:
     """The same controller in one plain process (world size 1, no process group, no DeepSpeed)."""
     adamw = {**ADAMW, **(adamw_overrides or {})}
-    model = tiny_model()
+    model = tiny_model(num_layers=num_layers)
     controller = FoLoRAController(model, FoLoRAConfig(**{**FOLORA, **(folora_overrides or {})}))
     controller.calibrate([proxy_batch(i) for i in range(6)], [batch(i, tokens) for i in range(6)])
     controller.solve()

@@ -1,4 +1,5 @@
-"""Statistics across gloo ranks: reduce-to-owner equals one process; bad input fails on every rank, never hangs."""
+"""Statistics across gloo ranks: token rows sent to owners equal one process; each rank holds only its inputs;
+bad input fails on every rank, never hangs."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _calibrate(rank: int, world: int, mode: str) -> dict:
             "owners": controller.owners}
 
 
-def test_reduce_to_owner_equals_single_process_over_the_union():
+def test_rows_sent_to_owners_equal_single_process_over_the_union():
     reference = FoLoRAController(tiny_model(), FoLoRAConfig(**FOLORA))
     reference.calibrate([proxy_batch(i) for i in range(6)], [batch(i) for i in range(6)])
     results = run_ranks(3, _calibrate, "ok")
@@ -60,6 +61,48 @@ def test_reduce_to_owner_equals_single_process_over_the_union():
             torch.testing.assert_close(result["task"][key], reference.task_ema[key], rtol=1e-12, atol=1e-12)
             seen.add(key)
     assert seen == set(reference.collector.keys())
+
+
+def _calibrate_uneven_and_track(rank: int, world: int) -> dict:
+    """7 calibration batches over 3 ranks (3, 2, 2: the short ranks run padding forwards), then two sampled
+    training forwards; what each rank holds. The owners' gather buffer is cut to 2 rows of width 24 (1 of width
+    40) per rank, so every input's rows arrive in several blocks."""
+    from folora_ds.distributed import statistics
+
+    statistics.EXCHANGE_BUFFER_BYTES = 3 * 2 * 24 * 4
+    controller = FoLoRAController(tiny_model(), FoLoRAConfig(**{**FOLORA, "statistics_tokens": 4}))
+    shards = calibration_shards(rank, world, count=7)
+    controller.calibrate(shards["proxy_batches"], shards["task_batches"])
+    after_calibration = controller.statistics_bytes()
+    for step in range(2):
+        with controller.track_task(batch(50 + 3 * step + rank)), torch.no_grad():
+            controller.model(**batch(50 + 3 * step + rank))
+    window = controller.collector.sums("task")
+    return {"pre": controller.pre_covariances, "owners": controller.owners, "dims": controller.dims,
+            "bytes_after_calibration": after_calibration, "window_keys": sorted(window),
+            "window_tokens": {key: int(sums.tokens) for key, sums in window.items()},
+            "bytes_sent": controller.collector._exchange.bytes_sent,
+            "rows_per_gather": {dim: statistics.rows_per_gather(world, dim, 4) for dim in (24, 40)}}
+
+
+def test_each_rank_holds_only_its_inputs_statistics_and_uneven_shards_equal_one_process():
+    reference = FoLoRAController(tiny_model(), FoLoRAConfig(**FOLORA))
+    reference.calibrate([proxy_batch(i) for i in range(7)], [batch(i) for i in range(7)])
+    results = run_ranks(3, _calibrate_uneven_and_track)
+    owners, dims = results[0]["owners"], results[0]["dims"]
+    everything = sum(dim * dim for dim in dims.values()) * 8  # float64: what every rank held before
+    for rank, result in enumerate(results):
+        owned = [key for key, owner in owners.items() if owner == rank]
+        for key in owned:
+            torch.testing.assert_close(result["pre"][key], reference.pre_covariances[key], rtol=1e-12, atol=1e-12)
+        # C_pre and the C_task EMA of the owned inputs, nothing else
+        assert result["bytes_after_calibration"] == 2 * sum(dims[key] ** 2 for key in owned) * 8
+        assert result["bytes_after_calibration"] < everything
+        assert result["window_keys"] == sorted(owned)
+        # two sampled forwards: 4 tokens from each of 3 ranks per input
+        assert set(result["window_tokens"].values()) == {2 * 3 * 4}
+        assert result["bytes_sent"] > 0
+        assert result["rows_per_gather"] == {24: 2, 40: 1}
 
 
 @pytest.mark.parametrize(("mode", "message"), [

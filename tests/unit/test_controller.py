@@ -239,6 +239,34 @@ def test_a_state_dict_of_another_lora_rank_is_refused():
         other.load_state_dict(controller.state_dict())
 
 
+def _split_into_parts(state: dict, world: int) -> list[dict]:
+    """``state`` cut as ``world`` ranks would save it: input i's entries in part i % world."""
+    keys = list(state["dims"])
+    return [{**state, "part": (rank, world),
+             **{name: {key: value for key, value in state[name].items() if keys.index(key) % world == rank}
+                for name in ("pre", "ema", "task_window", "solver")}} for rank in range(world)]
+
+
+def test_state_parts_of_every_rank_merge_into_the_whole_state():
+    from folora_ds.controller import merge_state_parts
+
+    _, controller = _ready(FoLoRAConfig())
+    state = controller.state_dict()
+    parts = _split_into_parts(state, 3)
+    merged = merge_state_parts(reversed(parts))
+    for name in ("pre", "ema", "solver"):
+        assert set(merged[name]) == set(state[name])
+    for key, value in state["pre"].items():
+        assert merged["pre"][key] is value or torch.equal(merged["pre"][key], value)
+    with pytest.raises(ValueError, match=r"missing: \[1\]"):
+        merge_state_parts([parts[0], parts[2]])
+    with pytest.raises(ValueError, match="rank 2 belongs to another run or step"):
+        merge_state_parts([parts[0], parts[1], {**parts[2], "optimizer_steps": 7}])
+    fresh = FoLoRAController(_model(), FoLoRAConfig())
+    with pytest.raises(ValueError, match="lacks input .* every rank's part"):
+        fresh.load_state_dict(parts[0])
+
+
 def test_check_gating_catches_a_step_that_went_ungated():
     model, controller = _ready(FoLoRAConfig(refresh_interval=0))
     optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
