@@ -1,6 +1,7 @@
 """Generalized eigensolve time and memory (FoLoRA's solver) for d = 1024–4096, fitted as c·d³ and extrapolated.
 
-Each (dtype, d) runs in a fresh subprocess so that its peak memory is its own: time of
+The statistics are float32 (as the collector keeps them) and the solve runs in each dtype. Each (dtype, d) runs in a
+fresh subprocess so that its peak memory is its own: time of
 ``solve_generalized_eigenproblem`` (Cholesky with ridge, whitening, symmetric eigendecomposition, back-substitution;
 the best of ``--repeats``) and the peak resident memory the solve added, in (d, d) matrices of the solve dtype.
 The fit c = Σ t·d³ / Σ d⁶ gives the seconds per d³/10⁹ that ``folora-ds plan --solve-rate`` takes.
@@ -29,9 +30,9 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int) -> dict:
 
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(dim)
-    x = torch.randn(2 * dim, dim, generator=generator, dtype=dtype)
+    x = torch.randn(2 * dim, dim, generator=generator)  # float32 statistics, as the collector keeps them
     c_pre = (x.T @ x / (2 * dim)).to(device)
-    y = torch.randn(dim // 4, dim, generator=generator, dtype=dtype)  # a low-rank task covariance
+    y = torch.randn(dim // 4, dim, generator=generator)  # a low-rank task covariance
     c_task = (y.T @ y / dim).to(device)
     del x, y
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -46,10 +47,11 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int) -> dict:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     if device == "cuda":
-        added = torch.cuda.max_memory_allocated() - 2 * dim * dim * dtype.itemsize
+        added = torch.cuda.max_memory_allocated() - 2 * dim * dim * 4
     else:
         added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"dim": dim, "dtype": dtype_name, "seconds": best, "workspace_matrices": added / (dim * dim * dtype.itemsize)}
+    return {"dim": dim, "dtype": dtype_name, "seconds": best,
+            "workspace_matrices": added / (dim * dim * dtype.itemsize)}
 
 
 def main() -> None:

@@ -33,13 +33,20 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _model(args):
+def _model(args, ds_config: dict | None = None):
+    """The peft model; at ZeRO-3 (``ds_config`` given) the base is built under ``deepspeed.zero.Init``, so no rank
+    ever holds it whole (as 70B models are loaded)."""
+    import contextlib
+
+    import deepspeed
     from peft import LoraConfig, get_peft_model
 
     from folora_ds.models import build_tiny_llama
 
-    base = build_tiny_llama(args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                            num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads, seed=0)
+    partitioned = deepspeed.zero.Init(config_dict_or_path=ds_config) if ds_config else contextlib.nullcontext()
+    with partitioned:
+        base = build_tiny_llama(args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                                num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads, seed=0)
     torch.manual_seed(0)
     return get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
@@ -51,6 +58,25 @@ def _batch(args, seed: int, device):
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
 
 
+def _use_synthetic_bases() -> None:
+    """Replace the eigensolve by a random orthonormal (d, k) basis with gates 0.5: the training step's cost depends
+    on k and d only, and a d = 28672 solve takes over an hour on 2 cores (``benchmarks/eigensolve.py`` times it)."""
+    from folora_ds.projector import Projector
+    from folora_ds.spectral import SolveReport, SpectralSolver
+
+    def solve(self, key, c_task, c_pre, *, tau_scale=1.0):
+        d = c_pre.shape[0]
+        k = min(self.config.k or d, d)
+        basis, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(d)))
+        gates = torch.full((k,), 0.5)
+        projector = Projector(basis, basis.clone(), gates, 1.0)
+        report = SolveReport(key, torch.zeros(d), gates, 1.0, 0.0, failed=False, consecutive_failures=0, stored=k)
+        self._projectors[key], self._reports[key], self._consecutive_failures[key] = projector, report, 0
+        return projector, report
+
+    SpectralSolver.solve = solve
+
+
 def _bench(rank: int, world: int, args) -> None:
     import deepspeed
 
@@ -59,15 +85,18 @@ def _bench(rank: int, world: int, args) -> None:
     from folora_ds.plan import PlanSettings, make_plan, model_shape
     from folora_ds.stats import CovarianceCollector
 
+    if args.synthetic_bases:
+        _use_synthetic_bases()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     ds_config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": args.stage}, "bf16": {"enabled": args.precision == "bf16"}}
-    model = _model(args).to(device)
+    partitioned = ds_config if args.stage == 3 else None
+    model = _model(args).to(device) if not args.no_pass else None
 
     # statistics pass vs plain forward (no grad), alternating
     probe = _batch(args, 1, device)
-    collector = CovarianceCollector(model)
+    collector = CovarianceCollector(model) if model is not None else None
     stats_times, plain_times = [], []
     with torch.no_grad():
         for repeat in range(0 if args.no_pass else args.warmup + args.steps):
@@ -82,10 +111,13 @@ def _bench(rank: int, world: int, args) -> None:
             if repeat >= args.warmup:
                 plain_times.append(middle - start)
                 stats_times.append(time.perf_counter() - middle)
-    collector.remove()
+    if collector is not None:
+        collector.remove()
     del model, collector  # each engine gets its own copy, built from the same seed (large blocks: memory)
 
-    plain_model = _model(args).to(device).to(dtype if args.stage == 0 else torch.float32)
+    plain_model = _model(args, partitioned).to(device)
+    if args.stage == 0:
+        plain_model = plain_model.to(dtype)
     plain_engine, *_ = deepspeed.initialize(
         model=plain_model, config=ds_config,
         optimizer=torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=1e-4))
@@ -94,7 +126,7 @@ def _bench(rank: int, world: int, args) -> None:
                                 "refresh_interval": 0,
                                 "statistics_tokens": args.statistics_tokens or None}}
     folora_engine, controller = folora_ds.engine.initialize(
-        _model(args).to(device), folora_config, proxy_batches=[_batch(args, 100 + rank, device)],
+        _model(args, partitioned).to(device), folora_config, proxy_batches=[_batch(args, 100 + rank, device)],
         task_batches=[_batch(args, 200 + rank, device)])
     exchange = controller.collector._exchange
     sent_before = exchange.bytes_sent
@@ -153,14 +185,16 @@ def _bench(rank: int, world: int, args) -> None:
             print(f"exact statistics pass ÷ plain forward: "
                   f"{statistics.median(stats_times) / statistics.median(plain_times):.3f} "
                   f"({statistics.median(stats_times) * 1e3:.1f} ms vs {statistics.median(plain_times) * 1e3:.1f} ms)")
-        print(f"one refresh (fold + solve + deliver): {refresh_seconds * 1e3:.1f} ms "
+        print(f"one refresh (fold + {'synthetic bases' if args.synthetic_bases else 'solve'} + deliver): "
+              f"{refresh_seconds * 1e3:.1f} ms "
               f"= {refresh_seconds / plain_step:.2f} plain steps")
         print(f"token rows sent per rank and training micro-batch: {[f'{b / 2**20:.2f} MiB' for b in sent]} "
               f"(plan: {plan.bytes_per_collecting_micro_batch / 2**20:.2f} MiB on average)")
         print(f"statistics held per rank: {[f'{b / 2**20:.1f} MiB' for b in statistics_held]} (plan: "
               f"{[f'{r.statistics_training / 2**20:.1f} MiB' for r in plan.ranks]}; replicated before: "
               f"{plan.replicated_statistics / 2**20:.1f} MiB on every rank)")
-        print(f"peak resident memory per rank (both engines): {[f'{b / 2**30:.2f} GiB' for b in peak_rss]}")
+        print(f"peak resident memory per rank (both engines): {[f'{b / 2**30:.2f} GiB' for b in peak_rss]}; plan "
+              f"peak of the FoLoRA engine without activations: {[f'{r.peak / 2**30:.2f} GiB' for r in plan.ranks]}")
         full_copy = sum(d * min(d, args.k or d) * 2 * 4 + min(d, args.k or d) * 4 for d in dims.values())
         print(f"projector bytes held per rank: {held} (one full copy: {full_copy}; "
               f"sum/copy = {sum(held) / full_copy:.2f})")
@@ -204,6 +238,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-pass", action="store_true", help="skip the exact statistics pass timing")
+    parser.add_argument("--synthetic-bases", action="store_true", help="random orthonormal bases instead of "
+                        "eigensolves (real block widths: a d = 28672 solve takes over an hour on 2 cores)")
     parser.add_argument("--statistics-tokens", type=int, default=FoLoRAConfig().statistics_tokens,
                         help="tokens per input and micro-batch counted towards C_task (0: every token, exact)")
     args = parser.parse_args()

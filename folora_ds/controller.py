@@ -453,7 +453,8 @@ class FoLoRAController:
         """This rank's part of FoLoRA's state (no collective): the common part (config, inputs, counters, budget)
         and the per-input state of the inputs it owns (C_pre, the C_task EMA, the current window, the solver's
         last good projector and report). ``merge_state_parts`` of every rank's part is the whole state, which
-        any world size can load; at world size 1 the part is the whole."""
+        any world size can load; at world size 1 the part is the whole. Like ``nn.Module.state_dict``, CPU
+        tensors are the live ones, not copies (save before training on; at 70B a copy would be gigabytes)."""
         window = self.collector.sums("task")
         return {"version": STATE_VERSION, "part": (comm.rank(self.group), comm.world_size(self.group)),
                 "config": self.config.to_dict(), "dims": dict(self.dims), "members": self.collector.members(),

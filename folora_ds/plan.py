@@ -18,7 +18,9 @@ What each figure counts (bytes per rank, B = bytes per element):
   rows (at most ``EXCHANGE_BUFFER_BYTES``) and its cast to the statistics dtype.
 - projectors: (C̃V_k, V_k, g_k) of every input whose LoRA-A rows this rank's optimizer holds: all of them at
   ZeRO-0 and ZeRO-3, about 1/world of them at ZeRO-1/2.
-- solve workspace: the owner's largest input, float64: C_task, C_pre, the whitened matrix and the eigenvectors.
+- solve workspace: the owner's largest input in the solve dtype: 5 (d, d) matrices besides the inputs (Cholesky
+  factor, whitened matrix, eigendecomposition workspace, eigenvectors, C̃V; measured 5.2–5.4 at d = 2048–4096 by
+  ``benchmarks/eigensolve.py``), plus 2 for the inputs' cast when the statistics dtype differs.
 Activations are not counted (they are the same with and without FoLoRA; see DeepSpeed's estimators).
 """
 
@@ -38,7 +40,7 @@ from folora_ds.distributed.statistics import rows_per_gather
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-SOLVE_WORKSPACE_MATRICES = 4
+SOLVE_WORKSPACE_MATRICES = 5
 
 
 @dataclass(frozen=True)
@@ -194,20 +196,19 @@ def model_shape(config, folora: FoLoRAConfig, name: str = "model") -> ModelShape
                       inputs=collector.input_dims(), lora_a_parameters=lora_a)
 
 
-def measure_solve_rate(dim: int = 384, repeats: int = 3) -> float:
-    """Seconds per GFLOP-equivalent (d³ / 1e9) of one float64 generalized eigensolve of width ``dim`` here
-    (Cholesky, whitening, symmetric eigendecomposition), the best of ``repeats``."""
+def measure_solve_rate(dim: int = 768, repeats: int = 3, dtype: str = "float64") -> float:
+    """Seconds per d³/10⁹ of FoLoRA's generalized eigensolve of width ``dim`` here, the best of ``repeats``
+    (``benchmarks/eigensolve.py`` fits the same rate over d = 1024–4096)."""
+    from folora_ds.spectral import solve_generalized_eigenproblem
+
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2 * dim, dim, generator=generator, dtype=torch.float64)
-    c_pre = x.T @ x / (2 * dim) + 1e-3 * torch.eye(dim, dtype=torch.float64)
-    c_task = c_pre @ c_pre / dim
+    c_pre = x.T @ x / (2 * dim)
+    c_task = c_pre[:, : dim // 4] @ c_pre[: dim // 4] / dim
     best = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
-        factor = torch.linalg.cholesky(c_pre)
-        whitened = torch.linalg.solve_triangular(factor, torch.linalg.solve_triangular(
-            factor, c_task, upper=False).T, upper=False)
-        torch.linalg.eigh(whitened)
+        solve_generalized_eigenproblem(c_task, c_pre, solve_dtype=getattr(torch, dtype), retry_float64=False)
         best = min(best, time.perf_counter() - started)
     return best / (dim ** 3 / 1e9)
 
@@ -217,7 +218,9 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
     world, stage = settings.world_size, settings.zero_stage
     model_bytes = DTYPE_BYTES[settings.model_dtype]
     statistics_bytes = getattr(torch, folora.statistics_dtype).itemsize
-    rate = settings.solve_seconds_per_gflop or measure_solve_rate()
+    rate = settings.solve_seconds_per_gflop or measure_solve_rate(dtype=folora.solve_dtype)
+    solve_bytes = getattr(torch, folora.solve_dtype).itemsize
+    solve_matrices = SOLVE_WORKSPACE_MATRICES + (2 if folora.solve_dtype != folora.statistics_dtype else 0)
     owners = assign_owners(shape.inputs, world)
     lora = shape.lora_parameters
     master = 0 if stage == 0 else 4
@@ -254,7 +257,7 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
             statistics_training=3 * squares * statistics_bytes,
             exchange_buffers=max(exchange_buffer(collected), exchange_buffer(calibration_tokens)),
             projectors=all_projectors if stage in (0, 3) else math.ceil(all_projectors / world),
-            solve_workspace=SOLVE_WORKSPACE_MATRICES * max((shape.inputs[k] for k in owned), default=0) ** 2 * 8,
+            solve_workspace=solve_matrices * max((shape.inputs[k] for k in owned), default=0) ** 2 * solve_bytes,
             solve_seconds=sum(shape.inputs[key] ** 3 for key in owned) / 1e9 * rate))
     leaving = (world - 1) / world
     row_width = sum(shape.inputs.values())
@@ -300,7 +303,7 @@ def format_plan(plan: Plan) -> str:
             ("statistics, calibration (C_pre + C_task sums)", "statistics_calibration"),
             ("statistics, training (C_pre + EMA + window)", "statistics_training"),
             ("exchange buffers (transient)", "exchange_buffers"), ("projectors", "projectors"),
-            ("solve workspace (float64, transient)", "solve_workspace")]
+            (f"solve workspace ({f.solve_dtype}, transient)", "solve_workspace")]
     for label, name in rows:
         lines.append(f"  {label:<48} {_size(getattr(heaviest, name)):>10}   ({_size(getattr(lightest, name))})")
     lines.append(f"  {'peak (without activations)':<48} {_size(heaviest.peak):>10}   ({_size(lightest.peak)})")
@@ -320,7 +323,7 @@ def format_plan(plan: Plan) -> str:
            if plan.zero3_parameter_bytes_per_micro_batch else ""),
         "",
         f"eigensolves per refresh: slowest owner rank {slowest.rank}, {slowest.solve_seconds:.1f} s "
-        f"(float64, {plan.solve_seconds_per_gflop:.3g} s per d³/1e9"
+        f"({f.solve_dtype}, {plan.solve_seconds_per_gflop:.3g} s per d³/1e9"
         + (", measured here; pass --solve-rate for the machine that will solve)" if s.solve_seconds_per_gflop is None
            else ")"),
     ]

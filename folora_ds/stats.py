@@ -302,8 +302,9 @@ class RowExchange(Protocol):
 class CovarianceEMA:
     """Exponential moving average of per-key covariances across windows (C_task during training).
 
-    ``update(key, window)`` sets the estimate to ``window`` the first time and to
-    ``decay·previous + (1 − decay)·window`` afterwards.
+    ``update(key, window)`` sets the estimate to a copy of ``window`` the first time and to
+    ``decay·previous + (1 − decay)·window`` afterwards, in place (no (d, d) temporaries: at 70B one is 3.3 GB), so
+    a tensor returned earlier for the key follows later updates.
     """
 
     def __init__(self, decay: float) -> None:
@@ -314,9 +315,11 @@ class CovarianceEMA:
 
     def update(self, key: str, window: torch.Tensor) -> torch.Tensor:
         previous = self._estimates.get(key)
-        estimate = window.clone() if previous is None else self.decay * previous + (1 - self.decay) * window
-        self._estimates[key] = estimate
-        return estimate
+        if previous is None:
+            self._estimates[key] = window.clone()
+        else:
+            previous.mul_(self.decay).add_(window.to(previous.dtype), alpha=1 - self.decay)
+        return self._estimates[key]
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._estimates[key]

@@ -460,7 +460,7 @@ def test_ema_matches_explicit_recursion_over_three_windows():
     windows = [torch.randn(4, 4, generator=generator, dtype=F64) for _ in range(3)]
     ema = CovarianceEMA(decay)
     assert "k" not in ema
-    results = [ema.update("k", w) for w in windows]
+    results = [ema.update("k", w).clone() for w in windows]  # in place: each result is the live estimate
     expected_1 = windows[0]
     expected_2 = decay * expected_1 + (1 - decay) * windows[1]
     expected_3 = decay * expected_2 + (1 - decay) * windows[2]
@@ -479,7 +479,9 @@ def test_ema_first_update_copies_window_and_keys_are_independent():
     assert torch.equal(ema["a"], torch.ones(2, 2))
     ema.update("b", torch.full((3, 3), 4.0))
     assert torch.equal(ema["a"], torch.ones(2, 2))
+    live = ema["b"]
     assert torch.equal(ema.update("b", torch.zeros(3, 3)), torch.full((3, 3), 2.0))
+    assert live is ema["b"], "later updates are in place (no (d, d) temporaries)"
 
 
 def test_ema_decay_zero_keeps_only_the_latest_window():
