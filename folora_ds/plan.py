@@ -19,9 +19,13 @@ What each figure counts (bytes per rank, B = bytes per element):
 - projectors: (C̃V_k, V_k, g_k) of every input whose LoRA-A rows this rank's optimizer holds: all of them at
   ZeRO-0 and ZeRO-3, about 1/world of them at ZeRO-1/2.
 - solve workspace: the owner's largest input in the solve dtype: 5 (d, d) matrices besides the inputs (Cholesky
-  factor, whitened matrix, eigendecomposition workspace, eigenvectors, C̃V; measured 5.2–5.4 at d = 2048–4096 by
-  ``benchmarks/eigensolve.py``), plus 2 for the inputs' cast when the statistics dtype differs.
-Activations are not counted (they are the same with and without FoLoRA; see DeepSpeed's estimators).
+  factor, whitened matrix, Q and ``eigh``'s 2·d² workspace; the inputs are cast one at a time inside that peak;
+  ``benchmarks/eigensolve.py`` measures 3.6–4.8 at d = 2048–4096 from float32 statistics).
+- activations (an estimate, the same with and without FoLoRA, not in ``peak``): per token and block of a Llama-style
+  model, about 10·hidden + 4·d_ff saved elements in the model dtype (norm inputs and outputs, q/k/v/attention
+  output with a fused attention kernel, gate/up/SiLU/product of the MLP), plus the logits in the model dtype and
+  fp32 with their gradient; with activation checkpointing, one hidden state per token and block plus one block's
+  full set.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ class ModelShape:
     lora_parameters: int
     inputs: dict[str, int]
     lora_a_parameters: dict[str, int]
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    layers: int = 0
+    vocab_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,8 @@ class RankPlan:
     projectors: int
     solve_workspace: int
     solve_seconds: float
+    activations: int = 0
+    activations_checkpointed: int = 0
 
     @property
     def peak(self) -> int:
@@ -193,7 +203,11 @@ def model_shape(config, folora: FoLoRAConfig, name: str = "model") -> ModelShape
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return ModelShape(name=name, base_parameters=frozen, lora_parameters=trainable,
-                      inputs=collector.input_dims(), lora_a_parameters=lora_a)
+                      inputs=collector.input_dims(), lora_a_parameters=lora_a,
+                      hidden_size=int(getattr(config, "hidden_size", 0) or 0),
+                      intermediate_size=int(getattr(config, "intermediate_size", 0) or 0),
+                      layers=int(getattr(config, "num_hidden_layers", 0) or 0),
+                      vocab_size=int(getattr(config, "vocab_size", 0) or 0))
 
 
 def measure_solve_rate(dim: int = 768, repeats: int = 3, dtype: str = "float64") -> float:
@@ -220,7 +234,6 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
     statistics_bytes = getattr(torch, folora.statistics_dtype).itemsize
     rate = settings.solve_seconds_per_gflop or measure_solve_rate(dtype=folora.solve_dtype)
     solve_bytes = getattr(torch, folora.solve_dtype).itemsize
-    solve_matrices = SOLVE_WORKSPACE_MATRICES + (2 if folora.solve_dtype != folora.statistics_dtype else 0)
     owners = assign_owners(shape.inputs, world)
     lora = shape.lora_parameters
     master = 0 if stage == 0 else 4
@@ -243,10 +256,15 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
         return (2 * dim * k + k) * 4
 
     all_projectors = sum(projector_bytes(d) for d in shape.inputs.values())
+    per_block = (10 * shape.hidden_size + 4 * shape.intermediate_size) * model_bytes
+    logits = tokens * shape.vocab_size * (model_bytes + 4 + 4)
+    activations = tokens * shape.layers * per_block + logits
+    checkpointed = tokens * (shape.layers * shape.hidden_size * model_bytes + per_block) + logits
     ranks = []
     for rank in range(world):
         owned = [key for key, owner in owners.items() if owner == rank]
         squares = sum(shape.inputs[key] ** 2 for key in owned)
+        widest_owned = max((shape.inputs[key] for key in owned), default=0)
         ranks.append(RankPlan(
             rank=rank, inputs_owned=len(owned),
             base_weights=shape.base_parameters * model_bytes // (world if stage == 3 else 1),
@@ -257,8 +275,9 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
             statistics_training=3 * squares * statistics_bytes,
             exchange_buffers=max(exchange_buffer(collected), exchange_buffer(calibration_tokens)),
             projectors=all_projectors if stage in (0, 3) else math.ceil(all_projectors / world),
-            solve_workspace=solve_matrices * max((shape.inputs[k] for k in owned), default=0) ** 2 * solve_bytes,
-            solve_seconds=sum(shape.inputs[key] ** 3 for key in owned) / 1e9 * rate))
+            solve_workspace=SOLVE_WORKSPACE_MATRICES * widest_owned ** 2 * solve_bytes,
+            solve_seconds=sum(shape.inputs[key] ** 3 for key in owned) / 1e9 * rate,
+            activations=activations, activations_checkpointed=checkpointed))
     leaving = (world - 1) / world
     row_width = sum(shape.inputs.values())
     per_refresh = sum(projector_bytes(shape.inputs[key]) for key in owners) * (
@@ -307,6 +326,9 @@ def format_plan(plan: Plan) -> str:
     for label, name in rows:
         lines.append(f"  {label:<48} {_size(getattr(heaviest, name)):>10}   ({_size(getattr(lightest, name))})")
     lines.append(f"  {'peak (without activations)':<48} {_size(heaviest.peak):>10}   ({_size(lightest.peak)})")
+    lines.append(f"  {'activations, estimate (no checkpointing)':<48} {_size(heaviest.activations):>10}")
+    lines.append(f"  {'activations, estimate (activation checkpointing)':<48} "
+                 f"{_size(heaviest.activations_checkpointed):>10}")
     lines += [
         f"  statistics before owner partitioning: {_size(plan.replicated_statistics)} on every rank "
         f"(now at most {_size(max(r.statistics_training for r in plan.ranks))}, "

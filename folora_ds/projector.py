@@ -131,19 +131,18 @@ def build_projector(result: GeneralizedEigenResult, gates: torch.Tensor, k: int 
                     tie_tolerance: float = 0.0, choice: DirectionChoice | None = None) -> Projector:
     """The projector of a solve, of width min(k, d) (d for ``k=None``), storing what ``select_directions`` chooses
     (or ``choice``, when the caller already made it); unused columns are zero, with gate = base."""
-    d = result.eigenvectors.shape[0]
+    d = result.q.shape[0]
     if gates.shape != (d,):
         raise ValueError(f"gates {tuple(gates.shape)} must be ({d},) to match the solve")
     if k is not None and not (isinstance(k, int) and k >= 1):
         raise ValueError(f"projector rank k={k!r} must be None or an integer >= 1")
     choice = select_directions(gates, k, tie_tolerance) if choice is None else choice
     width = d if k is None else min(k, d)
-    c_tilde_v = result.c_tilde_v.new_zeros(d, width)
-    v = result.eigenvectors.new_zeros(d, width)
+    c_tilde_v = result.q.new_zeros(d, width)
+    v = result.q.new_zeros(d, width)
     stored_gates = gates.new_full((width,), choice.base)
     count = choice.indices.numel()
-    c_tilde_v[:, :count] = result.c_tilde_v[:, choice.indices]
-    v[:, :count] = result.eigenvectors[:, choice.indices]
+    v[:, :count], c_tilde_v[:, :count] = result.columns(choice.indices)  # only the stored columns are computed
     stored_gates[:count] = gates[choice.indices]
     return Projector(c_tilde_v, v, stored_gates, choice.base)
 

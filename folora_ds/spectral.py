@@ -42,21 +42,37 @@ class ConsecutiveSolveFailuresError(RuntimeError):
 
 @dataclass(frozen=True)
 class GeneralizedEigenResult:
-    """Solution of C_task v = λ C̃ v for one input.
+    """Solution of C_task v = λ C̃ v for one input, kept as its factors so that a width-k projector computes only
+    the k columns it stores (at d = 28672 each full (d, d) matrix is 6.6 GB in float64).
 
     Attributes:
         eigenvalues: (d,) ascending generalized eigenvalues λ.
-        eigenvectors: (d, d) V, columns C̃-orthonormal (Vᵀ C̃ V = I).
-        c_tilde_v: (d, d) C̃ V (= L Q), the map from a row to its spectral coordinates.
+        lower: (d, d) L = chol(C̃). q: (d, d) Q, the eigenvectors of L⁻¹ C_task L⁻ᵀ.
         ridge: the relative ridge δ finally used (after escalations).
         dtype: the dtype the successful solve ran in.
     """
 
     eigenvalues: torch.Tensor
-    eigenvectors: torch.Tensor
-    c_tilde_v: torch.Tensor
+    lower: torch.Tensor
+    q: torch.Tensor
     ridge: float
     dtype: torch.dtype
+
+    def columns(self, indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(V[:, indices], C̃V[:, indices])`` with V = L⁻ᵀ Q (C̃-orthonormal columns) and C̃V = L Q, the map from
+        a row to its spectral coordinates; all d columns for ``indices=None``."""
+        q = self.q if indices is None else self.q[:, indices]
+        return torch.linalg.solve_triangular(self.lower.mT, q, upper=True), self.lower @ q
+
+    @property
+    def eigenvectors(self) -> torch.Tensor:
+        """(d, d) V, columns C̃-orthonormal (Vᵀ C̃ V = I); computed on each access."""
+        return self.columns()[0]
+
+    @property
+    def c_tilde_v(self) -> torch.Tensor:
+        """(d, d) C̃ V = L Q; computed on each access."""
+        return self.columns()[1]
 
 
 def _check_statistics(c_task: torch.Tensor, c_pre: torch.Tensor, layer: str) -> None:
@@ -70,32 +86,38 @@ def _check_statistics(c_task: torch.Tensor, c_pre: torch.Tensor, layer: str) -> 
             raise NonFiniteStatisticsError(layer, f"{name} contains NaN or Inf")
 
 
-def _solve_once(c_task: torch.Tensor, c_pre: torch.Tensor, ridge: float, max_ridge_escalations: int,
-                layer: str) -> GeneralizedEigenResult:
+def _solve_once(c_task: torch.Tensor, c_pre: torch.Tensor, dtype: torch.dtype, ridge: float,
+                max_ridge_escalations: int, layer: str) -> GeneralizedEigenResult:
+    """One solve in ``dtype``. The inputs are cast one at a time and every intermediate is dropped as soon as it is
+    used, so the peak is 5 (d, d) matrices of ``dtype`` besides the inputs (L, the whitened matrix, Q and eigh's
+    2·d² workspace; ``benchmarks/eigensolve.py`` measures it)."""
     d = c_pre.shape[0]
     scale = float(torch.trace(c_pre)) / d
     if not scale > 0:
         raise SpectralSolveError(layer, "C_pre has zero trace (no proxy tokens reached this input)")
-    identity = torch.eye(d, dtype=c_pre.dtype, device=c_pre.device)
     for escalation in range(max_ridge_escalations + 1):
         ridge_used = ridge * 10.0**escalation
-        lower, info = torch.linalg.cholesky_ex(c_pre + (ridge_used * scale) * identity)
+        shifted = c_pre.to(dtype, copy=True)
+        shifted.diagonal().add_(ridge_used * scale)
+        lower, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if int(info) == 0:
             break
     else:
         raise SpectralSolveError(layer, f"Cholesky of C̃ failed up to ridge {ridge_used:g}")
-    half = torch.linalg.solve_triangular(lower, c_task, upper=False)  # L⁻¹ C_task
+    half = torch.linalg.solve_triangular(lower, c_task.to(dtype), upper=False)  # L⁻¹ C_task
     whitened = torch.linalg.solve_triangular(lower, half.mT, upper=False)  # L⁻¹ C_task L⁻ᵀ
-    whitened = 0.5 * (whitened + whitened.mT)
+    del half
+    whitened = whitened + whitened.mT
+    whitened.mul_(0.5)
     try:
         eigenvalues, q = torch.linalg.eigh(whitened)
     except torch.linalg.LinAlgError as error:
-        raise SpectralSolveError(layer, f"eigh did not converge in {c_pre.dtype}: {error}") from error
-    eigenvectors = torch.linalg.solve_triangular(lower.mT, q, upper=True)
-    c_tilde_v = lower @ q
-    if not (torch.isfinite(eigenvalues).all() and torch.isfinite(eigenvectors).all()):
-        raise SpectralSolveError(layer, f"non-finite eigenpairs in {c_pre.dtype}")
-    return GeneralizedEigenResult(eigenvalues, eigenvectors, c_tilde_v, ridge_used, c_pre.dtype)
+        raise SpectralSolveError(layer, f"eigh did not converge in {dtype}: {error}") from error
+    del whitened
+    if not (torch.isfinite(eigenvalues).all() and torch.isfinite(q).all()):
+        raise SpectralSolveError(layer, f"non-finite eigenpairs in {dtype}")
+    return GeneralizedEigenResult(eigenvalues, lower, q, ridge_used, dtype)
 
 
 def solve_generalized_eigenproblem(
@@ -120,7 +142,8 @@ def solve_generalized_eigenproblem(
         layer: name used in errors.
 
     Returns:
-        The eigenpairs in ascending order, C̃V, the ridge and the dtype actually used.
+        The eigenvalues in ascending order with the factors of the eigenvectors (``columns``), the ridge and the
+        dtype actually used.
 
     Raises:
         NonFiniteStatisticsError: an input holds NaN/Inf.
@@ -129,11 +152,11 @@ def solve_generalized_eigenproblem(
     """
     _check_statistics(c_task, c_pre, layer)
     try:
-        return _solve_once(c_task.to(solve_dtype), c_pre.to(solve_dtype), ridge, max_ridge_escalations, layer)
+        return _solve_once(c_task, c_pre, solve_dtype, ridge, max_ridge_escalations, layer)
     except SpectralSolveError:
         if solve_dtype == torch.float64 or not retry_float64:
             raise
-    return _solve_once(c_task.to(torch.float64), c_pre.to(torch.float64), ridge, max_ridge_escalations, layer)
+    return _solve_once(c_task, c_pre, torch.float64, ridge, max_ridge_escalations, layer)
 
 
 def generalized_eigh(c_task: torch.Tensor, c_pre: torch.Tensor, ridge: float = 1e-3,

@@ -58,6 +58,10 @@ def test_per_rank_figures_add_up_and_statistics_are_partitioned_once(tiny_config
                  + rank.exchange_buffers)
         assert rank.peak == parts
         assert rank.base_weights == shape.base_parameters * 4 // (3 if stage == 3 else 1)
+        tokens = 4096  # PlanSettings' default micro-batch 1 × 4096
+        logits = tokens * 64 * (4 + 4 + 4)
+        assert rank.activations == tokens * 2 * (10 * 32 + 4 * 48) * 4 + logits
+        assert logits < rank.activations_checkpointed < rank.activations
 
 
 def test_shipped_llama_3_70b_has_the_published_shape():
