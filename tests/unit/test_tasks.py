@@ -78,3 +78,15 @@ def test_shipped_file_is_generator_output_for_seed_0() -> None:
     lines = DEFAULT_TASK_FILE.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 400
     assert [json.loads(line) for line in lines] == generate_number_words_records(400, seed=0)
+
+
+def test_shipped_test_split_is_disjoint_from_training_and_reproducible():
+    from folora_ds.tasks import number_words_test_records
+
+    lines = (DEFAULT_TASK_FILE.parent / "number_words_test.jsonl").read_text()
+    shipped = [json.loads(line) for line in lines.splitlines()]
+    assert shipped == number_words_test_records(100)
+    numbers = [int(re.search(r"\d+", record["prompt"]).group()) for record in shipped]
+    training = {int(re.search(r"\d+", record["prompt"]).group()) for record in generate_number_words_records(400, 0)}
+    assert len(set(numbers)) == 100 and not set(numbers) & training
+    assert all(record["response"] == number_to_words(n) for record, n in zip(shipped, numbers))

@@ -1,0 +1,339 @@
+"""What an adapted model kept and what it learned: preservation and target-task measures against its base model.
+
+- **KL on held-out real text**: mean per-token KL(base ‖ adapted) and the perplexity of both on text that is
+  neither task data nor the proxy set (``heldout_texts``: docstrings of the Python standard library, present on
+  every machine). For a peft model the base is the same model with its adapter disabled, so no second copy is
+  held.
+- **Retention**: of the shipped questions (``data_files/retention_questions.jsonl``: facts and simple instructions,
+  each with accepted answers) that the base model answers correctly, the fraction the adapted model still answers
+  correctly. Answers are greedy, one prompt at a time, through the tokenizer's chat template (batched generation
+  with left padding can change greedy answers, so one way is used everywhere).
+- **Target accuracy**: exact match of the greedy answer with the reference after ``normalize_answer``.
+
+The math (``token_kl``, ``normalize_answer``, ``answer_is_correct``) is pure; the model-running functions take a
+model and a tokenizer and never change them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+QUESTIONS_FILE = Path(__file__).parent / "data_files" / "retention_questions.jsonl"
+HELDOUT_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "email.message", "fractions", "functools",
+                   "heapq", "http.client", "inspect", "io", "itertools", "json", "logging", "pathlib", "pickle",
+                   "random", "re", "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap",
+                   "threading", "unittest", "urllib.parse", "zipfile")
+
+
+# ---------------------------------------------------------------------------------------------- pure measures
+def token_kl(base_logits: torch.Tensor, adapted_logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """Σ over counted positions of KL(p_base ‖ p_adapted) = Σ_v p_b (log p_b − log p_a), and the count.
+
+    Args:
+        base_logits, adapted_logits: (batch, seq, vocab) next-token logits of the same inputs.
+        mask: (batch, seq), 1 where the position's prediction counts.
+    """
+    if base_logits.shape != adapted_logits.shape or base_logits.shape[:2] != mask.shape:
+        raise ValueError(f"logits {tuple(base_logits.shape)} / {tuple(adapted_logits.shape)} and mask "
+                         f"{tuple(mask.shape)} do not match")
+    base = torch.log_softmax(base_logits.double(), dim=-1)
+    adapted = torch.log_softmax(adapted_logits.double(), dim=-1)
+    per_position = (base.exp() * (base - adapted)).sum(-1)
+    counted = mask.bool()
+    return float(per_position[counted].sum()), int(counted.sum())
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, words only: punctuation other than hyphens and digits' separators dropped, whitespace collapsed
+    ("Twenty-One." → "twenty-one")."""
+    text = text.lower().replace("’", "'")
+    text = re.sub(r"[^\w\s\-,']", " ", text)
+    text = re.sub(r"(?<!\d),|,(?!\d)", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(generated: str, reference: str) -> bool:
+    """The generated answer equals the reference after ``normalize_answer``."""
+    return normalize_answer(generated) == normalize_answer(reference)
+
+
+def answer_is_correct(generated: str, accepted: Sequence[str]) -> bool:
+    """Any accepted answer appears in the generated text as whole words (after ``normalize_answer``)."""
+    text = f" {normalize_answer(generated)} "
+    return any(f" {normalize_answer(answer)} " in text for answer in accepted)
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Question:
+    """A retention probe: ``prompt`` and the ``answers`` accepted (any one, as whole words); ``kind`` is "fact"
+    or "instruction"."""
+
+    prompt: str
+    answers: tuple[str, ...]
+    kind: str
+
+
+def load_questions(path: str | Path = QUESTIONS_FILE) -> list[Question]:
+    """The retention questions of a JSONL file of ``{"prompt", "answers", "kind"}`` (the shipped set by default).
+
+    Raises:
+        ValueError: a line is not valid JSON or lacks a field (the line is named).
+    """
+    from folora_ds.jsonl import read_jsonl_objects
+
+    questions = []
+    for line, record in read_jsonl_objects(Path(path), what="retention questions"):
+        if not isinstance(record.get("prompt"), str) or not record.get("answers") or record.get("kind") not in (
+                "fact", "instruction"):
+            raise ValueError(f"{path} line {line}: expected prompt (text), answers (non-empty list) and kind "
+                             "('fact' or 'instruction')")
+        questions.append(Question(record["prompt"], tuple(str(a) for a in record["answers"]), record["kind"]))
+    return questions
+
+
+def heldout_texts(count: int = 48, *, min_chars: int = 400, max_chars: int = 1200, seed: int = 0) -> list[str]:
+    """``count`` passages of real English technical prose: docstrings of public functions and classes of the
+    Python standard library modules in ``HELDOUT_MODULES`` (the same on every machine with the same Python;
+    doctest sessions left out), cut to at most ``max_chars`` at a sentence end, deterministic for ``seed``.
+
+    Raises:
+        ValueError: fewer than ``count`` passages are long enough.
+    """
+    import importlib
+    import inspect
+
+    passages = set()
+    for module_name in HELDOUT_MODULES:
+        module = importlib.import_module(module_name)
+        for name in sorted(dir(module)):
+            if name.startswith("_"):
+                continue
+            doc = inspect.getdoc(getattr(module, name, None))
+            text = " ".join((doc or "").split())
+            if len(text) >= min_chars and ">>>" not in text:  # prose, not doctest sessions
+                if len(text) > max_chars:
+                    cut = text.rfind(". ", 0, max_chars)
+                    text = text[:cut + 1] if cut > min_chars else text[:max_chars]
+                passages.add(text)
+    ordered = sorted(passages)
+    if len(ordered) < count:
+        raise ValueError(f"only {len(ordered)} held-out passages of at least {min_chars} characters; ask for fewer")
+    random.Random(seed).shuffle(ordered)
+    return ordered[:count]
+
+
+# ---------------------------------------------------------------------------------------------- model runs
+def _base_of(model):
+    """A context in which ``model`` computes its base model's outputs: peft's ``disable_adapter`` when it has
+    adapters, else nothing to do."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def kl_on_text(model, tokenizer, texts: Iterable[str], *, base_model=None, max_length: int = 256,
+               batch_size: int = 4) -> dict[str, float]:
+    """Mean per-token KL(base ‖ adapted) and both perplexities on ``texts``.
+
+    ``model`` is the adapted model; the base is ``base_model`` when given, else ``model`` with its peft adapter
+    disabled. Every token after the first of each text counts (right padding masked).
+
+    Returns:
+        ``{"kl_per_token", "base_perplexity", "adapted_perplexity", "tokens"}``.
+    """
+    device = next(model.parameters()).device
+    texts = list(texts)
+    kl_sum, nll_base, nll_adapted, tokens = 0.0, 0.0, 0.0, 0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length).to(device)
+        inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        adapted_logits = model(**inputs).logits[:, :-1]
+        if base_model is None:
+            with _base_of(model):
+                base_logits = model(**inputs).logits[:, :-1]
+        else:
+            base_logits = base_model(**inputs).logits[:, :-1]
+        mask = encoded["attention_mask"][:, 1:] * encoded["attention_mask"][:, :-1]
+        targets = encoded["input_ids"][:, 1:]
+        kl, count = token_kl(base_logits, adapted_logits, mask)
+        kl_sum, tokens = kl_sum + kl, tokens + count
+        for logits, into in ((base_logits, "base"), (adapted_logits, "adapted")):
+            nll = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), targets, reduction="none")
+            value = float(nll[mask.bool()].sum())
+            if into == "base":
+                nll_base += value
+            else:
+                nll_adapted += value
+    model.train(was_training)
+    if tokens == 0:
+        raise ValueError("kl_on_text: the texts gave no token to score")
+    return {"kl_per_token": kl_sum / tokens, "base_perplexity": math.exp(nll_base / tokens),
+            "adapted_perplexity": math.exp(nll_adapted / tokens), "tokens": tokens}
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prompt: str, *, max_new_tokens: int = 32) -> str:
+    """The model's greedy answer to one user ``prompt`` (chat template when the tokenizer has one)."""
+    device = next(model.parameters()).device
+    if tokenizer.chat_template:
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt")
+    encoded = {name: tensor.to(device) for name, tensor in encoded.items()}
+    was_training = model.training
+    model.eval()
+    output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def answers_correct(model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 32,
+                    progress: bool = False) -> list[bool]:
+    """Whether the model answers each question correctly (``answer_is_correct`` of its greedy answer)."""
+    from tqdm.auto import tqdm
+
+    return [answer_is_correct(greedy_answer(model, tokenizer, question.prompt, max_new_tokens=max_new_tokens),
+                              question.answers)
+            for question in tqdm(questions, desc="retention questions", disable=not progress, leave=False)]
+
+
+def retention(base_correct: Sequence[bool], adapted_correct: Sequence[bool]) -> float:
+    """The fraction of the questions the base model answered correctly that the adapted model still answers
+    correctly (1.0 when the base answered none)."""
+    if len(base_correct) != len(adapted_correct):
+        raise ValueError(f"{len(base_correct)} base answers but {len(adapted_correct)} adapted answers")
+    kept = [adapted for base, adapted in zip(base_correct, adapted_correct) if base]
+    return 1.0 if not kept else sum(kept) / len(kept)
+
+
+def target_accuracy(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 48,
+                    progress: bool = False) -> float:
+    """Exact-match accuracy on ``{"prompt", "response"}`` records (the target task's test split)."""
+    from tqdm.auto import tqdm
+
+    if not records:
+        raise ValueError("target_accuracy: no test records")
+    hits = [exact_match(greedy_answer(model, tokenizer, record["prompt"], max_new_tokens=max_new_tokens),
+                        record["response"])
+            for record in tqdm(records, desc="target task", disable=not progress, leave=False)]
+    return sum(hits) / len(hits)
+
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+TEST_FILE = Path(__file__).parent / "data_files" / "number_words_test.jsonl"
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What ``evaluate_adapters`` measures (validated on construction).
+
+    Attributes:
+        test_data: target-task test records (``{"prompt", "response"}`` JSONL; default: the number-words test split,
+            disjoint from the shipped training set). test_records: how many of them (None: all).
+        questions: retention questions JSONL. heldout_passages: held-out text passages for KL and perplexity.
+        max_length: tokens per held-out passage. max_new_tokens: tokens per generated answer.
+    """
+
+    test_data: str = str(TEST_FILE)
+    test_records: int | None = 100
+    questions: str = str(QUESTIONS_FILE)
+    heldout_passages: int = 48
+    max_length: int = 256
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("heldout_passages", "max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.test_records is not None and not (isinstance(self.test_records, int) and self.test_records >= 1):
+            raise ValueError(f"test_records={self.test_records!r} must be None or an integer >= 1")
+        for name in ("test_data", "questions"):
+            if not Path(getattr(self, name)).is_file():
+                raise FileNotFoundError(f"{name} {getattr(self, name)!r} does not exist")
+
+
+def _test_records(settings: EvaluationSettings) -> list[dict]:
+    from folora_ds.jsonl import read_jsonl_objects
+
+    records = []
+    for line, record in read_jsonl_objects(Path(settings.test_data), what="test data"):
+        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
+            raise ValueError(f"test data {settings.test_data!r} line {line}: expected prompt and response text")
+        records.append(record)
+    return records if settings.test_records is None else records[:settings.test_records]
+
+
+def evaluate_adapters(model_name: str, adapters: dict[str, str | Path], settings: EvaluationSettings, *,
+                      progress: bool = False) -> dict[str, dict]:
+    """The base model and each peft adapter (name → directory) on the target task, held-out text and retention.
+
+    The base model is loaded once; each adapter is attached with ``PeftModel.from_pretrained`` (as a user would
+    load it) and removed again. Returns ``{"base": {...}, name: {...}}`` with ``target_accuracy``,
+    ``questions_correct`` (fraction), and for adapters ``kl_per_token``, ``base_perplexity``,
+    ``adapted_perplexity``, ``retention`` and ``seconds``.
+
+    Raises:
+        FileNotFoundError: a missing adapter directory (before the model is loaded).
+    """
+    import time
+
+    from peft import PeftModel
+
+    from folora_ds.models import load_model
+
+    for name, path in adapters.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter {name!r}: {str(path)!r} has no adapter_config.json")
+    records, questions = _test_records(settings), load_questions(settings.questions)
+    texts = heldout_texts(settings.heldout_passages)
+    base, tokenizer = load_model(model_name)
+    started = time.perf_counter()
+    base_correct = answers_correct(base, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
+                                   progress=progress)
+    results = {"base": {"target_accuracy": target_accuracy(base, tokenizer, records, progress=progress),
+                        "questions_correct": sum(base_correct) / len(questions),
+                        "seconds": time.perf_counter() - started}}
+    for name, path in adapters.items():
+        if progress:
+            print(f"[evaluate] {name}: {path}", flush=True)
+        started = time.perf_counter()
+        model = PeftModel.from_pretrained(base, str(path)).eval()
+        correct = answers_correct(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
+                                  progress=progress)
+        results[name] = {"target_accuracy": target_accuracy(model, tokenizer, records, progress=progress),
+                         "questions_correct": sum(correct) / len(questions),
+                         "retention": retention(base_correct, correct),
+                         **kl_on_text(model, tokenizer, texts, max_length=settings.max_length)}
+        base = model.unload()
+        results[name]["seconds"] = time.perf_counter() - started
+    return results
+
+
+def format_evaluation(results: dict[str, dict]) -> str:
+    """A markdown table of ``evaluate_adapters``' results."""
+    lines = ["| model | target accuracy | questions correct | retention of base-correct | KL(base‖adapted) per "
+             "token | perplexity base → adapted |", "|---|---|---|---|---|---|"]
+    for name, row in results.items():
+        kl = f"{row['kl_per_token']:.4f}" if "kl_per_token" in row else "—"
+        perplexity = (f"{row['base_perplexity']:.2f} → {row['adapted_perplexity']:.2f}"
+                      if "base_perplexity" in row else "—")
+        kept = f"{row['retention']:.1%}" if "retention" in row else "—"
+        lines.append(f"| {name} | {row['target_accuracy']:.1%} | {row['questions_correct']:.1%} | {kept} | {kl} | "
+                     f"{perplexity} |")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""``folora_ds.evaluation``: KL and perplexity against the base model, answer scoring, the shipped data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from folora_ds.evaluation import (
+    answer_is_correct,
+    exact_match,
+    greedy_answer,
+    heldout_texts,
+    kl_on_text,
+    load_questions,
+    normalize_answer,
+    retention,
+    token_kl,
+)
+from folora_ds.models import load_model
+from folora_ds.peft_utils import lora_b_weight, lora_layers
+
+
+def test_token_kl_is_zero_for_equal_logits_and_matches_the_definition():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 3, 5, generator=generator)
+    adapted = torch.randn(2, 3, 5, generator=generator)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert token_kl(base, base, mask) == (0.0, 3)
+    p, q = torch.softmax(base.double(), -1), torch.softmax(adapted.double(), -1)
+    expected = sum(float((p[b, s] * (p[b, s].log() - q[b, s].log())).sum()) for b, s in ((0, 0), (0, 1), (1, 0)))
+    total, count = token_kl(base, adapted, mask)
+    assert count == 3 and total == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="do not match"):
+        token_kl(base, adapted, mask[:, :2])
+
+
+@pytest.mark.parametrize(("generated", "reference", "equal"), [
+    ("Twenty-one.", "twenty-one", True),
+    ("  four thousand seven hundred twenty-one ", "four thousand seven hundred twenty-one", True),
+    ("four thousand seven hundred twenty one", "four thousand seven hundred twenty-one", False),
+    ("1,234", "1,234", True),
+    ("one hundred and one", "one hundred one", False),
+])
+def test_exact_match_normalizes_case_and_punctuation_only(generated, reference, equal):
+    assert exact_match(generated, reference) is equal
+
+
+def test_answer_is_correct_needs_whole_words():
+    assert answer_is_correct("The capital of France is Paris.", ["Paris"])
+    assert answer_is_correct("It is H2O!", ["H2O"])
+    assert not answer_is_correct("Parisian food", ["Paris"])
+    assert answer_is_correct("1, 2, 3, 4, 5", ["1, 2, 3, 4, 5"])
+    assert not answer_is_correct("The answer is 15.", ["5"])
+    assert normalize_answer("Leonardo  da Vinci’s") == "leonardo da vinci's"
+
+
+def test_retention_counts_only_what_the_base_got_right():
+    assert retention([True, True, False, True], [True, False, True, True]) == pytest.approx(2 / 3)
+    assert retention([False, False], [True, True]) == 1.0
+    with pytest.raises(ValueError, match="2 base answers but 1"):
+        retention([True, False], [True])
+
+
+def test_shipped_questions_and_heldout_text():
+    questions = load_questions()
+    assert len(questions) >= 60 and len({q.prompt for q in questions}) == len(questions)
+    assert {q.kind for q in questions} == {"fact", "instruction"}
+    texts = heldout_texts(16, seed=1)
+    assert len(texts) == 16 and all(400 <= len(text) <= 1200 for text in texts)
+    assert texts == heldout_texts(16, seed=1) and texts != heldout_texts(16, seed=2)
+    with pytest.raises(ValueError, match="held-out passages"):
+        heldout_texts(10**6)
+
+
+def test_bad_question_file_names_the_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"prompt": "a?", "answers": ["b"], "kind": "fact"}\n{"prompt": "c?", "answers": []}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        load_questions(path)
+
+
+def test_kl_against_the_disabled_adapter_is_zero_until_the_adapter_moves():
+    base, tokenizer = load_model("tiny-llama")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    texts = heldout_texts(3)
+    untouched = kl_on_text(model, tokenizer, texts, max_length=64, batch_size=2)
+    assert untouched["kl_per_token"] == pytest.approx(0.0, abs=1e-12)
+    assert untouched["base_perplexity"] == pytest.approx(untouched["adapted_perplexity"], rel=1e-12)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            lora_b_weight(layer).normal_(std=0.5)
+    moved = kl_on_text(model, tokenizer, texts, max_length=64, batch_size=2)
+    assert moved["kl_per_token"] > 1e-4
+    assert moved["base_perplexity"] == pytest.approx(untouched["base_perplexity"], rel=1e-9)
+    # the base perplexity is exp(mean NLL) of the model with the adapter disabled, counted over the same tokens
+    encoded = tokenizer(texts[:1], return_tensors="pt", truncation=True, max_length=64)
+    with torch.no_grad(), model.disable_adapter():
+        loss = model(**encoded, labels=encoded["input_ids"]).loss
+    single = kl_on_text(model, tokenizer, texts[:1], max_length=64)
+    assert single["base_perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    separate = kl_on_text(model, tokenizer, texts, base_model=load_model("tiny-llama")[0], max_length=64)
+    assert separate["kl_per_token"] == pytest.approx(moved["kl_per_token"], rel=1e-9)
+
+
+def test_greedy_answer_uses_the_chat_template_and_is_deterministic():
+    model, tokenizer = load_model("tiny-llama")
+    first = greedy_answer(model, tokenizer, "What is 2 + 3?", max_new_tokens=5)
+    assert first == greedy_answer(model, tokenizer, "What is 2 + 3?", max_new_tokens=5)
+    assert isinstance(first, str)
+
+
+def _saved_adapter(directory, moved: bool) -> str:
+    base, _ = load_model("tiny-llama")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    if moved:
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                lora_b_weight(layer).normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(str(directory))
+    return str(directory)
+
+
+def test_evaluate_command_measures_each_adapter_against_the_base(tmp_path, capsys):
+    import json
+
+    from folora_ds.cli import main
+
+    still = _saved_adapter(tmp_path / "still", moved=False)
+    moved = _saved_adapter(tmp_path / "moved", moved=True)
+    assert main(["evaluate", "--model", "tiny-llama", "--adapter", f"still={still}", "--adapter", f"moved={moved}",
+                 "--test-records", "3", "--heldout", "4", "--output", str(tmp_path / "eval.json"),
+                 "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "| moved |" in table and "| base |" in table
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert set(results) == {"base", "still", "moved"}
+    assert results["still"]["kl_per_token"] == pytest.approx(0.0, abs=1e-12)  # B = 0: the base model itself
+    assert results["still"]["target_accuracy"] == results["base"]["target_accuracy"]
+    assert results["still"]["questions_correct"] == results["base"]["questions_correct"]
+    assert results["moved"]["kl_per_token"] > 1e-4
+    assert results["moved"]["base_perplexity"] == pytest.approx(results["still"]["base_perplexity"], rel=1e-9)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--adapter", "nonsense"], "NAME=DIR"),
+    (["--adapter", "a=/no/such/adapter"], "no adapter_config.json"),
+    (["--adapter", "base=/x"], "is used twice"),
+    (["--test-data", "/no/such.jsonl"], "does not exist"),
+    (["--heldout", "0"], "heldout_passages=0"),
+])
+def test_evaluate_command_names_bad_input(arguments, message, capsys):
+    from folora_ds.cli import main
+
+    assert main(["evaluate", "--model", "tiny-llama", "--no-progress", *arguments]) == 2
+    assert message in capsys.readouterr().err
