@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from folora_ds.distributed import comm
+
 FOLORA_STATE_DIR = "folora_state"
 
 
@@ -46,6 +48,9 @@ def save_checkpoint(engine, folora_state: dict[str, Any], directory: str | Path,
     folder = Path(directory) / tag
     path = folder / FOLORA_STATE_DIR / _part_name(*folora_state["part"])
     error = None
+    if comm.rank() == 0 and path.parent.is_dir():  # parts of an earlier save of this tag (maybe another world)
+        shutil.rmtree(path.parent, ignore_errors=True)
+    comm.barrier()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with replace_atomically(path) as scratch:
@@ -95,7 +100,11 @@ def read_folora_state(folder: Path) -> dict[str, Any]:
     if not paths:
         raise ValueError(f"{str(folder)!r} holds no FoLoRA checkpoint ({FOLORA_STATE_DIR}/ is missing or empty); "
                          "was it written by controller.save_checkpoint?")
-    world = int(paths[0].stem.rsplit("_of_", 1)[1])
+    worlds = {int(path.stem.rsplit("_of_", 1)[1]) for path in paths}
+    if len(worlds) > 1:
+        raise ValueError(f"{str(parts_dir)!r} mixes FoLoRA state parts of runs with {sorted(worlds)} ranks; keep only "
+                         "the parts of the save you resume from")
+    world = worlds.pop()
     missing = [_part_name(rank, world) for rank in range(world) if not (parts_dir / _part_name(rank, world)).is_file()]
     if missing:
         raise ValueError(f"FoLoRA state part {str(parts_dir / missing[0])!r} is missing ({len(missing)} of {world}); "
@@ -198,5 +207,6 @@ def convert_to_universal_checkpoint(directory: str | Path, tag: str | None = Non
     if result.returncode != 0 or not (directory / "latest_universal").is_file():
         raise RuntimeError(f"ds_to_universal failed on {str(source)!r}:\n{result.stdout[-2000:]}\n"
                            f"{result.stderr[-3000:]}")
-    shutil.copytree(source / FOLORA_STATE_DIR, target / FOLORA_STATE_DIR, dirs_exist_ok=True)
+    shutil.rmtree(target / FOLORA_STATE_DIR, ignore_errors=True)
+    shutil.copytree(source / FOLORA_STATE_DIR, target / FOLORA_STATE_DIR)
     return target

@@ -152,7 +152,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       help='DeepSpeed JSON with a "folora" block: stage, micro-batch, accumulation, bf16 and FoLoRA '
                            "settings come from it")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    plan.add_argument("--stage", type=int, help="ZeRO stage (default: the config's, else 3)")
+    plan.add_argument("--stage", type=int, help="ZeRO stage (default: the config's, as DeepSpeed reads it (0 without "
+                      "a zero_optimization block); 3 without --config)")
     plan.add_argument("--dtype", choices=["bfloat16", "float32"], help="model dtype (default: the config's bf16 "
                       "setting, else bfloat16)")
     plan.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: the config's, else 1)")
@@ -205,7 +206,7 @@ def _plan(args: argparse.Namespace) -> int:
     bf16 = bool((ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled", args.config is None))
     settings = PlanSettings(
         world_size=args.world, nodes=args.nodes,
-        zero_stage=args.stage if args.stage is not None else int(zero.get("stage", 3)),
+        zero_stage=args.stage if args.stage is not None else int(zero.get("stage", 3 if args.config is None else 0)),
         model_dtype=args.dtype or ("bfloat16" if bf16 else "float32"),
         micro_batch=args.micro_batch or int(ds_config.get("train_micro_batch_size_per_gpu", 1)),
         seq_len=args.seq_len,

@@ -1,9 +1,10 @@
 """``FoLoRAController``: statistics → solves → projectors → gated optimizer, for one process or N ranks.
 
 One class serves both: the collectives come from ``folora_ds.distributed.comm``, where "no process group" means
-world size 1 and every collective does nothing. On N ranks each rank runs its shard of the data; the statistics
-are reduced to the input's owner rank (largest-d³-first balance), owners solve, and each owner delivers its
-projectors only to the ranks whose optimizer partition holds rows they gate.
+world size 1 and every collective does nothing. On N ranks each rank runs its shard of the data; every input has
+an owner rank (largest-d³-first balance) to which each forward sends that input's counted token rows, so only the
+owner holds its (d, d) statistics; owners solve, and each owner delivers its projectors only to the ranks whose
+optimizer partition holds rows they gate.
 
 Life cycle (a plain torch loop; under DeepSpeed ``folora_ds.initialize`` does the first five lines)::
 
@@ -136,7 +137,11 @@ class FoLoRAController:
         self.task_forwards = 0
         self._base_energy = 0.0
         self._last_global_steps = 0
-        self._device = next(model.parameters()).device
+
+    @property
+    def _device(self) -> torch.device:
+        """Where the model is now (DeepSpeed may move it after this controller was built)."""
+        return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------ statistics
     def _set_inputs(self, dims: Mapping[str, int]) -> None:
@@ -250,7 +255,7 @@ class FoLoRAController:
         error = None
         try:
             for key, covariance in self._owned_covariances("task", in_place=True).items():
-                self.task_ema.update(key, covariance)
+                self.task_ema.update(key, covariance, take=True)  # the window's sums are spent: no copy
         except ValueError as problem:
             hint = ("; run the training forward inside controller.track_task(batch) (and keep statistics_every at "
                     "most the micro-batches between refreshes)") if training else ""
@@ -314,11 +319,14 @@ class FoLoRAController:
         with torch.no_grad():
             for name, layer in self.layers.items():
                 key, weight = self.collector.key_of(name), lora_a_weight(layer)
-                with comm.gathered([weight], modifier_rank=self.owners[key]):  # a group rank
+                partitioned = hasattr(weight, "ds_id")  # ZeRO-3: the owner's change is broadcast on exit
+                with comm.gathered([weight], modifier_rank=self.owners[key]):  # (the world group's rank)
                     value = weight.detach().clone().float()
                     if self.owners[key] == me:
                         value = project_rows(value, self.owned_projectors[key].to(value.device))
-                    weight.copy_(comm.broadcast(value, self.owners[key], self.group))
+                    if not partitioned:
+                        value = comm.broadcast(value, self.owners[key], self.group)
+                    weight.copy_(value)
         if engine is not None and engine.zero_optimization_stage() > 0:
             engine.optimizer.refresh_fp32_params()
 
@@ -363,7 +371,7 @@ class FoLoRAController:
 
     def after_step(self) -> bool:
         """Call after every ``optimizer.step()`` (or ``engine.step()``, which only counts at an accumulation
-        boundary). Every ``refresh_interval`` optimizer steps: reduce C_task, adapt τ (budget), re-solve,
+        boundary). Every ``refresh_interval`` optimizer steps: fold the C_task window, adapt τ (budget), re-solve,
         re-deliver (collective).
 
         Returns:
@@ -475,6 +483,22 @@ class FoLoRAController:
             ValueError: another state version, an incompatible config, a model with other LoRA modules, or a
                 state without some input this rank now owns.
         """
+        self.check_state(state)
+        if self.budget is None and state.get("budget") is not None:
+            warnings.warn("the checkpoint carries a forgetting budget but this config has none: τ returns to the "
+                          "configured value from here on", stacklevel=2)
+        self.collector.load_sharing(state["members"], state["dims"])
+        self._set_inputs(state["dims"])
+        mine = self._owned_keys()
+        missing = [key for key in mine if key not in state["pre"]]
+        if missing:
+            raise ValueError(f"the FoLoRA state lacks input {missing[0]!r} ({len(missing)} missing): load the "
+                             "merge_state_parts of every rank's part, not one rank's")
+        self._load_owned(state, mine)
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ValueError unless ``state`` fits this controller (version, structural config, LoRA modules, budget);
+        cheap, so a resume can check before any engine or weights exist."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"FoLoRA state version {state.get('version')!r} is not supported (expected "
                              f"{STATE_VERSION})")
@@ -488,20 +512,13 @@ class FoLoRAController:
         if saved_modules != set(self.layers):
             extra = sorted(saved_modules ^ set(self.layers))[:3]
             raise ValueError(f"the checkpoint's LoRA modules differ from this model's (e.g. {extra})")
-        if self.budget is None and state.get("budget") is not None:
-            warnings.warn("the checkpoint carries a forgetting budget but this config has none: τ returns to the "
-                          "configured value from here on", stacklevel=2)
         if self.budget is not None and state.get("budget") is None:
             raise ValueError("the checkpoint was written without a forgetting_budget; resume without one or start "
                              "a new run")
-        self.collector.load_sharing(state["members"], state["dims"])
-        self._set_inputs(state["dims"])
-        mine = self._owned_keys()
-        missing = [key for key in mine if key not in state["pre"]]
-        if missing:
-            raise ValueError(f"the FoLoRA state lacks input {missing[0]!r} ({len(missing)} missing): load the "
-                             "merge_state_parts of every rank's part, not one rank's")
+
+    def _load_owned(self, state: Mapping[str, Any], mine: list[str]) -> None:
         self.pre_covariances = {key: state["pre"][key].to(self._device) for key in mine}
+        self.task_ema = CovarianceEMA(self.config.ema_decay)  # replaced, not blended with an estimate held before
         for key in mine:
             self.task_ema.update(key, state["ema"][key].to(self._device))
         self.solver.load_state_dict(state["solver"], mine)

@@ -3,7 +3,7 @@
     engine, controller = folora_ds.initialize(peft_model, "ds_configs/zero2.json",
                                               proxy_batches=my_proxy_shard, task_batches=my_task_shard)
     for batch in loader:                         # this rank's micro-batches
-        with controller.track_task(batch):       # C_task keeps being collected (reduced at refreshes)
+        with controller.track_task(batch):       # C_task keeps being collected (rows go to the owners)
             loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()
@@ -111,8 +111,10 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
         samples = proxy_samples_for_this_rank(model, tokenizer, prepared.folora,
                                               progress=progress and comm.rank() == 0)
         proxy_batches = calibration_batches(samples, tokenizer, prepared.folora)
+    state = None
     if folder is not None:  # FoLoRA's config and every file are checked before DeepSpeed touches the checkpoint
-        controller.load_state_dict(checkpoint.read_folora_state(folder))
+        state = checkpoint.read_folora_state(folder)  # memory-mapped: only the owned inputs are read, on loading
+        controller.check_state(state)
         checkpoint.check_deepspeed_files(folder)
     arguments = dict(prepared.optimizer_arguments)
     optimizer = GatedAdamW(folora_param_groups(model, weight_decay=arguments.pop("weight_decay")), **arguments,
@@ -130,6 +132,7 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
     else:
         checkpoint.refuse_world_size_change(folder, engine.zero_optimization_stage(), engine.dp_world_size,
                                             universal)
+        controller.load_state_dict(state)  # after the engine placed the model: the statistics follow it
         checkpoint.load_engine_checkpoint(engine, optimizer, folder)
     controller.attach(optimizer, engine)
     return engine, controller

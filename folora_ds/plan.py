@@ -17,7 +17,8 @@ What each figure counts (bytes per rank, B = bytes per element):
 - exchange buffers (transient): this rank's rows of one input plus, on an owner, one gather of every rank's
   rows (at most ``EXCHANGE_BUFFER_BYTES``) and its cast to the statistics dtype.
 - projectors: (C̃V_k, V_k, g_k) of every input whose LoRA-A rows this rank's optimizer holds: all of them at
-  ZeRO-0 and ZeRO-3, about 1/world of them at ZeRO-1/2.
+  ZeRO-0 and ZeRO-3, about 1/world of them at ZeRO-1/2; plus, on owners, the solver's last good projector of each
+  owned input in the solve dtype (the basis kept when a re-solve fails).
 - solve workspace: the owner's largest input in the solve dtype: 5 (d, d) matrices besides the inputs (Cholesky
   factor, whitened matrix, Q and ``eigh``'s 2·d² workspace; the inputs are cast one at a time inside that peak;
   ``benchmarks/eigensolve.py`` measures 3.6–4.8 at d = 2048–4096 from float32 statistics).
@@ -111,6 +112,7 @@ class RankPlan:
     statistics_training: int
     exchange_buffers: int
     projectors: int
+    solver_projectors: int
     solve_workspace: int
     solve_seconds: float
     activations: int = 0
@@ -120,7 +122,7 @@ class RankPlan:
     def peak(self) -> int:
         """The most this rank holds at once (training or calibration, whichever is larger)."""
         fixed = self.base_weights + self.lora_parameters + self.lora_gradients + self.lora_optimizer
-        return fixed + max(self.statistics_training + self.projectors + self.solve_workspace,
+        return fixed + max(self.statistics_training + self.projectors + self.solver_projectors + self.solve_workspace,
                            self.statistics_calibration) + self.exchange_buffers
 
 
@@ -251,9 +253,9 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
         block = min(rows, rows_per_gather(world, widest, model_bytes))
         return rows * widest * model_bytes + world * block * widest * model_bytes + block * widest * statistics_bytes
 
-    def projector_bytes(dim: int) -> int:
+    def projector_bytes(dim: int, element_bytes: int = 4) -> int:
         k = dim if folora.k is None else min(folora.k, dim)
-        return (2 * dim * k + k) * 4
+        return (2 * dim * k + k) * element_bytes
 
     all_projectors = sum(projector_bytes(d) for d in shape.inputs.values())
     per_block = (10 * shape.hidden_size + 4 * shape.intermediate_size) * model_bytes
@@ -275,6 +277,7 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
             statistics_training=3 * squares * statistics_bytes,
             exchange_buffers=max(exchange_buffer(collected), exchange_buffer(calibration_tokens)),
             projectors=all_projectors if stage in (0, 3) else math.ceil(all_projectors / world),
+            solver_projectors=sum(projector_bytes(shape.inputs[key], solve_bytes) for key in owned),
             solve_workspace=SOLVE_WORKSPACE_MATRICES * widest_owned ** 2 * solve_bytes,
             solve_seconds=sum(shape.inputs[key] ** 3 for key in owned) / 1e9 * rate,
             activations=activations, activations_checkpointed=checkpointed))
@@ -322,6 +325,7 @@ def format_plan(plan: Plan) -> str:
             ("statistics, calibration (C_pre + C_task sums)", "statistics_calibration"),
             ("statistics, training (C_pre + EMA + window)", "statistics_training"),
             ("exchange buffers (transient)", "exchange_buffers"), ("projectors", "projectors"),
+            (f"solver's kept projectors ({f.solve_dtype}, owned inputs)", "solver_projectors"),
             (f"solve workspace ({f.solve_dtype}, transient)", "solve_workspace")]
     for label, name in rows:
         lines.append(f"  {label:<48} {_size(getattr(heaviest, name)):>10}   ({_size(getattr(lightest, name))})")

@@ -176,7 +176,7 @@ class CovarianceCollector:
         return {key: self._dims[key] for key in self.keys()}
 
     def sums(self, source: str) -> dict[str, CovarianceSums]:
-        """The raw sums and token counts of ``source`` per key (what distributed reduction moves)."""
+        """The raw sums and token counts of ``source`` per key (with a row exchange: the keys this rank owns)."""
         return dict(self._sums[source])
 
     def covariance(self, source: str, key: str) -> torch.Tensor:
@@ -252,7 +252,7 @@ class CovarianceCollector:
         rows = inputs.reshape(-1, d)
         positions = self._positions(rows.shape[0], rows.device)
         if positions is not None:
-            rows = rows[positions]
+            rows = rows[positions.to(rows.device)]  # inputs may sit on other devices (a model split over GPUs)
         blocks = [rows] if self._exchange is None else self._exchange.route(key, rows)
         for block in blocks:  # nothing reaches a rank that does not own the input
             sums = self._sums[self._source].get(key)
@@ -313,10 +313,12 @@ class CovarianceEMA:
         self.decay = decay
         self._estimates: dict[str, torch.Tensor] = {}
 
-    def update(self, key: str, window: torch.Tensor) -> torch.Tensor:
+    def update(self, key: str, window: torch.Tensor, *, take: bool = False) -> torch.Tensor:
+        """Fold ``window`` in; ``take=True`` lets the first estimate be ``window`` itself (the caller's spent
+        buffer: no (d, d) copy)."""
         previous = self._estimates.get(key)
         if previous is None:
-            self._estimates[key] = window.clone()
+            self._estimates[key] = window if take else window.clone()
         else:
             previous.mul_(self.decay).add_(window.to(previous.dtype), alpha=1 - self.decay)
         return self._estimates[key]

@@ -43,7 +43,9 @@ def _measured(rank: int, world: int) -> dict:
 
     zero = engine.optimizer
     state = [t for s in zero.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+    kept = [controller.solver.projector(key) for key in controller.pre_covariances]
     return {"statistics": controller.statistics_bytes(), "projectors": controller.projector_bytes(),
+            "solver": sum(t.numel() * t.element_size() for p in kept for t in (p.c_tilde_v, p.v, p.gates)),
             "sent_per_forward": (exchange.bytes_sent - before) / TRAINING_FORWARDS,
             "base": shard_bytes(False), "lora": shard_bytes(True),
             "optimizer": sum(t.numel() * t.element_size() for t in [*zero.fp32_partitioned_groups_flat, *state]),
@@ -63,6 +65,7 @@ def test_plan_matches_a_measured_zero3_run(tmp_path):
     for rank, (measured, planned) in enumerate(zip(results, plan.ranks)):
         assert measured["statistics"] == planned.statistics_training, f"rank {rank}"
         assert measured["projectors"] == planned.projectors, f"rank {rank}"
+        assert measured["solver"] == planned.solver_projectors, f"rank {rank}"
         assert measured["base"] == pytest.approx(planned.base_weights, rel=0.15), f"rank {rank}"
         assert measured["lora"] == pytest.approx(planned.lora_parameters, rel=0.15), f"rank {rank}"
         assert measured["optimizer"] == pytest.approx(planned.lora_optimizer, rel=0.15), f"rank {rank}"

@@ -54,7 +54,8 @@ def test_per_rank_figures_add_up_and_statistics_are_partitioned_once(tiny_config
                                                                            / 1e9)
     for rank in plan.ranks:
         parts = (rank.base_weights + rank.lora_parameters + rank.lora_gradients + rank.lora_optimizer
-                 + max(rank.statistics_training + rank.projectors + rank.solve_workspace, rank.statistics_calibration)
+                 + max(rank.statistics_training + rank.projectors + rank.solver_projectors + rank.solve_workspace,
+                       rank.statistics_calibration)
                  + rank.exchange_buffers)
         assert rank.peak == parts
         assert rank.base_weights == shape.base_parameters * 4 // (3 if stage == 3 else 1)
@@ -82,6 +83,16 @@ def test_plan_command_prints_the_figures_and_json(tiny_config, capsys):
     assert main(["plan", "--model-config", str(tiny_config), "--world", "2", "--solve-rate", "1.0"]) == 0
     text = capsys.readouterr().out
     assert "statistics before owner partitioning" in text and "peak" in text
+
+
+def test_plan_reads_the_stage_as_deepspeed_does(tiny_config, tmp_path, capsys):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "folora": {"k": 6}}))  # no zero block: 0
+    assert main(["plan", "--model-config", str(tiny_config), "--world", "2", "--config", str(config),
+                 "--solve-rate", "1.0", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["settings"]["zero_stage"] == 0 and plan["settings"]["micro_batch"] == 2
+    assert plan["settings"]["model_dtype"] == "float32"
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

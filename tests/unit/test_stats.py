@@ -484,6 +484,13 @@ def test_ema_first_update_copies_window_and_keys_are_independent():
     assert live is ema["b"], "later updates are in place (no (d, d) temporaries)"
 
 
+def test_ema_take_keeps_the_spent_window_itself():
+    ema = CovarianceEMA(0.5)
+    window = torch.ones(2, 2)
+    assert ema.update("k", window, take=True) is window  # no (d, d) copy of a buffer the caller is done with
+    assert torch.equal(ema.update("k", torch.full((2, 2), 3.0), take=True), torch.full((2, 2), 2.0))
+
+
 def test_ema_decay_zero_keeps_only_the_latest_window():
     ema = CovarianceEMA(0.0)
     ema.update("k", torch.ones(2, 2))
