@@ -64,13 +64,13 @@ def merge_state_parts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     parts = list(parts)
     if not parts:
         raise ValueError("no FoLoRA state parts to merge")
-    world = parts[0].get("part", (0, 1))[1]
-    ranks = sorted(part.get("part", (0, 1))[0] for part in parts)
-    if ranks != list(range(world)) or any(part.get("part", (0, 1))[1] != world for part in parts):
+    world = parts[0]["part"][1]
+    ranks = sorted(part["part"][0] for part in parts)
+    if ranks != list(range(world)) or any(part["part"][1] != world for part in parts):
         missing = sorted(set(range(world)) - set(ranks))
         raise ValueError(f"FoLoRA state parts of ranks {ranks} were given, the run had {world} ranks"
                          + (f" (missing: {missing})" if missing else ""))
-    first = min(parts, key=lambda part: part.get("part", (0, 1))[0])
+    first = min(parts, key=lambda part: part["part"][0])
     common = {key: value for key, value in first.items() if key not in _PER_INPUT_PARTS}
     for part in parts:
         if part.get("version") != first.get("version") or part["dims"] != first["dims"] or (

@@ -55,14 +55,13 @@ class ModelShape:
     Attributes:
         base_parameters: frozen parameters. lora_parameters: trainable LoRA parameters (A and B).
         inputs: width d of every LoRA input key (modules sharing an input share a key), in forward order.
-        lora_a_rows: per input key, LoRA-A parameters fed by it (Σ r · d over its member modules).
+        hidden_size, intermediate_size, layers, vocab_size: from the config, for the activation estimate.
     """
 
     name: str
     base_parameters: int
     lora_parameters: int
     inputs: dict[str, int]
-    lora_a_parameters: dict[str, int]
     hidden_size: int = 0
     intermediate_size: int = 0
     layers: int = 0
@@ -186,7 +185,6 @@ def model_shape(config, folora: FoLoRAConfig, name: str = "model") -> ModelShape
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from folora_ds.peft_utils import lora_a_weight, lora_layers
     from folora_ds.stats import CovarianceCollector
 
     with torch.device("meta"), warnings.catch_warnings():
@@ -198,14 +196,10 @@ def model_shape(config, folora: FoLoRAConfig, name: str = "model") -> ModelShape
     with torch.no_grad(), collector.discover():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))
     collector.remove()
-    lora_a: dict[str, int] = {}
-    for module, layer in lora_layers(model).items():
-        key = collector.key_of(module)
-        lora_a[key] = lora_a.get(key, 0) + lora_a_weight(layer).numel()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return ModelShape(name=name, base_parameters=frozen, lora_parameters=trainable,
-                      inputs=collector.input_dims(), lora_a_parameters=lora_a,
+                      inputs=collector.input_dims(),
                       hidden_size=int(getattr(config, "hidden_size", 0) or 0),
                       intermediate_size=int(getattr(config, "intermediate_size", 0) or 0),
                       layers=int(getattr(config, "num_hidden_layers", 0) or 0),

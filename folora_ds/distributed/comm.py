@@ -52,14 +52,6 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def reduce_sum_to(tensor: torch.Tensor, owner: int, group=None) -> torch.Tensor:
-    """Sum ``tensor`` over the group into ``owner``'s copy (other ranks' copies are undefined afterwards)."""
-    if is_running():
-        dist = _dist()
-        dist.reduce(tensor, dst=global_rank(group, owner), op=dist.ReduceOp.SUM, group=group)
-    return tensor
-
-
 def barrier(group=None) -> None:
     """Wait until every rank of the group arrives."""
     if is_running():

@@ -84,7 +84,7 @@ class OwnerRowExchange:
     sums. Traffic per forward and rank: Σ_inputs max n_r · d · element bytes, of which (world − 1)/world leaves.
 
     Attributes:
-        rows_sent, bytes_sent: what this rank handed to other ranks (padding included), for benchmarks and plans.
+        bytes_sent: what this rank handed to other ranks (padding included), for benchmarks and plans.
     """
 
     def __init__(self, owners: Mapping[str, int], group=None) -> None:
@@ -93,7 +93,6 @@ class OwnerRowExchange:
         self.me = comm.rank(group)
         self.world = comm.world_size(group)
         self._counts: list[int] = []
-        self.rows_sent = 0
         self.bytes_sent = 0
 
     def begin_forward(self, rows: int, device) -> None:
@@ -114,7 +113,6 @@ class OwnerRowExchange:
             mine = rows[start:stop]
             padded[:mine.shape[0]] = mine
             if owner != self.me:
-                self.rows_sent += padded.shape[0]
                 self.bytes_sent += padded.numel() * padded.element_size()
             pieces = comm.gather_to(padded, owner, self.group)
             for piece, count in zip(pieces or [], self._counts):

@@ -15,7 +15,8 @@ def test_no_process_group_means_world_size_one_and_no_op_collectives():
     assert (comm.rank(), comm.world_size()) == (0, 1)
     tensor = torch.arange(4.0)
     assert comm.all_reduce_sum(tensor) is tensor and torch.equal(tensor, torch.arange(4.0))
-    assert comm.reduce_sum_to(tensor, 0) is tensor and comm.broadcast(tensor, 0) is tensor
+    assert comm.broadcast(tensor, 0) is tensor
+    assert comm.gather_to(tensor, 0) == [tensor] and comm.all_gather_counts(3, "cpu") == [3]
     assert comm.all_gather_objects({"a": 1}) == [{"a": 1}]
     comm.barrier()
 

@@ -36,8 +36,6 @@ def test_meta_shape_equals_the_collectors_inputs_on_the_real_model(tiny_config):
     assert shape.inputs == controller.dims
     assert shape.lora_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert shape.base_parameters == sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    assert sum(shape.lora_a_parameters.values()) == sum(
-        p.numel() for n, p in model.named_parameters() if "lora_A" in n)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
