@@ -5,6 +5,7 @@
     folora-ds sample-proxy --model DIR --output proxy.jsonl [--config ds.json] [--set ...]
     folora-ds plan --model-config llama-3-70b --world 64 --nodes 8 [--config ds.json] [--set k=64] [--json]
     folora-ds evaluate --model smollm2-135m-instruct --adapter folora=out/folora_adapter --adapter adamw=...
+    folora-ds grid smollm2 --output runs/grid [--only "plain LoRA"] [--report-only]
 
 The run's settings come from a DeepSpeed JSON config (``--config``, alias ``--deepspeed``; a one-process ZeRO-0
 default without it): DeepSpeed's keys go to the engine, the ``"folora"`` block to FoLoRA, with ``--set`` overriding
@@ -171,9 +172,42 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-data", help="target-task test JSONL (default: the number-words test split)")
     evaluate.add_argument("--test-records", type=int, default=100)
     evaluate.add_argument("--heldout", type=int, default=48, help="held-out text passages for KL and perplexity")
+    evaluate.add_argument("--device", default="cpu", help="where the models run, e.g. cuda (default: cpu)")
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                          help="dtype of the model weights (default: float32)")
     evaluate.add_argument("--output", help="also write the results as JSON here")
     evaluate.add_argument("--no-progress", action="store_true")
+
+    grid = commands.add_parser("grid", help="train and measure a grid of methods x learning rates x seeds x steps "
+                               "(cached and resumable), then write the tables and plots")
+    grid.add_argument("spec", help="a grid spec JSON, or a shipped grid's name (smollm2, demo, quick)")
+    grid.add_argument("--output", required=True, help="the grid's folder (reused: finished runs are not redone)")
+    grid.add_argument("--only", action="append", metavar="LABEL", help="run only the entries with this label "
+                      "(repeatable); the report still covers every finished run")
+    grid.add_argument("--report-only", action="store_true", help="write the report of the finished runs, train "
+                      "nothing")
+    grid.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from folora_ds.grid import collect_rows, load_spec, run_grid
+    from folora_ds.report import write_report
+
+    spec = load_spec(args.spec)
+    if args.only:
+        unknown = sorted(set(args.only) - {run.label for run in spec.runs})
+        if unknown:
+            raise ValueError(f"--only {unknown[0]!r} names no entry of the grid "
+                             f"(labels: {', '.join(sorted({run.label for run in spec.runs}))})")
+    if args.report_only:
+        rows = collect_rows(spec, args.output)
+    else:
+        rows = run_grid(spec, args.output, progress=not args.no_progress, only=args.only)
+    report = write_report(rows, spec, Path(args.output))
+    print(report.markdown)
+    print(f"tables and plots: {', '.join(str(path) for path in report.files)}")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -190,7 +224,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         adapters[name] = path
     settings = EvaluationSettings(**({} if args.test_data is None else {"test_data": args.test_data}),
                                   test_records=args.test_records, heldout_passages=args.heldout)
-    results = evaluate_adapters(args.model, adapters, settings, progress=not args.no_progress)
+    import torch
+
+    results = evaluate_adapters(args.model, adapters, settings, progress=not args.no_progress, device=args.device,
+                                dtype=getattr(torch, args.dtype))
     print(format_evaluation(results))
     if args.output:
         write_json(Path(args.output), results)
@@ -250,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         return {"train": _train, "sample-proxy": _sample_proxy, "plan": _plan,
-                "evaluate": _evaluate}[args.command](args)
+                "evaluate": _evaluate, "grid": _grid}[args.command](args)
     except _USER_ERRORS as error:
         print(f"folora-ds: {_rank_label()}error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

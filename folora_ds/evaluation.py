@@ -6,8 +6,8 @@
   held.
 - **Retention**: of the shipped questions (``data_files/retention_questions.jsonl``: facts and simple instructions,
   each with accepted answers) that the base model answers correctly, the fraction the adapted model still answers
-  correctly. Answers are greedy, one prompt at a time, through the tokenizer's chat template (batched generation
-  with left padding can change greedy answers, so one way is used everywhere).
+  correctly. Answers are greedy, through the tokenizer's chat template, in fixed batches with left padding
+  (``greedy_answers``; padding can flip a near-tied greedy token, so every model is measured this one way).
 - **Target accuracy**: exact match of the greedy answer with the reference after ``normalize_answer``.
 
 The math (``token_kl``, ``normalize_answer``, ``answer_is_correct``) is pure; the model-running functions take a
@@ -20,6 +20,7 @@ import contextlib
 import math
 import random
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,32 +184,58 @@ def kl_on_text(model, tokenizer, texts: Iterable[str], *, base_model=None, max_l
             "adapted_perplexity": math.exp(nll_adapted / tokens), "tokens": tokens}
 
 
-@torch.no_grad()
-def greedy_answer(model, tokenizer, prompt: str, *, max_new_tokens: int = 32) -> str:
-    """The model's greedy answer to one user ``prompt`` (chat template when the tokenizer has one)."""
-    device = next(model.parameters()).device
+def _chat_prompt(tokenizer, prompt: str) -> str:
+    """``prompt`` as one user turn of the tokenizer's chat template (ready for the answer), or as is without one."""
     if tokenizer.chat_template:
-        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)
-    else:
-        encoded = tokenizer(prompt, return_tensors="pt")
-    encoded = {name: tensor.to(device) for name, tensor in encoded.items()}
-    was_training = model.training
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    return prompt
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 16,
+                   progress: bool = False, description: str = "generating") -> list[str]:
+    """The model's greedy answer to each user prompt (chat template when the tokenizer has one).
+
+    Prompts go in batches of ``batch_size`` with left padding, in the given order, so the same prompts give the
+    same batches for every model compared (padding can change a greedy answer in the last float bit's way; every
+    model is measured this one way). A batch stops when every row has ended or ``max_new_tokens`` were made.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    device = next(model.parameters()).device
+    was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
-    output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=description, disable=not progress, leave=False):
+            texts = [_chat_prompt(tokenizer, prompt) for prompt in prompts[start:start + batch_size]]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new_tokens = output[:, encoded["input_ids"].shape[1]:]
+            answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return answers
+
+
+def greedy_answer(model, tokenizer, prompt: str, *, max_new_tokens: int = 32) -> str:
+    """The model's greedy answer to one user ``prompt`` (``greedy_answers`` of a batch of one)."""
+    return greedy_answers(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
 
 
 def answers_correct(model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 32,
-                    progress: bool = False) -> list[bool]:
+                    batch_size: int = 16, progress: bool = False) -> list[bool]:
     """Whether the model answers each question correctly (``answer_is_correct`` of its greedy answer)."""
-    from tqdm.auto import tqdm
-
-    return [answer_is_correct(greedy_answer(model, tokenizer, question.prompt, max_new_tokens=max_new_tokens),
-                              question.answers)
-            for question in tqdm(questions, desc="retention questions", disable=not progress, leave=False)]
+    answers = greedy_answers(model, tokenizer, [question.prompt for question in questions],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                             description="retention questions")
+    return [answer_is_correct(answer, question.answers) for answer, question in zip(answers, questions)]
 
 
 def retention(base_correct: Sequence[bool], adapted_correct: Sequence[bool]) -> float:
@@ -220,18 +247,15 @@ def retention(base_correct: Sequence[bool], adapted_correct: Sequence[bool]) -> 
     return 1.0 if not kept else sum(kept) / len(kept)
 
 
-def target_accuracy(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 48,
+def target_accuracy(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 48, batch_size: int = 16,
                     progress: bool = False) -> float:
     """Exact-match accuracy on ``{"prompt", "response"}`` records (the target task's test split)."""
-    from tqdm.auto import tqdm
-
     if not records:
         raise ValueError("target_accuracy: no test records")
-    hits = [exact_match(greedy_answer(model, tokenizer, record["prompt"], max_new_tokens=max_new_tokens),
-                        record["response"])
-            for record in tqdm(records, desc="target task", disable=not progress, leave=False)]
-    return sum(hits) / len(hits)
-
+    answers = greedy_answers(model, tokenizer, [record["prompt"] for record in records],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                             description="target task")
+    return sum(exact_match(answer, record["response"]) for answer, record in zip(answers, records)) / len(records)
 
 
 # ---------------------------------------------------------------------------------------------- adapters
@@ -245,24 +269,32 @@ class EvaluationSettings:
     Attributes:
         test_data: target-task test records (``{"prompt", "response"}`` JSONL; default: the number-words test split,
             disjoint from the shipped training set). test_records: how many of them (None: all).
-        questions: retention questions JSONL. heldout_passages: held-out text passages for KL and perplexity.
-        max_length: tokens per held-out passage. max_new_tokens: tokens per generated answer.
+        questions: retention questions JSONL. question_records: how many of them (None: all).
+        heldout_passages: held-out text passages for KL and perplexity.
+        max_length: tokens per held-out passage. max_new_tokens: tokens per answer to a retention question;
+        target_max_new_tokens: per answer to a target-task item.
+        batch_size: prompts generated together (fixed, so every model sees the same batches).
     """
 
     test_data: str = str(TEST_FILE)
     test_records: int | None = 100
     questions: str = str(QUESTIONS_FILE)
+    question_records: int | None = None
     heldout_passages: int = 48
     max_length: int = 256
     max_new_tokens: int = 32
+    target_max_new_tokens: int = 48
+    batch_size: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("heldout_passages", "max_length", "max_new_tokens"):
+        for name in ("heldout_passages", "max_length", "max_new_tokens", "target_max_new_tokens", "batch_size"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if self.test_records is not None and not (isinstance(self.test_records, int) and self.test_records >= 1):
-            raise ValueError(f"test_records={self.test_records!r} must be None or an integer >= 1")
+        for name in ("test_records", "question_records"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name}={value!r} must be None or an integer >= 1")
         for name in ("test_data", "questions"):
             if not Path(getattr(self, name)).is_file():
                 raise FileNotFoundError(f"{name} {getattr(self, name)!r} does not exist")
@@ -279,20 +311,70 @@ def _test_records(settings: EvaluationSettings) -> list[dict]:
     return records if settings.test_records is None else records[:settings.test_records]
 
 
+@dataclass(frozen=True)
+class EvaluationSuite:
+    """The loaded probes of one ``EvaluationSettings``: test records, retention questions, held-out passages."""
+
+    settings: EvaluationSettings
+    records: tuple[dict, ...]
+    questions: tuple[Question, ...]
+    texts: tuple[str, ...]
+
+    @classmethod
+    def load(cls, settings: EvaluationSettings) -> EvaluationSuite:
+        questions = load_questions(settings.questions)
+        if settings.question_records is not None:
+            questions = questions[:settings.question_records]
+        return cls(settings, tuple(_test_records(settings)), tuple(questions),
+                   tuple(heldout_texts(settings.heldout_passages)))
+
+
+def measure_base(model, tokenizer, suite: EvaluationSuite, *, progress: bool = False) -> dict:
+    """The base model's target accuracy and questions answered; ``"correct"`` lists which (for ``retention``)."""
+    settings = suite.settings
+    started = time.perf_counter()
+    correct = answers_correct(model, tokenizer, suite.questions, max_new_tokens=settings.max_new_tokens,
+                              batch_size=settings.batch_size, progress=progress)
+    accuracy = target_accuracy(model, tokenizer, suite.records, max_new_tokens=settings.target_max_new_tokens,
+                               batch_size=settings.batch_size, progress=progress)
+    return {"target_accuracy": accuracy,
+            "questions_correct": sum(correct) / len(correct), "correct": correct,
+            "seconds": time.perf_counter() - started}
+
+
+def measure_adapted(model, tokenizer, suite: EvaluationSuite, base_correct: Sequence[bool], *,
+                    progress: bool = False) -> dict:
+    """An adapted peft model against its base (the same model with the adapter disabled): target accuracy,
+    questions answered, retention of ``base_correct`` and KL / perplexities on the held-out passages."""
+    settings = suite.settings
+    started = time.perf_counter()
+    correct = answers_correct(model, tokenizer, suite.questions, max_new_tokens=settings.max_new_tokens,
+                              batch_size=settings.batch_size, progress=progress)
+    accuracy = target_accuracy(model, tokenizer, suite.records, max_new_tokens=settings.target_max_new_tokens,
+                               batch_size=settings.batch_size, progress=progress)
+    result = {"target_accuracy": accuracy,
+              "questions_correct": sum(correct) / len(correct), "retention": retention(base_correct, correct),
+              **kl_on_text(model, tokenizer, suite.texts, max_length=settings.max_length)}
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
 def evaluate_adapters(model_name: str, adapters: dict[str, str | Path], settings: EvaluationSettings, *,
-                      progress: bool = False) -> dict[str, dict]:
+                      progress: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32
+                      ) -> dict[str, dict]:
     """The base model and each peft adapter (name → directory) on the target task, held-out text and retention.
 
     The base model is loaded once; each adapter is attached with ``PeftModel.from_pretrained`` (as a user would
-    load it) and removed again. Returns ``{"base": {...}, name: {...}}`` with ``target_accuracy``,
-    ``questions_correct`` (fraction), and for adapters ``kl_per_token``, ``base_perplexity``,
+    load it) and removed again; everything runs on ``device`` in ``dtype`` (e.g. "cuda", torch.bfloat16 for an 8B
+    model; KL and perplexities are computed in float64 from the logits).
+
+    Returns ``{"base": {...}, name: {...}}`` with ``target_accuracy``, ``questions_correct`` (fraction), and for
+    adapters ``kl_per_token``, ``base_perplexity``,
     ``adapted_perplexity``, ``retention`` and ``seconds``.
 
     Raises:
         FileNotFoundError: a missing adapter directory (before the model is loaded).
     """
-    import time
-
     from peft import PeftModel
 
     from folora_ds.models import load_model
@@ -300,28 +382,17 @@ def evaluate_adapters(model_name: str, adapters: dict[str, str | Path], settings
     for name, path in adapters.items():
         if not (Path(path) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter {name!r}: {str(path)!r} has no adapter_config.json")
-    records, questions = _test_records(settings), load_questions(settings.questions)
-    texts = heldout_texts(settings.heldout_passages)
-    base, tokenizer = load_model(model_name)
-    started = time.perf_counter()
-    base_correct = answers_correct(base, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
-                                   progress=progress)
-    results = {"base": {"target_accuracy": target_accuracy(base, tokenizer, records, progress=progress),
-                        "questions_correct": sum(base_correct) / len(questions),
-                        "seconds": time.perf_counter() - started}}
+    suite = EvaluationSuite.load(settings)
+    base, tokenizer = load_model(model_name, dtype=dtype)
+    base.to(device)
+    base_result = measure_base(base, tokenizer, suite, progress=progress)
+    results = {"base": {key: value for key, value in base_result.items() if key != "correct"}}
     for name, path in adapters.items():
         if progress:
             print(f"[evaluate] {name}: {path}", flush=True)
-        started = time.perf_counter()
         model = PeftModel.from_pretrained(base, str(path)).eval()
-        correct = answers_correct(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
-                                  progress=progress)
-        results[name] = {"target_accuracy": target_accuracy(model, tokenizer, records, progress=progress),
-                         "questions_correct": sum(correct) / len(questions),
-                         "retention": retention(base_correct, correct),
-                         **kl_on_text(model, tokenizer, texts, max_length=settings.max_length)}
+        results[name] = measure_adapted(model, tokenizer, suite, base_result["correct"], progress=progress)
         base = model.unload()
-        results[name]["seconds"] = time.perf_counter() - started
     return results
 
 

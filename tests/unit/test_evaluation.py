@@ -12,6 +12,7 @@ from folora_ds.evaluation import (
     answer_is_correct,
     exact_match,
     greedy_answer,
+    greedy_answers,
     heldout_texts,
     kl_on_text,
     load_questions,
@@ -156,3 +157,35 @@ def test_evaluate_command_names_bad_input(arguments, message, capsys):
 
     assert main(["evaluate", "--model", "tiny-llama", "--no-progress", *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_greedy_answers_batches_in_order_and_restore_the_tokenizer():
+    model, tokenizer = load_model("tiny-llama")
+    prompts = ["What is 2 + 3?", "Name a colour.", "Say hello in a long friendly sentence please."]
+    side = tokenizer.padding_side
+    batched = greedy_answers(model, tokenizer, prompts, max_new_tokens=4, batch_size=2)
+    assert len(batched) == 3 and tokenizer.padding_side == side
+    assert batched == greedy_answers(model, tokenizer, prompts, max_new_tokens=4, batch_size=2)
+    # a batch of one is the single answer; the longest prompt is never padded, so its answer cannot depend on batching
+    assert greedy_answer(model, tokenizer, prompts[2], max_new_tokens=4) == batched[2]
+    with pytest.raises(ValueError, match="batch_size"):
+        greedy_answers(model, tokenizer, prompts, batch_size=0)
+
+
+def test_evaluate_command_runs_in_the_dtype_asked_for(tmp_path, monkeypatch, capsys):
+    from folora_ds import evaluation
+    from folora_ds.cli import main
+
+    seen = []
+    real_measure = evaluation.measure_base
+
+    def spy(model, *args, **kwargs):
+        seen.append((next(model.parameters()).dtype, next(model.parameters()).device.type))
+        return real_measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "measure_base", spy)
+    still = _saved_adapter(tmp_path / "still", moved=False)
+    assert main(["evaluate", "--model", "tiny-llama", "--adapter", f"still={still}", "--test-records", "2",
+                 "--heldout", "2", "--dtype", "bfloat16", "--device", "cpu", "--no-progress"]) == 0
+    assert seen == [(torch.bfloat16, "cpu")]
+    assert "| still |" in capsys.readouterr().out

@@ -1,0 +1,100 @@
+"""``folora-ds grid`` end to end on the tiny Llama: every method trains through the product's path, every
+checkpoint is measured on the untouched base, finished runs are never redone, changed settings are new runs, and
+bad specs are named before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from folora_ds import grid as grid_module
+from folora_ds.cli import main
+from folora_ds.grid import collect_rows, load_spec, run_grid
+
+SETTINGS = {"model": "tiny-llama", "batch_size": 4, "calibration_steps": 2, "target_modules": ["q_proj", "down_proj"],
+            "proxy": {"num_sequences": 8, "seq_len": 12, "batch_size": 4},
+            "evaluation": {"test_records": 3, "question_records": 4, "heldout_passages": 2, "max_length": 32,
+                           "max_new_tokens": 3}}
+
+
+def _spec(runs, **settings):
+    return {"settings": {**SETTINGS, **settings}, "runs": runs}
+
+
+def test_every_method_runs_and_a_finished_grid_is_not_redone(tmp_path, monkeypatch):
+    methods = ["lora", "folora", "pissa", "corda", "milora", "lora-null", "sc-lora"]
+    spec = load_spec(_spec([{"label": m, "method": m, "lrs": [2e-3], "seeds": [0], "steps": [2, 3]}
+                            for m in methods] + [{"label": "hard projection", "method": "folora", "lrs": [2e-3],
+                                                  "seeds": [1], "steps": [3], "knobs": {"gate": "hard"}}]))
+    rows = run_grid(spec, tmp_path, progress=False)
+    assert [(r["label"], r["steps"]) for r in rows] == [(m, s) for m in methods for s in (2, 3)] + [
+        ("hard projection", 3)]
+    for row in rows:
+        assert 0.0 <= row["target_accuracy"] <= 1.0 and 0.0 <= row["retention"] <= 1.0
+        assert row["kl_per_token"] > 0 and row["penalty_total"] > 0  # every adapter moved the model
+    by = {(r["label"], r["steps"]): r for r in rows}
+    assert by[("lora", 3)]["kl_per_token"] > by[("lora", 2)]["kl_per_token"]  # more steps, further from the base
+    folora = json.loads((tmp_path / "runs" / by[("folora", 3)]["slug"] / "train.json").read_text())
+    assert set(folora["gated_steps"]) == {3} and folora["optimizer_steps"] == 3 and folora["layers"]
+    # the shared artefacts exist once
+    shared = tmp_path / "shared"
+    assert {"proxy.jsonl", "base_evaluation.json", "statistics_pre.pt", "statistics_seed0.pt"} <= {
+        p.name for p in shared.iterdir()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(grid_module, "train_run", refuse)
+    monkeypatch.setattr(grid_module, "evaluate_checkpoint", refuse)
+    assert run_grid(spec, tmp_path, progress=False) == rows
+
+    # the report: tables, CSVs and both plots
+    assert main(["grid", str(_write(tmp_path / "spec.json", _spec(
+        [{"label": m, "method": m, "lrs": [2e-3], "seeds": [0], "steps": [2, 3]} for m in methods]))),
+                 "--output", str(tmp_path), "--report-only"]) == 0
+    for name in ("results.md", "results.csv", "results_runs.csv", "frontier.png", "gates.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| sc-lora | 0.002 | 3 | 1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_changed_setting_is_a_new_run_and_other_shared_settings_are_refused(tmp_path):
+    entry = [{"label": "plain LoRA", "method": "lora", "lrs": [2e-3], "seeds": [0], "steps": [2]}]
+    first = load_spec(_spec(entry))
+    run_grid(first, tmp_path, progress=False)
+    longer = load_spec(_spec([{**entry[0], "steps": [3]}]))
+    assert longer.runs[0].slug(longer.settings) != first.runs[0].slug(first.settings)
+    assert collect_rows(longer, tmp_path) == []  # not finished: no row
+    other = load_spec(_spec(entry, batch_size=2))
+    with pytest.raises(ValueError, match="batch_size differ"):
+        run_grid(other, tmp_path, progress=False)
+
+
+def _write(path, value):
+    path.write_text(json.dumps(value))
+    return path
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"runs": [{"method": "dora", "lrs": [1e-3], "seeds": [0], "steps": [2]}]}, "unknown method 'dora'"),
+    ({"runs": [{"method": "lora", "lrs": [-1.0], "seeds": [0], "steps": [2]}]}, "lr=-1.0"),
+    ({"runs": [{"method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [0]}]}, "steps"),
+    ({"runs": [{"method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2], "knobs": {"tau": 2}}]}, "knobs are"),
+    ({"runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "knobs": {"taus": 2}}]}, "taus"),
+    ({"runs": [{"method": "lora", "lrs": [1e-3], "seed": [0], "steps": [2]}]}, r"runs\[0\]"),
+    ({"settings": {"batch_sise": 4}, "runs": []}, "unknown key 'batch_sise'"),
+    ({"settings": {"proxy": {"path": "x.jsonl"}}, "runs": []}, "proxy.path is set by the grid"),
+    ({"runs": [{"method": "lora", "lrs": [1e-3, 1e-3], "seeds": [0], "steps": [2]}]}, "appears twice"),
+])
+def test_bad_specs_are_named(spec, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        load_spec(spec)
+
+
+def test_cli_names_a_missing_spec_and_an_unknown_only_label(tmp_path, capsys):
+    assert main(["grid", str(tmp_path / "none.json"), "--output", str(tmp_path)]) == 2
+    assert "shipped grids" in capsys.readouterr().err
+    spec = _write(tmp_path / "spec.json", _spec([{"label": "a", "method": "lora", "lrs": [1e-3], "seeds": [0],
+                                                   "steps": [2]}]))
+    assert main(["grid", str(spec), "--output", str(tmp_path), "--only", "b"]) == 2
+    assert "--only 'b' names no entry" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""The grid report's statistics, tables and plots, from hand-made rows (no model)."""
+
+import json
+import math
+
+import pytest
+
+from folora_ds.report import (
+    aggregate,
+    frontier_comparison,
+    frontier_kl_at,
+    markdown_tables,
+    mean_std,
+    pareto_frontier,
+    plot_frontier,
+    plot_gates,
+    spearman,
+)
+
+
+def _row(label, method, lr, seed, steps, accuracy, kl, retention=0.8, knobs="{}"):
+    return {"label": label, "method": method, "lr": lr, "seed": seed, "steps": steps, "knobs": knobs,
+            "target_accuracy": accuracy, "retention": retention, "questions_correct": 0.5, "kl_per_token": kl,
+            "base_perplexity": 20.0, "adapted_perplexity": 21.0, "penalty_total": kl * 10,
+            "penalty_relative_total": kl / 10, "penalty_relative_mean": kl / 5, "train_seconds": 100.0,
+            "eval_seconds": 50.0, "slug": f"{label}-{lr}-{seed}"}
+
+
+def test_mean_std_is_the_sample_standard_deviation():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([4.0]) == (4.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_pareto_frontier_keeps_only_undominated_points_in_order():
+    points = [(0.05, 0.3), (0.01, 0.1), (0.02, 0.05), (0.03, 0.3), (0.10, 0.6), (0.08, 0.5), (0.09, 0.45)]
+    assert pareto_frontier(points) == [(0.01, 0.1), (0.03, 0.3), (0.08, 0.5), (0.10, 0.6)]
+
+
+def test_frontier_kl_interpolates_and_refuses_beyond_the_best():
+    frontier = [(0.01, 0.1), (0.03, 0.3), (0.08, 0.5)]
+    assert frontier_kl_at(frontier, 0.2) == pytest.approx(0.02)
+    assert frontier_kl_at(frontier, 0.05) == 0.01  # below the frontier's least accurate point: its KL
+    assert frontier_kl_at(frontier, 0.5) == pytest.approx(0.08)
+    assert frontier_kl_at(frontier, 0.51) is None
+    assert frontier_kl_at([], 0.1) is None
+
+
+def test_spearman_matches_scipy_with_ties():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x = [1.0, 2.0, 2.0, 5.0, 3.0, 0.5]
+    y = [0.1, 0.4, 0.3, 0.9, 0.2, 0.2]
+    assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+    assert math.isnan(spearman([1, 2], [2, 1])) and math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_aggregate_and_frontier_comparison_over_seeds():
+    rows = [_row("plain LoRA", "lora", 1e-4, s, 60, 0.2 + 0.02 * s, 0.02) for s in range(3)]
+    rows += [_row("plain LoRA", "lora", 4e-4, s, 60, 0.6, 0.08) for s in range(3)]
+    rows += [_row("FoLoRA", "folora", 4e-4, s, 60, 0.4, 0.01) for s in range(3)]
+    groups = aggregate(rows)
+    assert [(g["label"], g["lr"], g["seeds"]) for g in groups] == [
+        ("plain LoRA", 1e-4, 3), ("plain LoRA", 4e-4, 3), ("FoLoRA", 4e-4, 3)]
+    assert groups[0]["target_accuracy_mean"] == pytest.approx(0.22)
+    assert groups[0]["target_accuracy_std"] == pytest.approx(0.02)
+    folora = next(c for c in frontier_comparison(groups) if c["label"] == "FoLoRA")
+    # plain needs KL 0.02 + (0.08 - 0.02) * (0.4 - 0.22) / (0.6 - 0.22) at accuracy 0.4
+    expected = 0.02 + 0.06 * 0.18 / 0.38
+    assert folora["frontier_kl"] == pytest.approx(expected)
+    assert folora["kl_ratio"] == pytest.approx(0.01 / expected)
+    assert folora["accuracy_vs_best_plain"] == pytest.approx(0.4 / 0.6)
+    table = markdown_tables(rows)
+    assert "| FoLoRA | 0.0004 | 60 | 67% | 0.0100 |" in table
+    assert "`penalty_total`: ρ = " in table
+
+
+def test_plots_are_written(tmp_path):
+    rows = [_row("plain LoRA", "lora", lr, s, 60, 0.1 * i + 0.01 * s, 0.01 * (i + 1)) for i, lr in
+            enumerate((1e-4, 2e-4, 4e-4)) for s in range(2)] + [_row("FoLoRA", "folora", 4e-4, 0, 60, 0.2, 0.01)]
+    plot_frontier(aggregate(rows), tmp_path / "frontier.png")
+    layers = [{"members": [f"base_model.model.model.layers.{i}.mlp.down_proj"], "dim": 10, "effective_rank": 4.0,
+               "attenuated": 3} for i in range(3)]
+    plot_gates(layers, tmp_path / "gates.png", title="t")
+    for name in ("frontier.png", "gates.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(json.dumps(aggregate(rows)))  # the CSV/JSON rows are plain values
