@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from folora_ds.budget import adapter_penalty, base_energy, budget_from_config
+from folora_ds.budget import adapter_penalty, base_energy, budget_from_config, relative_forgetting
 from folora_ds.config import FoLoRAConfig
 from folora_ds.distributed import comm
 from folora_ds.distributed.ownership import assign_owners
@@ -48,7 +48,7 @@ from folora_ds.projector import Projector, project_rows
 from folora_ds.spectral import SolveReport, SpectralSolveError, SpectralSolver
 from folora_ds.stats import CovarianceCollector, CovarianceEMA, CovarianceSums
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 _STRUCTURAL_FIELDS = ("lora_rank", "lora_alpha", "target_modules", "k", "variant", "statistics_dtype")
 
 
@@ -135,7 +135,7 @@ class FoLoRAController:
         self.optimizer_steps = 0
         self.refreshes = 0
         self.task_forwards = 0
-        self._base_energy = 0.0
+        self._base_energies: dict[str, float] = {}
         self._last_global_steps = 0
 
     @property
@@ -234,20 +234,23 @@ class FoLoRAController:
         self.collector.reset("pre")
         raise_if_any(error, self.group)
         if self.budget is not None:
-            self._base_energy = self._total_base_energy()
+            self._base_energies = self.base_energies()
         self._fold_task_window(training=False)
 
-    def _total_base_energy(self) -> float:
-        """Collective: Σ tr(W C_pre Wᵀ) over every LoRA module; owners evaluate their inputs' modules (ZeRO-3
-        base weights gathered one module at a time)."""
-        owned = 0.0
+    def base_energies(self) -> dict[str, float]:
+        """Collective: tr(W C_pre Wᵀ) of every LoRA module (the scale its forgetting is measured against); owners
+        evaluate their inputs' modules (ZeRO-3 base weights gathered one module at a time), results gathered."""
+        if not self.pre_covariances and not self.dims:
+            raise RuntimeError("base_energies() before calibrate(): no C_pre")
+        mine = {}
         for name, layer in self.layers.items():
             c_pre = self.pre_covariances.get(self.collector.key_of(name))
             with torch.no_grad(), comm.gathered([layer.get_base_layer().weight]):
                 if c_pre is not None:
-                    owned += float(base_energy(base_weight_matrix(layer), c_pre))
-        return float(comm.all_reduce_sum(torch.tensor([owned], dtype=torch.float64, device=self._device),
-                                         self.group)[0])
+                    mine[name] = float(base_energy(base_weight_matrix(layer), c_pre))
+        merged = {name: value for rank_values in comm.all_gather_objects(mine, self.group)
+                  for name, value in rank_values.items()}
+        return {name: merged[name] for name in self.layers}
 
     def _fold_task_window(self, *, training: bool = True) -> None:
         """Collective (error check): fold the task sums the owners collected since the last window into the C_task
@@ -451,10 +454,11 @@ class FoLoRAController:
         return {name: merged[name] for name in self.layers}
 
     def measured_forgetting(self) -> float:
-        """Collective: F = Σ tr(ΔW C_pre ΔWᵀ) / Σ tr(W C_pre Wᵀ), the relative forgetting the budget holds down."""
-        if self._base_energy <= 0:
-            raise RuntimeError("measured_forgetting needs a forgetting_budget and calibrate() first")
-        return sum(self.forgetting_penalty().values()) / self._base_energy
+        """Collective: the relative forgetting F = mean over modules of tr(ΔW C_pre ΔWᵀ) / tr(W C_pre Wᵀ)
+        (``budget.relative_forgetting``), what the budget holds down and the run summary reports."""
+        if not self._base_energies:
+            self._base_energies = self.base_energies()
+        return relative_forgetting(self.forgetting_penalty(), self._base_energies)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -469,7 +473,7 @@ class FoLoRAController:
                 "optimizer_steps": self.optimizer_steps, "task_forwards": self.task_forwards,
                 "refreshes": self.refreshes,
                 "budget": None if self.budget is None else {**self.budget.state_dict(),
-                                                            "base_energy": self._base_energy},
+                                                            "base_energies": dict(self._base_energies)},
                 "pre": {k: v.cpu() for k, v in self.pre_covariances.items()},
                 "ema": {k: self.task_ema[k].cpu() for k in self.pre_covariances},
                 "task_window": {k: {"sum": window[k].sum.cpu(), "tokens": int(window[k].tokens)} for k in window},
@@ -534,7 +538,7 @@ class FoLoRAController:
         self.task_forwards = int(state["task_forwards"])
         if self.budget is not None:
             self.budget.load_state_dict(state["budget"])
-            self._base_energy = float(state["budget"]["base_energy"])
+            self._base_energies = {name: float(v) for name, v in state["budget"]["base_energies"].items()}
 
     def save_checkpoint(self, directory: str | Path, tag: str | None = None) -> Path:
         """Collective: the engine's checkpoint plus FoLoRA's state (``folora_ds.checkpoint``); returns the tag folder.

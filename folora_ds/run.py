@@ -7,8 +7,9 @@ engine or refused by name before the model is loaded (``folora_ds.ds_config``).
 Both runs start from the same LoRA weights (peft's Kaiming A, B = 0; FoLoRA then projects A when
 ``init="projected"``), see the same global batches in the same order (rank r takes micro-batch slots r, r + world,
 …), and use the same optimizer settings. The summary reports, per input, what the gate did (effective rank Σg,
-attenuated directions) and, per run, the task losses and the forgetting penalty Σ tr(ΔW C_pre ΔWᵀ) measured on the
-proxy statistics. Every output file appears only when complete.
+attenuated directions) and, per run, the task losses and the relative forgetting F (mean over modules of
+tr(ΔW C_pre ΔWᵀ) / tr(W C_pre Wᵀ), on the proxy statistics; ``budget.relative_forgetting``). Every output file
+appears only when complete.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
+from folora_ds.budget import relative_forgetting
 from folora_ds.config import FoLoRAConfig
 from folora_ds.data import DEFAULT_TASK_FILE, TaskCollator, build_task_dataset, split_train_eval
 from folora_ds.distributed import comm
@@ -214,9 +216,11 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
     folora_losses = _train(engine, batches, settings.steps, controller=controller,
                            description=f"FoLoRA, ZeRO-{prepared.stage} ×{world}", progress=progress)
     controller.check_gating()  # on every rank: one that skipped the gate stops all
+    base_energies = controller.base_energies()
     result = {"train_losses": folora_losses, "train_loss_last10": _mean_last(folora_losses),
               "eval_loss": _eval_loss(engine, eval_set, collate, micro),
-              "penalty_by_module": controller.forgetting_penalty(), "refreshes": controller.refreshes,
+              "penalty_by_module": controller.forgetting_penalty(),
+              "relative_forgetting": controller.measured_forgetting(), "refreshes": controller.refreshes,
               "gated_steps_per_rank": comm.all_gather_objects(controller.gated_step_counts()),
               "tau_scale": None if controller.budget is None else controller.budget.tau_scale}
     layers = controller.layer_summaries()
@@ -237,6 +241,7 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
         baseline = {"train_losses": plain_losses, "train_loss_last10": _mean_last(plain_losses),
                     "eval_loss": _eval_loss(plain_engine, eval_set, collate, micro),
                     "penalty_by_module": controller.forgetting_penalty(plain_model)}
+        baseline["relative_forgetting"] = relative_forgetting(baseline["penalty_by_module"], base_energies)
         save_adapter(plain_model, output_dir / "adamw_adapter")
         plain_engine.destroy()
     if rank != 0:
@@ -245,7 +250,8 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
                "zero_stage": prepared.stage, **engine_settings, "optimizer_steps": controller.optimizer_steps,
                "proxy_sequences": len(all_samples),
                "train_examples": len(train_set), "eval_examples": len(eval_set), "base_eval_loss": base_eval_loss,
-               "layers": [asdict(layer) for layer in layers], "folora": result, "adamw": baseline,
+               "layers": [asdict(layer) for layer in layers], "base_energy_by_module": base_energies,
+               "folora": result, "adamw": baseline,
                "seconds": time.perf_counter() - started}
     write_json(output_dir / "summary.json", summary)
     return summary
@@ -270,11 +276,14 @@ def format_summary(summary: dict) -> str:
     """A human-readable report of a ``run`` summary."""
     folora, adamw = summary["folora"], summary["adamw"]
 
-    def members_penalty(result: dict, members) -> float:
-        return sum(result["penalty_by_module"][name] for name in members)
+    energies = summary["base_energy_by_module"]
 
-    lines = [f"{'input (shared by)':<50} {'d':>5} {'Σg':>8} {'atten.':>6} {'kept@base':>10} {'pen FoLoRA':>11}"
-             + (f" {'pen AdamW':>11}" if adamw else "")]
+    def members_penalty(result: dict, members) -> float:
+        """The input's relative forgetting: mean over its modules of penalty / base energy."""
+        return sum(result["penalty_by_module"][name] / energies[name] for name in members) / len(members)
+
+    lines = [f"{'input (shared by)':<50} {'d':>5} {'Σg':>8} {'atten.':>6} {'kept@base':>10} {'F FoLoRA':>11}"
+             + (f" {'F AdamW':>11}" if adamw else "")]
     for layer in summary["layers"]:
         short = [name.split("model.layers.")[-1] for name in layer["members"]]
         label = short[0] + (f" (+{','.join(s.split('.')[-1] for s in short[1:])})" if len(short) > 1 else "")
@@ -292,11 +301,15 @@ def format_summary(summary: dict) -> str:
                   f"rank {gated}, refreshes {folora['refreshes']}",
               f"base model eval loss: {summary['base_eval_loss']:.4f}",
               f"FoLoRA: eval loss {folora['eval_loss']:.4f}, train loss (last 10) {folora['train_loss_last10']:.4f}, "
-              f"forgetting penalty Σ tr(ΔW C_pre ΔWᵀ) = {total_folora:.4e}"]
+              f"relative forgetting F = {folora['relative_forgetting']:.4e} (raw Σ tr(ΔW C_pre ΔWᵀ) "
+              f"{total_folora:.4e})"]
     if adamw:
         total_adamw = sum(adamw["penalty_by_module"].values())
         lines.append(f"AdamW : eval loss {adamw['eval_loss']:.4f}, train loss (last 10) "
-                     f"{adamw['train_loss_last10']:.4f}, forgetting penalty = {total_adamw:.4e}")
-        lines.append(f"penalty ratio FoLoRA / AdamW = {total_folora / max(total_adamw, 1e-30):.3f}")
+                     f"{adamw['train_loss_last10']:.4f}, relative forgetting F = {adamw['relative_forgetting']:.4e} "
+                     f"(raw {total_adamw:.4e})")
+        lines.append(f"relative forgetting ratio FoLoRA / AdamW = "
+                     f"{folora['relative_forgetting'] / max(adamw['relative_forgetting'], 1e-30):.3f} (F = mean over "
+                     "modules of tr(ΔW C_pre ΔWᵀ) / tr(W C_pre Wᵀ); measure real forgetting with folora-ds evaluate)")
     lines.append(f"wall time {summary['seconds']:.1f} s")
     return "\n".join(lines)

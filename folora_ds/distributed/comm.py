@@ -129,8 +129,9 @@ _SET_BY_US: set[str] = set()
 
 
 def init_distributed(timeout_seconds: float = 600.0) -> bool:
-    """Start the process group from the launcher's environment (deepspeed, torchrun, mpirun via mpi4py), or a
-    group of one for a plain process (so the DeepSpeed engine can run there too).
+    """Start the process group from the launcher's environment (deepspeed, torchrun, mpirun via mpi4py, or ``srun``
+    itself: ``slurm.rendezvous_from_slurm``), or a group of one for a plain process (so the DeepSpeed engine can
+    run there too).
 
     On CPU-only machines the gloo backend is used. DeepSpeed's CPU accelerator would JIT-compile its shared-memory
     inference all-reduce op here (~55 s on a fresh machine); training never uses it, so that build is skipped.
@@ -149,6 +150,9 @@ def init_distributed(timeout_seconds: float = 600.0) -> bool:
 
     if is_running():
         return False
+    from folora_ds.distributed.slurm import rendezvous_from_slurm
+
+    os.environ.update(rendezvous_from_slurm(os.environ))  # a rank started by srun itself: SLURM's variables mapped
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

@@ -105,7 +105,11 @@ def _assert_matches_reference(results: list[dict], reference: dict, atol: float 
         for name, expected in reference.items():
             if name == "summaries":
                 continue
-            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=atol,
+            # τ's factor (~6) and F are scalars computed from float32 statistics summed in another order on every
+            # world size: relative agreement to 1e-6, not absolute; weights stay at the absolute 1e-6
+            budget_scalar = name in ("tau_scale", "last_measured")
+            torch.testing.assert_close(result["weights"][name], expected, rtol=1e-6 if budget_scalar else 0,
+                                       atol=0 if budget_scalar else atol,
                                        msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
 
 
@@ -133,7 +137,7 @@ def test_default_adam_eps_agrees_within_a_looser_stated_tolerance():
                               atol=DEFAULT_EPS_ATOL)
 
 
-BUDGET = {"forgetting_budget": 0.05, "budget_step_size": 0.5}  # F/b ≈ 1.1 and 2.4 at the two refreshes
+BUDGET = {"forgetting_budget": 0.05, "budget_step_size": 0.5}  # over budget at both refreshes (τ scale ≈ 6)
 
 
 @pytest.mark.parametrize(("stage", "world"), [(2, 3), (3, 2)])

@@ -74,3 +74,24 @@ def test_torchrun_zero3_bf16(tmp_path):
                     *NO_BASELINE], tmp_path / "z3")
     assert summary["zero_stage"] == 3 and summary["optimizer_steps"] == 6
     assert (tmp_path / "z3" / "folora_adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_srun_native_ranks_from_simulated_slurm_variables(tmp_path):
+    """What `srun --ntasks 2 python launch/train.py ...` gives each task: SLURM's variables and no torch ones
+    (the real srun run on a local SLURM is scripts/slurm_local.sh, recorded in docs/launching.md)."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith(
+                 "SLURM_")}
+    command = [sys.executable, str(REPO / "launch" / "train.py"), "--deepspeed",
+               str(REPO / "ds_configs" / "zero2.json"), *NO_BASELINE, "--output-dir", str(tmp_path / "srun")]
+    tasks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+        **clean, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+        "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_JOB_NODELIST": "localhost",
+        "MASTER_PORT": "29634"}) for rank in range(2)]
+    outputs = [task.communicate(timeout=600) for task in tasks]
+    for task, (out, err) in zip(tasks, outputs):
+        assert task.returncode == 0, (out[-3000:], err[-5000:])
+    assert "gated steps per rank [[6], [6]]" in outputs[0][0]
+    summary = json.loads((tmp_path / "srun" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2

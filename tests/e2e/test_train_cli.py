@@ -36,7 +36,7 @@ def test_train_runs_end_to_end_and_reports_gating(tmp_path, capsys):
                  "--output-dir", str(out), *SMALL])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "penalty ratio FoLoRA / AdamW" in printed and "gated steps per rank [[10]]" in printed
+    assert "relative forgetting ratio FoLoRA / AdamW" in printed and "gated steps per rank [[10]]" in printed
     summary = _summary(out)
     counts = summary["folora"]["gated_steps_per_rank"]
     assert len(counts) == 1 and len(counts[0]) == 14 and set(counts[0]) == {10}  # every LoRA-A, every step

@@ -90,3 +90,18 @@ def test_budget_is_off_by_default_and_built_from_the_config():
         FoLoRAConfig(forgetting_budget=0.05, refresh_interval=0)
     with pytest.raises(ValueError, match="forgetting_budget"):
         FoLoRAConfig(forgetting_budget=-0.1)
+
+
+def test_relative_forgetting_weighs_every_module_equally():
+    from folora_ds.budget import relative_forgetting
+
+    # one module with a massive base energy cannot decide the figure (it could with Σ penalty / Σ energy)
+    penalties = {"a": 1.0, "b": 2000.0}
+    energies = {"a": 10.0, "b": 1e6}
+    assert relative_forgetting(penalties, energies) == pytest.approx((0.1 + 0.002) / 2)
+    with pytest.raises(ValueError, match="other modules"):
+        relative_forgetting({"a": 1.0}, {"b": 1.0})
+    with pytest.raises(ValueError, match="module 'a' has base energy 0.0"):
+        relative_forgetting({"a": 1.0}, {"a": 0.0})
+    with pytest.raises(ValueError, match="no LoRA module"):
+        relative_forgetting({}, {})
