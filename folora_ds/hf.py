@@ -1,0 +1,203 @@
+"""FoLoRA inside Hugging Face ``transformers.Trainer`` and TRL's ``SFTTrainer`` (under DeepSpeed, or one process).
+
+    from folora_ds.hf import FoLoRATrainer                      # a transformers.Trainer
+    trainer = FoLoRATrainer(model=peft_model, args=TrainingArguments(..., deepspeed="ds_zero2.json"),
+                            train_dataset=..., folora={"tau": 1.0, "proxy": {"num_sequences": 256}})
+    trainer.train(); trainer.save_model("out")                  # a standard peft adapter
+
+    from folora_ds.hf import folora_trainer_class               # any Trainer subclass, e.g. TRL's
+    FoLoRASFTTrainer = folora_trainer_class(trl.SFTTrainer)
+
+What the mixin changes, and why each is needed under DeepSpeed (transformers 5.x, DeepSpeed 0.19):
+
+- **The optimizer** comes from ``create_optimizer`` (``GatedAdamW`` on ``folora_param_groups``, with the
+  Trainer's lr, betas, eps and weight decay). An optimizer passed as ``optimizers=(opt, sched)`` would be replaced
+  silently by DeepSpeed's, and a DeepSpeed config with an ``"optimizer"`` block makes transformers hand DeepSpeed a
+  placeholder instead of calling ``create_optimizer`` — both are refused at construction, naming the fix.
+- **Calibration at train begin** (``on_train_begin`` runs after DeepSpeed built the engine): every rank collects
+  C_pre on its proxy batches and the initial C_task on its first ``calibration_steps`` optimizer steps of training
+  batches (the same batches the run then trains on), owners solve, the projected LoRA-A init is written into the
+  engine's weights and optimizer partitions, and the projectors are delivered — exactly ``folora_ds.initialize``'s
+  sequence, so a Trainer run equals the own-loop run on the same batches.
+- **C_task tracking**: each training micro-batch's forward runs inside ``controller.track_task``.
+- **Refreshes** at optimizer-step boundaries (``on_step_end``: under DeepSpeed the real step happened inside
+  ``engine.step()`` by then), **gating checked** at ``on_train_end`` (an optimizer step that skipped the gate stops
+  the run with an error instead of finishing silently ungated).
+- **Logs**: τ (and its budget scale), the relative forgetting F, Σg and attenuated directions go to the Trainer's
+  logger at every refresh (``folora/...`` keys, so TensorBoard/W&B/CSV reporters get them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from folora_ds.config import FoLoRAConfig
+from folora_ds.controller import FoLoRAController
+from folora_ds.optim import GatedAdamW, folora_param_groups
+
+
+def _folora_config(folora: FoLoRAConfig | Mapping[str, Any] | None) -> FoLoRAConfig:
+    if folora is None:
+        return FoLoRAConfig()
+    return folora if isinstance(folora, FoLoRAConfig) else FoLoRAConfig.from_dict(dict(folora))
+
+
+def _deepspeed_config(args) -> dict | None:
+    """The DeepSpeed config the Trainer will use (None without DeepSpeed)."""
+    plugin = getattr(args, "hf_deepspeed_config", None)
+    return None if plugin is None else plugin.config
+
+
+class FoLoRATrainerMixin:
+    """FoLoRA for a ``transformers.Trainer`` subclass; mix it in first (``folora_trainer_class`` does).
+
+    Extra keyword arguments:
+        folora: a ``FoLoRAConfig`` or its dict (the ``"folora"`` block of a DeepSpeed config).
+        proxy_batches: this rank's proxy calibration batches (``input_ids``, ``attention_mask``); when None they
+            are sampled from the model with ``folora.proxy`` (or read from ``proxy.path``) using the Trainer's
+            ``processing_class`` as tokenizer.
+        calibration_steps: the first optimizer steps whose training batches give the initial C_task.
+    """
+
+    def __init__(self, *args, folora: FoLoRAConfig | Mapping[str, Any] | None = None,
+                 proxy_batches: Iterable[Mapping[str, torch.Tensor]] | None = None, calibration_steps: int = 8,
+                 **kwargs) -> None:
+        optimizers = kwargs.get("optimizers")
+        if optimizers is not None and any(item is not None for item in optimizers):
+            raise ValueError("FoLoRA trainers build their own optimizer (GatedAdamW); do not pass optimizers=(...): "
+                             "under DeepSpeed it would be replaced silently, without the gate")
+        if not (isinstance(calibration_steps, int) and calibration_steps >= 1):
+            raise ValueError(f"calibration_steps={calibration_steps!r} must be an integer >= 1")
+        super().__init__(*args, **kwargs)
+        ds_config = _deepspeed_config(self.args)
+        if ds_config is not None and "optimizer" in ds_config:
+            raise ValueError("the DeepSpeed config has an \"optimizer\" block: transformers would give DeepSpeed a "
+                             "placeholder and never call create_optimizer, so FoLoRA's gate would not run; remove it "
+                             "(lr, betas, eps and weight decay come from TrainingArguments)")
+        if ds_config is not None and "folora" in ds_config:
+            raise ValueError("pass FoLoRA's settings as folora=... to the trainer, not as a \"folora\" block of the "
+                             "DeepSpeed config given to TrainingArguments")
+        self.folora_config = _folora_config(folora)
+        self.folora_controller = FoLoRAController(self.model, self.folora_config)
+        self._folora_proxy_batches = None if proxy_batches is None else list(proxy_batches)
+        self._folora_calibration_steps = calibration_steps
+        self._folora_optimizer: GatedAdamW | None = None
+        self._folora_ready = False
+        self.add_callback(_FoLoRACallback(self))
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            source = self.model if model is None else model
+            args = self.args
+            self.optimizer = GatedAdamW(folora_param_groups(source, weight_decay=args.weight_decay),
+                                        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                        eps=args.adam_epsilon, variant=self.folora_config.variant,
+                                        cap_update_norm=self.folora_config.cap_update_norm)
+            self._folora_optimizer = self.optimizer
+        return self.optimizer
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if not self._folora_ready:
+            raise RuntimeError("FoLoRA: a training step ran before calibration (on_train_begin did not run)")
+        with self.folora_controller.track_task(inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ calibration
+    def _folora_engine(self):
+        return getattr(self, "deepspeed", None)
+
+    def _folora_calibrate(self) -> None:
+        from folora_ds.distributed import comm
+        from folora_ds.engine import calibration_batches, proxy_samples_for_this_rank
+
+        engine = self._folora_engine()
+        optimizer = self._folora_optimizer
+        if optimizer is None:
+            raise RuntimeError("FoLoRA: the Trainer did not build its optimizer with create_optimizer")
+        if engine is not None:
+            client = engine.optimizer if engine.zero_optimization_stage() == 0 else engine.optimizer.optimizer
+            if client is not optimizer:
+                raise RuntimeError(f"DeepSpeed steps {type(client).__name__}, not FoLoRA's GatedAdamW: the gate would "
+                                   "not run (check the DeepSpeed config has no \"optimizer\" block)")
+        module = self.model
+        proxy = self._folora_proxy_batches
+        if proxy is None:
+            if any(hasattr(param, "ds_id") for param in module.parameters()) and self.folora_config.proxy.path is None:
+                raise ValueError("ZeRO-3 partitions the model, so the proxy set cannot be sampled from it here: set "
+                                 "folora proxy.path or pass proxy_batches=")
+            tokenizer = self.processing_class
+            if tokenizer is None:
+                raise ValueError("FoLoRA needs proxy_batches= or a processing_class (tokenizer) to sample them")
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+            samples = proxy_samples_for_this_rank(module, tokenizer, self.folora_config)
+            proxy = calibration_batches(samples, tokenizer, self.folora_config)
+        device = self.args.device
+        micro_batches = self._folora_calibration_steps * self.args.gradient_accumulation_steps
+        task = []
+        for batch in self.get_train_dataloader():
+            task.append({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+            if len(task) == micro_batches:
+                break
+        proxy = [{k: v.to(device) for k, v in b.items()} for b in proxy]
+        controller = self.folora_controller
+        controller.calibrate(proxy, task)
+        controller.solve()
+        controller.initialize_lora_a(engine)
+        controller.attach(optimizer, engine)
+        comm.barrier()
+        self._folora_ready = True
+
+
+class _FoLoRACallback(TrainerCallback):
+    """Calibration at train begin, refresh at each optimizer step's end, gating check at train end."""
+
+    def __init__(self, trainer: FoLoRATrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.trainer._folora_ready:
+            self.trainer._folora_calibrate()
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        controller = self.trainer.folora_controller
+        if controller.after_step():
+            self.trainer.log(folora_log_values(controller))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.folora_controller.check_gating()
+        return control
+
+
+def folora_log_values(controller: FoLoRAController) -> dict[str, float]:
+    """Collective: what a refresh logs — τ scale, relative forgetting F, mean Σg/d, attenuated share, refreshes,
+    optimizer steps."""
+    summaries = controller.layer_summaries()
+    values = {"folora/refreshes": float(controller.refreshes),
+              "folora/optimizer_steps": float(controller.optimizer_steps),
+              "folora/relative_forgetting": float(controller.measured_forgetting()),
+              "folora/effective_rank_fraction": sum(s.effective_rank / s.dim for s in summaries) / len(summaries),
+              "folora/attenuated_fraction": sum(s.attenuated / s.dim for s in summaries) / len(summaries)}
+    if controller.budget is not None:
+        values["folora/tau_scale"] = float(controller.budget.tau_scale)
+    return values
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def folora_trainer_class(base: type) -> type:
+    """A subclass of ``base`` (``transformers.Trainer`` or a subclass such as ``trl.SFTTrainer``) with FoLoRA."""
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"FoLoRA{base.__name__}", (FoLoRATrainerMixin, base), {"__module__": __name__})
+    return _CLASSES[base]
+
+
+FoLoRATrainer = folora_trainer_class(Trainer)
+"""``transformers.Trainer`` with FoLoRA (``FoLoRATrainerMixin``)."""

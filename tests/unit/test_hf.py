@@ -1,0 +1,79 @@
+"""FoLoRA trainers in one process (no DeepSpeed) and their refusals; the DeepSpeed equivalence at ZeRO-2/3 with
+Trainer and TRL's SFTTrainer is tests/distributed/test_hf_trainer.py."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from transformers import TrainingArguments, default_data_collator
+
+from folora_ds.hf import FoLoRATrainer, folora_trainer_class
+from tests.distributed.helpers import FOLORA, batch, proxy_batch, tiny_model
+
+
+def _dataset(rows: int = 24) -> datasets.Dataset:
+    records = []
+    for index in range(rows // 2):
+        data = batch(500 + index)
+        records += [{"input_ids": data["input_ids"][i].tolist(), "attention_mask": [1] * 10,
+                     "labels": data["input_ids"][i].tolist()} for i in range(2)]
+    return datasets.Dataset.from_list(records)
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=6, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             remove_unused_columns=False, **overrides)
+
+
+def test_one_process_trainer_gates_every_step_refreshes_and_logs(tmp_path):
+    trainer = FoLoRATrainer(model=tiny_model(), args=_args(tmp_path, logging_steps=1), train_dataset=_dataset(),
+                            data_collator=default_data_collator, folora={**FOLORA, "refresh_interval": 3},
+                            proxy_batches=[proxy_batch(i) for i in range(4)], calibration_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+    trainer.train()
+    controller = trainer.folora_controller
+    assert set(controller.gated_step_counts()) == {6} and controller.refreshes == 2
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    logged = [entry for entry in trainer.state.log_history if "folora/relative_forgetting" in entry]
+    assert len(logged) == 2 and all(entry["folora/relative_forgetting"] > 0 for entry in logged)
+    assert type(trainer.optimizer).__name__ != "AdamW"
+
+
+def test_folora_trainer_class_mixes_into_any_trainer_subclass():
+    from transformers import Trainer
+
+    class Custom(Trainer):
+        pass
+
+    made = folora_trainer_class(Custom)
+    assert issubclass(made, Custom) and made is folora_trainer_class(Custom) and made.__name__ == "FoLoRACustom"
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"optimizers": (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), None)}, "optimizers="),
+    ({"calibration_steps": 0}, "calibration_steps"),
+    ({"folora": {"tua": 1.0}}, "tua"),
+])
+def test_refusals_name_the_problem(change, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        FoLoRATrainer(model=tiny_model(), args=_args(tmp_path), train_dataset=_dataset(),
+                      data_collator=default_data_collator, **{"folora": FOLORA, **change})
+
+
+def test_a_training_step_before_calibration_is_refused(tmp_path):
+    trainer = FoLoRATrainer(model=tiny_model(), args=_args(tmp_path), train_dataset=_dataset(),
+                            data_collator=default_data_collator, folora=FOLORA)
+    with pytest.raises(RuntimeError, match="before calibration"):
+        trainer.training_step(trainer.model, {k: torch.tensor(v) for k, v in _dataset()[:2].items()})
+
+
+@pytest.mark.parametrize("block, match", [("optimizer", "\"optimizer\" block"), ("folora", "folora=")])
+def test_deepspeed_configs_that_would_skip_the_gate_are_refused(block, match, tmp_path):
+    extra = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "folora": FOLORA}[block]
+    args = _args(tmp_path, deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2},
+                                      block: extra})
+    with pytest.raises(ValueError, match=match):
+        FoLoRATrainer(model=tiny_model(), args=args, train_dataset=_dataset(), data_collator=default_data_collator,
+                      folora=FOLORA)
