@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -137,6 +138,8 @@ class FoLoRAController:
         self.task_forwards = 0
         self._base_energies: dict[str, float] = {}
         self._last_global_steps = 0
+        self.last_solve_seconds = 0.0
+        self.last_metrics: dict[str, float] = {}
 
     @property
     def _device(self) -> torch.device:
@@ -296,6 +299,7 @@ class FoLoRAController:
             raise RuntimeError("solve() before calibrate(): no statistics")
         tau_scale = 1.0 if self.budget is None else self.budget.tau_scale
         reports, error = {}, None
+        started = time.perf_counter()
         try:
             for key in tqdm(list(self.pre_covariances), desc="generalized eigensolves", disable=not progress,
                             leave=False):
@@ -304,6 +308,7 @@ class FoLoRAController:
                 self.owned_projectors[key] = projector.to(dtype=torch.float32)
         except (SpectralSolveError, RuntimeError) as problem:
             error = str(problem)
+        self.last_solve_seconds = time.perf_counter() - started
         raise_if_any(error, self.group)
         return reports
 
@@ -388,6 +393,9 @@ class FoLoRAController:
             self._last_global_steps = self.engine.global_steps
         self.optimizer_steps += 1
         interval = self.config.refresh_interval
+        every = 0 if self.engine is None else (self.engine.steps_per_print() or 0)  # DeepSpeed's own log cadence
+        if every > 0 and self.optimizer_steps % every == 0:
+            self._write_events({"folora/gated_steps": float(min(self.gated_step_counts(), default=0))})
         if interval == 0 or self.optimizer_steps % interval != 0:
             return False
         self._fold_task_window()
@@ -396,7 +404,35 @@ class FoLoRAController:
         self.solve()
         self._deliver()
         self.refreshes += 1
+        self.log_metrics()
         return True
+
+    def metrics(self) -> dict[str, float]:
+        """Collective: what a refresh reports — the relative forgetting F, mean effective rank Σg/d and attenuated
+        share over inputs, τ's budget scale, the slowest rank's last solve time, refreshes and optimizer steps."""
+        summaries = self.layer_summaries()
+        solve_seconds = max(comm.all_gather_objects(self.last_solve_seconds, self.group))
+        values = {"folora/relative_forgetting": self.measured_forgetting(),
+                  "folora/effective_rank_fraction": sum(s.effective_rank / s.dim for s in summaries) / len(summaries),
+                  "folora/attenuated_fraction": sum(s.attenuated / s.dim for s in summaries) / len(summaries),
+                  "folora/solve_seconds": float(solve_seconds), "folora/refreshes": float(self.refreshes),
+                  "folora/optimizer_steps": float(self.optimizer_steps)}
+        if self.budget is not None:
+            values["folora/tau_scale"] = float(self.budget.tau_scale)
+        return values
+
+    def log_metrics(self) -> dict[str, float]:
+        """Collective: ``metrics()``, kept in ``last_metrics`` and written to the DeepSpeed engine's monitor
+        (TensorBoard / CSV / W&B / Comet as its config enables; rank 0 writes) at the current optimizer step.
+        ``after_step`` calls it at every refresh; call it once after ``attach`` for the calibration's values."""
+        self.last_metrics = self.metrics()
+        self._write_events(self.last_metrics)
+        return self.last_metrics
+
+    def _write_events(self, values: Mapping[str, float]) -> None:
+        monitor = None if self.engine is None else getattr(self.engine, "monitor", None)
+        if monitor is not None and monitor.enabled:
+            monitor.write_events([(name, value, self.optimizer_steps) for name, value in values.items()])
 
     def gated_step_counts(self) -> list[int]:
         """Gated steps of this rank: one entry per flat partition (ZeRO 1/2), per flat sub-group holding LoRA-A

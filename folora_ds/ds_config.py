@@ -75,6 +75,7 @@ def prepare_ds_config(config: str | Path | Mapping[str, Any] | PreparedConfig) -
     ds_config.pop("folora")
     arguments = _optimizer_arguments(ds_config.pop("optimizer", None))
     ds_config["zero_allow_untested_optimizer"] = True  # GatedAdamW under ZeRO is what tests/distributed/ checks
+    ds_config.setdefault("zero_force_ds_cpu_optimizer", False)  # with optimizer offload: GatedAdamW steps on CPU
     return PreparedConfig(ds_config=ds_config, folora=folora, stage=stage, optimizer_arguments=arguments)
 
 
@@ -121,11 +122,19 @@ def _refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> i
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         raise ValueError(f"zero_optimization.stage={stage!r}: DeepSpeed's ZeRO stages are 0, 1, 2 and 3")
-    for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none")
-        if device not in (None, "none"):
-            raise ValueError(f"zero_optimization.{key}.device={device!r}: offloaded optimizer/parameters would step "
-                             "outside GatedAdamW; remove the offload block")
+    device = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if device not in (None, "none", "cpu"):
+        raise ValueError(f"zero_optimization.offload_optimizer.device={device!r}: only \"cpu\" offload is supported "
+                         "(NVMe would step outside GatedAdamW's flat partitions)")
+    if device == "cpu" and stage == 0:
+        raise ValueError("zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3")
+    if ds_config.get("zero_force_ds_cpu_optimizer"):
+        raise ValueError("zero_force_ds_cpu_optimizer=true replaces GatedAdamW with DeepSpeedCPUAdam under offload; "
+                         "set it to false (folora_ds does when it is unset)")
+    param_device = (zero.get("offload_param") or {}).get("device", "none")
+    if param_device not in (None, "none"):
+        raise ValueError(f"zero_optimization.offload_param.device={param_device!r}: parameter offload is not "
+                         "supported with FoLoRA; remove the offload_param block (optimizer offload is)")
     for key in ("cpu_offload", "cpu_offload_param"):  # DeepSpeed's deprecated spellings of the same
         if zero.get(key):
             raise ValueError(f"zero_optimization.{key}=true offloads the optimizer/parameters outside GatedAdamW; "
@@ -144,7 +153,9 @@ def _refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> i
     if zero.get("zenflow") is not None:
         raise ValueError("zero_optimization.zenflow steps parameters outside GatedAdamW's flat layout; remove it")
     if (ds_config.get("fp16") or {}).get("enabled"):
-        raise ValueError("fp16 is not supported with FoLoRA yet; use bf16 (ZeRO 1/2/3) or fp32")
+        raise ValueError("fp16 is not supported with FoLoRA: dynamic loss scaling skips optimizer steps on overflow, "
+                         "which FoLoRA's step and gate accounting does not follow yet, and no fp16 run could be "
+                         "tested (README, Troubleshooting); use bf16 (ZeRO 1/2/3, same range as fp32) or fp32")
     if any((ds_config.get(key) or {}).get("enabled") for key in ("bf16", "bfloat16")) and stage == 0:
         raise ValueError("bf16 at ZeRO stage 0 wraps the client optimizer; use ZeRO stage 1, 2 or 3 for bf16")
     if stage > 0 and (folora.variant != "A" or folora.cap_update_norm):

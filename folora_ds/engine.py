@@ -135,4 +135,6 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
         controller.load_state_dict(state)  # after the engine placed the model: the statistics follow it
         checkpoint.load_engine_checkpoint(engine, optimizer, folder)
     controller.attach(optimizer, engine)
+    if folder is None:
+        controller.log_metrics()  # the calibration's gates, at optimizer step 0, to the engine's monitor
     return engine, controller

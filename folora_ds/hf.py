@@ -149,6 +149,7 @@ class FoLoRATrainerMixin:
         controller.solve()
         controller.initialize_lora_a(engine)
         controller.attach(optimizer, engine)
+        self.log(dict(controller.log_metrics()))  # the calibration's gates at step 0
         comm.barrier()
         self._folora_ready = True
 
@@ -167,26 +168,12 @@ class _FoLoRACallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         controller = self.trainer.folora_controller
         if controller.after_step():
-            self.trainer.log(folora_log_values(controller))
+            self.trainer.log(dict(controller.last_metrics))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.folora_controller.check_gating()
         return control
-
-
-def folora_log_values(controller: FoLoRAController) -> dict[str, float]:
-    """Collective: what a refresh logs — τ scale, relative forgetting F, mean Σg/d, attenuated share, refreshes,
-    optimizer steps."""
-    summaries = controller.layer_summaries()
-    values = {"folora/refreshes": float(controller.refreshes),
-              "folora/optimizer_steps": float(controller.optimizer_steps),
-              "folora/relative_forgetting": float(controller.measured_forgetting()),
-              "folora/effective_rank_fraction": sum(s.effective_rank / s.dim for s in summaries) / len(summaries),
-              "folora/attenuated_fraction": sum(s.attenuated / s.dim for s in summaries) / len(summaries)}
-    if controller.budget is not None:
-        values["folora/tau_scale"] = float(controller.budget.tau_scale)
-    return values
 
 
 _CLASSES: dict[type, type] = {}

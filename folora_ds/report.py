@@ -242,7 +242,7 @@ def plot_gates(layers: Sequence[Mapping[str, Any]], path: Path, *, title: str) -
     series: dict[str, list[tuple[int, float, float]]] = {}
     for layer in layers:
         first = layer["members"][0]
-        match = re.search(r"layers\.(\d+)\.", first)
+        match = re.search(r"\.(\d+)\.", first)  # the block index (layers.N., h.N., blocks.N., ...)
         if match is None:
             continue
         kind = "+".join(member.rsplit(".", 1)[-1] for member in layer["members"])

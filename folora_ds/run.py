@@ -254,6 +254,10 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
                "folora": result, "adamw": baseline,
                "seconds": time.perf_counter() - started}
     write_json(output_dir / "summary.json", summary)
+    from folora_ds.report import plot_gates
+
+    plot_gates(summary["layers"], output_dir / "gates.png",
+               title=f"FoLoRA gates ({settings.model}, after {controller.optimizer_steps} steps)")
     return summary
 
 

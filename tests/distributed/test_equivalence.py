@@ -89,7 +89,8 @@ def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = No
     return {"weights": weights, "gated": controller.gated_step_counts(), "steps": controller.optimizer_steps,
             "summaries": controller.layer_summaries(),
             "gated_partitions": len(controller.layouts),
-            "refreshes": controller.refreshes, "cut_rows": cut_rows, "projector_bytes": controller.projector_bytes()}
+            "refreshes": controller.refreshes, "cut_rows": cut_rows, "projector_bytes": controller.projector_bytes(),
+            "offload": bool(engine.zero_cpu_offload()) if stage > 0 else False}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,16 @@ def test_zero3_with_several_sub_groups_per_step_equals_one_process(reference):
     """DeepSpeed calls the client step once per ZeRO-3 sub-group: each must be gated once per optimizer step."""
     results = run_ranks(2, _distributed, 3, {"sub_group_size": 200})
     assert results[0]["gated_partitions"] >= 2, "the LoRA-A group must span several sub-groups"
+    _assert_matches_reference(results, reference)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_optimizer_offload_to_cpu_equals_one_process(reference, stage):
+    """ZeRO-Offload: DeepSpeed keeps the fp32 partitions and the optimizer step on the CPU and calls GatedAdamW
+    there (zero_force_ds_cpu_optimizer false); the gate runs on those partitions and the result is unchanged."""
+    results = run_ranks(2, _distributed, stage, {"offload_optimizer": {"device": "cpu"}})
+    assert results[0]["offload"], "DeepSpeed must run the offload path"
+    assert results[0]["gated_partitions"] >= 1
     _assert_matches_reference(results, reference)
 
 

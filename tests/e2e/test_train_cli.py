@@ -97,8 +97,8 @@ BAD_CONFIGS = [
     ({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0"),
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 5}}, "zero_optimization.stage=5"),
     ({"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}}, "fp16"),
-    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
-     "offload"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+     "offload_param"),
     ({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Lamb"}}, "Lamb"),
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2, "round_robin_gradients": True}},
      "round_robin_gradients"),
@@ -232,3 +232,31 @@ def test_launch_script_runs_as_a_subprocess(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gated steps per rank [[3]]" in result.stdout
+
+
+def test_deepspeed_monitor_gets_folora_metrics_and_the_run_plots_its_gates(tmp_path):
+    """A csv_monitor in the DeepSpeed config receives FoLoRA's values at calibration, every refresh and every
+    steps_per_print steps (TensorBoard / W&B take the same events)."""
+    import csv
+
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 2,
+              "zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}},
+              "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "run"},
+              "folora": {}}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "ds.json"), "--steps", "8", "--calibration-steps", "1",
+                 "--no-baseline", "--output-dir", str(out), *SMALL]) == 0
+    logs = tmp_path / "csv" / "run"
+
+    def rows(name):
+        with open(logs / f"{name}.csv") as handle:
+            return [(int(step), float(value)) for step, value in list(csv.reader(handle))[1:]]
+
+    forgetting = rows("folora_relative_forgetting")
+    assert [step for step, _ in forgetting] == [0, 4, 8]  # calibration, then refresh_interval=4
+    assert forgetting[0][1] == 0.0 and forgetting[-1][1] > 0  # B = 0 at calibration, then the adapter moves
+    assert [step for step, _ in rows("folora_gated_steps")] == [2, 4, 6, 8]
+    assert all(steps == value for steps, value in rows("folora_gated_steps"))
+    assert all(0 < value <= 1 for _, value in rows("folora_effective_rank_fraction"))
+    assert (out / "gates.png").read_bytes()[:4] == b"\x89PNG"

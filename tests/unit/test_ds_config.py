@@ -22,7 +22,9 @@ DS_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "ds_configs").glob("z
 @pytest.mark.parametrize(("ds_config", "match"), [
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload"),
     ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, "offload"),
-    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "needs ZeRO stage 1, 2 or 3"),
+    ({"zero_force_ds_cpu_optimizer": True, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+     "zero_force_ds_cpu_optimizer"),
     ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, "cpu_offload"),
     ({"zero_optimization": {"stage": 3, "cpu_offload_param": True}}, "cpu_offload_param"),
     ({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "bf16"),
