@@ -139,6 +139,7 @@ class FoLoRAController:
         self._base_energies: dict[str, float] = {}
         self._last_global_steps = 0
         self.last_solve_seconds = 0.0
+        self.last_window_tokens = 0
         self.last_metrics: dict[str, float] = {}
 
     @property
@@ -259,6 +260,8 @@ class FoLoRAController:
         """Collective (error check): fold the task sums the owners collected since the last window into the C_task
         EMA and start a new window."""
         error = None
+        window = self.collector.sums("task")
+        self.last_window_tokens = max((int(sums.tokens) for sums in window.values()), default=0)
         try:
             for key, covariance in self._owned_covariances("task", in_place=True).items():
                 self.task_ema.update(key, covariance, take=True)  # the window's sums are spent: no copy
@@ -393,10 +396,11 @@ class FoLoRAController:
             self._last_global_steps = self.engine.global_steps
         self.optimizer_steps += 1
         interval = self.config.refresh_interval
+        refresh = interval > 0 and self.optimizer_steps % interval == 0
         every = 0 if self.engine is None else (self.engine.steps_per_print() or 0)  # DeepSpeed's own log cadence
-        if every > 0 and self.optimizer_steps % every == 0:
+        if every > 0 and self.optimizer_steps % every == 0 and not refresh:  # a refresh logs it with the rest
             self._write_events({"folora/gated_steps": float(min(self.gated_step_counts(), default=0))})
-        if interval == 0 or self.optimizer_steps % interval != 0:
+        if not refresh:
             return False
         self._fold_task_window()
         if self.budget is not None:
@@ -408,17 +412,28 @@ class FoLoRAController:
         return True
 
     def metrics(self) -> dict[str, float]:
-        """Collective: what a refresh reports — the relative forgetting F, mean effective rank Σg/d and attenuated
-        share over inputs, τ's budget scale, the slowest rank's last solve time, refreshes and optimizer steps."""
+        """Collective: what a refresh reports — the relative forgetting F; the mean effective rank Σg/d and
+        attenuated share over inputs and, per input (named by its first module, ``layers.11.mlp.down_proj``),
+        Σg, attenuated directions and the absolute τ; τ's budget scale; the slowest rank's last solve time; the
+        task tokens per input counted in the window just folded (the most on any rank); the fewest gated steps of
+        any rank; refreshes and optimizer steps."""
         summaries = self.layer_summaries()
-        solve_seconds = max(comm.all_gather_objects(self.last_solve_seconds, self.group))
+        solve_seconds, tokens, gated = zip(*comm.all_gather_objects(
+            (self.last_solve_seconds, self.last_window_tokens, min(self.gated_step_counts(), default=0)),
+            self.group))
         values = {"folora/relative_forgetting": self.measured_forgetting(),
                   "folora/effective_rank_fraction": sum(s.effective_rank / s.dim for s in summaries) / len(summaries),
                   "folora/attenuated_fraction": sum(s.attenuated / s.dim for s in summaries) / len(summaries),
-                  "folora/solve_seconds": float(solve_seconds), "folora/refreshes": float(self.refreshes),
+                  "folora/solve_seconds": float(max(solve_seconds)), "folora/statistics_tokens": float(max(tokens)),
+                  "folora/gated_steps": float(min(gated)), "folora/refreshes": float(self.refreshes),
                   "folora/optimizer_steps": float(self.optimizer_steps)}
         if self.budget is not None:
             values["folora/tau_scale"] = float(self.budget.tau_scale)
+        for summary in summaries:
+            name = summary.key.split("model.")[-1] if "model." in summary.key else summary.key
+            values[f"folora/effective_rank/{name}"] = float(summary.effective_rank)
+            values[f"folora/attenuated/{name}"] = float(summary.attenuated)
+            values[f"folora/tau/{name}"] = float(summary.tau)
         return values
 
     def log_metrics(self) -> dict[str, float]:

@@ -82,6 +82,12 @@ class FoLoRATrainerMixin:
             raise ValueError("pass FoLoRA's settings as folora=... to the trainer, not as a \"folora\" block of the "
                              "DeepSpeed config given to TrainingArguments")
         self.folora_config = _folora_config(folora)
+        if getattr(self.args, "fp16", False):
+            raise ValueError("fp16 is not supported with FoLoRA (README, Troubleshooting); use bf16=True or fp32")
+        if ds_config is not None:  # the same refusals as folora-ds train: parameter offload, ZeRO++, fp16, ...
+            from folora_ds.ds_config import _refuse_unsupported
+
+            _refuse_unsupported(ds_config, self.folora_config)
         self.folora_controller = FoLoRAController(self.model, self.folora_config)
         self._folora_proxy_batches = None if proxy_batches is None else list(proxy_batches)
         self._folora_calibration_steps = calibration_steps

@@ -70,11 +70,13 @@ def test_a_training_step_before_calibration_is_refused(tmp_path):
         trainer.training_step(trainer.model, {k: torch.tensor(v) for k, v in _dataset()[:2].items()})
 
 
-@pytest.mark.parametrize("block, match", [("optimizer", "\"optimizer\" block"), ("folora", "folora=")])
+@pytest.mark.parametrize("block, match", [("optimizer", "\"optimizer\" block"), ("folora", "folora="),
+                                          ("offload_param", "offload_param")])
 def test_deepspeed_configs_that_would_skip_the_gate_are_refused(block, match, tmp_path):
-    extra = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "folora": FOLORA}[block]
-    args = _args(tmp_path, deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2},
-                                      block: extra})
+    extra = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "folora": FOLORA}.get(block)
+    zero = {"stage": 3, "offload_param": {"device": "cpu"}} if block == "offload_param" else {"stage": 2}
+    args = _args(tmp_path, deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": zero,
+                                      **({block: extra} if extra is not None else {})})
     with pytest.raises(ValueError, match=match):
         FoLoRATrainer(model=tiny_model(), args=args, train_dataset=_dataset(), data_collator=default_data_collator,
                       folora=FOLORA)
