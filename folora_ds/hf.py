@@ -23,12 +23,15 @@ What the mixin changes, and why each is needed under DeepSpeed (transformers 5.x
 - **Refreshes** at optimizer-step boundaries (``on_step_end``: under DeepSpeed the real step happened inside
   ``engine.step()`` by then), **gating checked** at ``on_train_end`` (an optimizer step that skipped the gate stops
   the run with an error instead of finishing silently ungated).
-- **Logs**: τ (and its budget scale), the relative forgetting F, Σg and attenuated directions go to the Trainer's
-  logger at every refresh (``folora/...`` keys, so TensorBoard/W&B/CSV reporters get them).
+- **Logs**: ``controller.metrics()`` (relative forgetting F, τ and Σg and attenuated directions per input, τ's
+  budget scale, solve time, statistics tokens, gated steps) goes to the Trainer's logger at train begin and every
+  refresh (``folora/...`` keys, so TensorBoard/W&B/CSV reporters get them); ``folora_gates.png`` (gates per layer)
+  is written to the output directory at train end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -178,7 +181,18 @@ class _FoLoRACallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.folora_controller.check_gating()
+        from pathlib import Path
+
+        from folora_ds.distributed import comm
+        from folora_ds.report import plot_gates
+
+        controller = self.trainer.folora_controller
+        controller.check_gating()
+        layers = [dataclasses.asdict(summary) for summary in controller.layer_summaries()]
+        if comm.rank() == 0 and args.output_dir:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            plot_gates(layers, Path(args.output_dir) / "folora_gates.png",
+                       title=f"FoLoRA gates after {controller.optimizer_steps} steps")
         return control
 
 

@@ -40,6 +40,7 @@ def test_one_process_trainer_gates_every_step_refreshes_and_logs(tmp_path):
     assert [entry["folora/optimizer_steps"] for entry in logged] == [0, 3, 6]  # calibration, then refreshes
     assert logged[0]["folora/relative_forgetting"] == 0.0 and logged[-1]["folora/relative_forgetting"] > 0
     assert type(trainer.optimizer).__name__ != "AdamW"
+    assert (tmp_path / "folora_gates.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_folora_trainer_class_mixes_into_any_trainer_subclass():
