@@ -31,6 +31,10 @@ import torch
 
 from folora_ds.config import FoLoRAConfig
 
+_COLUMNS = 2048
+"""Columns of C_pre (and rows of W) converted to float64 at a time: at Llama-70B's d_ff = 28672 a whole float64
+C_pre would be a 6.6 GB temporary on the owner at every refresh."""
+
 
 def adapter_penalty(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, c_pre: torch.Tensor) -> torch.Tensor:
     """tr(ΔW C_pre ΔWᵀ) of one LoRA module, in float64, without forming ΔW.
@@ -46,8 +50,12 @@ def adapter_penalty(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, 
                          "and (d_out, r)")
     if c_pre.shape != (lora_a.shape[1], lora_a.shape[1]):
         raise ValueError(f"adapter_penalty: C_pre {tuple(c_pre.shape)} does not match d_in = {lora_a.shape[1]}")
-    a, b, c = lora_a.double(), lora_b.double(), c_pre.double().to(lora_a.device)
-    return scaling * scaling * ((b.mT @ b) * (a @ c @ a.mT)).sum()
+    a, b = lora_a.double(), lora_b.double()
+    a_c_at = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, c_pre.shape[1], _COLUMNS):  # C_pre in float64 a block of columns at a time (70B: d_ff²)
+        block = c_pre[:, start:start + _COLUMNS].to(device=a.device, dtype=torch.float64)
+        a_c_at += (a @ block) @ a[:, start:start + _COLUMNS].mT
+    return scaling * scaling * ((b.mT @ b) * a_c_at).sum()
 
 
 def base_energy(weight: torch.Tensor, c_pre: torch.Tensor) -> torch.Tensor:
@@ -55,8 +63,13 @@ def base_energy(weight: torch.Tensor, c_pre: torch.Tensor) -> torch.Tensor:
     measured against."""
     if weight.ndim != 2 or c_pre.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"base_energy: W {tuple(weight.shape)} and C_pre {tuple(c_pre.shape)} do not match")
-    w = weight.double()
-    return ((w @ c_pre.double().to(w.device)) * w).sum()
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for start in range(0, c_pre.shape[1], _COLUMNS):  # never a float64 copy of the whole W or C_pre
+        block = c_pre[:, start:start + _COLUMNS].to(device=weight.device, dtype=torch.float64)
+        for row in range(0, weight.shape[0], _COLUMNS):
+            rows = weight[row:row + _COLUMNS].double()
+            total += ((rows @ block) * rows[:, start:start + _COLUMNS]).sum()
+    return total
 
 
 def relative_forgetting(penalties: Mapping[str, float], base_energies: Mapping[str, float]) -> float:

@@ -438,7 +438,8 @@ class FoLoRAController:
 
     def log_metrics(self) -> dict[str, float]:
         """Collective: ``metrics()``, kept in ``last_metrics`` and written to the DeepSpeed engine's monitor
-        (TensorBoard / CSV / W&B / Comet as its config enables; rank 0 writes) at the current optimizer step.
+        (TensorBoard / CSV / W&B / Comet as its config enables; rank 0 writes) at the engine's global sample count,
+        the x-axis of DeepSpeed's own events (``folora/optimizer_steps`` is one of the values).
         ``after_step`` calls it at every refresh; call it once after ``attach`` for the calibration's values."""
         self.last_metrics = self.metrics()
         self._write_events(self.last_metrics)
@@ -446,8 +447,9 @@ class FoLoRAController:
 
     def _write_events(self, values: Mapping[str, float]) -> None:
         monitor = None if self.engine is None else getattr(self.engine, "monitor", None)
-        if monitor is not None and monitor.enabled:
-            monitor.write_events([(name, value, self.optimizer_steps) for name, value in values.items()])
+        if monitor is not None and monitor.enabled:  # at DeepSpeed's own x-axis (samples), as its events are:
+            step = int(self.engine.global_samples)   # W&B drops events whose step goes backwards
+            monitor.write_events([(name, value, step) for name, value in values.items()])
 
     def gated_step_counts(self) -> list[int]:
         """Gated steps of this rank: one entry per flat partition (ZeRO 1/2), per flat sub-group holding LoRA-A

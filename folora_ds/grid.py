@@ -56,7 +56,6 @@ class GridSettings:
         lora_rank, lora_alpha, target_modules: the adapter of every method.
         proxy: how the proxy set is sampled from the model (once per grid), as FoLoRA's ``proxy`` block.
         evaluation: what each checkpoint is measured on (``folora_ds.evaluation.EvaluationSettings``).
-        questions_limit: only the first N retention questions (None: all; for quick checks).
         sc_lora_beta: SC-LoRA's trade-off β.
     """
 
@@ -395,7 +394,8 @@ def train_run(run: GridRun, shared: SharedArtifacts, directory: Path, *, progres
     settings = shared.settings
     data = TrainingData(settings, run.seed, steps=max(run.steps))
     folora = shared.folora_config(run.knobs)
-    record: dict[str, Any] = {"run": run.identity(settings) | {"label": run.label}}
+    record: dict[str, Any] = {"run": run.identity(settings) | {"label": run.label},
+                              "resolved": resolved_settings(run, settings)}
     samples = load_proxy_jsonl(shared.proxy_path, tokenizer=data.tokenizer, max_length=folora.max_seq_len)
     if run.method == "folora":
         from peft import get_peft_model
@@ -519,12 +519,18 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
         shared.ensure_proxy()
         shared.base_evaluation()
         todo = [run for run in spec.runs if (only is None or run.label in only)
-                and not _complete(run, output_dir / "runs" / run.slug(spec.settings))]
+                and not _complete(run, output_dir / "runs" / run.slug(spec.settings), spec.settings)]
         _phase(f"{len(spec.runs) - len(todo)} of {len(spec.runs)} runs already complete; {len(todo)} to go")
         for index, run in enumerate(todo, 1):
             directory = output_dir / "runs" / run.slug(spec.settings)
             _phase(f"[{index}/{len(todo)}] {run.label}: lr {run.lr:g}, seed {run.seed}, steps {list(run.steps)}")
             train_path = directory / "train.json"
+            stale = train_path.is_file() and changed_settings(
+                json.loads(train_path.read_text()).get("resolved") or {}, resolved_settings(run, spec.settings))
+            if stale:
+                import shutil
+
+                shutil.rmtree(directory)
             if not train_path.is_file() or not all((directory / f"step{s}" / "adapter").is_dir() for s in run.steps):
                 record = train_run(run, shared, directory, progress=progress)
                 write_json(train_path, record)
@@ -543,8 +549,39 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
             comm.shutdown()
 
 
-def _complete(run: GridRun, directory: Path) -> bool:
-    return all((directory / f"step{s}" / "evaluation.json").is_file() for s in run.steps)
+def resolved_settings(run: GridRun, settings: GridSettings) -> dict[str, Any]:
+    """Every setting the run used, defaults included (its key holds only the non-default ones, so a field added
+    later does not invalidate finished runs; this record catches a *changed* default instead)."""
+    resolved = {"settings": settings.to_dict()}
+    if run.method == "folora":
+        resolved["folora"] = FoLoRAConfig.from_dict(dict(run.knobs)).to_dict()
+    return json.loads(json.dumps(resolved))
+
+
+def changed_settings(recorded: Any, current: Any, prefix: str = "") -> list[str]:
+    """The settings whose recorded value differs from the current one (settings added since are not changes)."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return [name for key, value in recorded.items()
+                for name in (changed_settings(value, current[key], f"{prefix}{key}.") if key in current
+                             else [f"{prefix}{key}"])]
+    return [] if recorded == current else [prefix.rstrip(".")]
+
+
+def _complete(run: GridRun, directory: Path, settings: GridSettings | None = None) -> bool:
+    """Every step's evaluation exists and the run was made with today's resolved settings (a default changed since
+    makes it stale: it is trained again)."""
+    if not all((directory / f"step{s}" / "evaluation.json").is_file() for s in run.steps):
+        return False
+    if settings is None:
+        return True
+    recorded = json.loads((directory / "train.json").read_text()).get("resolved")
+    if recorded is None:  # written before resolved settings were recorded
+        return True
+    changed = changed_settings(recorded, resolved_settings(run, settings))
+    if changed:
+        _phase(f"{directory.name}: made with another {', '.join(changed[:3])}; training it again")
+        return False
+    return True
 
 
 def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]:
@@ -553,7 +590,7 @@ def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]
     rows = []
     for run in spec.runs:
         directory = output_dir / "runs" / run.slug(spec.settings)
-        if not _complete(run, directory):
+        if not _complete(run, directory, spec.settings):
             continue
         train = json.loads((directory / "train.json").read_text())
         for steps in run.steps:

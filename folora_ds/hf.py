@@ -23,6 +23,9 @@ What the mixin changes, and why each is needed under DeepSpeed (transformers 5.x
 - **Refreshes** at optimizer-step boundaries (``on_step_end``: under DeepSpeed the real step happened inside
   ``engine.step()`` by then), **gating checked** at ``on_train_end`` (an optimizer step that skipped the gate stops
   the run with an error instead of finishing silently ungated).
+- **Not yet**: resuming from a Trainer checkpoint (refused: it would not carry FoLoRA's state). Calibration reads
+  a second train dataloader; its first batches equal training's with the default seeded and the sequential
+  samplers (tested: sequential), not necessarily with ``group_by_length``.
 - **Logs**: ``controller.metrics()`` (relative forgetting F, τ and Σg and attenuated directions per input, τ's
   budget scale, solve time, statistics tokens, gated steps) goes to the Trainer's logger at train begin and every
   refresh (``folora/...`` keys, so TensorBoard/W&B/CSV reporters get them); ``folora_gates.png`` (gates per layer)
@@ -77,6 +80,10 @@ class FoLoRATrainerMixin:
             raise ValueError(f"calibration_steps={calibration_steps!r} must be an integer >= 1")
         super().__init__(*args, **kwargs)
         ds_config = _deepspeed_config(self.args)
+        plugin = getattr(getattr(self, "accelerator", None), "state", None)
+        plugin = getattr(plugin, "deepspeed_plugin", None)
+        if ds_config is None and plugin is not None:  # DeepSpeed from `accelerate launch`'s config, not args
+            ds_config = plugin.deepspeed_config
         if ds_config is not None and "optimizer" in ds_config:
             raise ValueError("the DeepSpeed config has an \"optimizer\" block: transformers would give DeepSpeed a "
                              "placeholder and never call create_optimizer, so FoLoRA's gate would not run; remove it "
@@ -91,6 +98,9 @@ class FoLoRATrainerMixin:
             from folora_ds.ds_config import _refuse_unsupported
 
             _refuse_unsupported(ds_config, self.folora_config)
+            # with optimizer offload DeepSpeed/accelerate would swap GatedAdamW for DeepSpeedCPUAdam unless told not to
+            # (the same dict is what accelerate hands to deepspeed.initialize)
+            ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
         self.folora_controller = FoLoRAController(self.model, self.folora_config)
         self._folora_proxy_batches = None if proxy_batches is None else list(proxy_batches)
         self._folora_calibration_steps = calibration_steps
@@ -99,6 +109,14 @@ class FoLoRATrainerMixin:
         self.add_callback(_FoLoRACallback(self))
 
     # ------------------------------------------------------------------ Trainer hooks
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint:
+            raise ValueError("resuming a FoLoRA Trainer run from a Trainer checkpoint is not supported yet: the "
+                             "checkpoint lacks FoLoRA's statistics and bases, and calibrating again on the trained "
+                             "adapter would re-project it; start a new run, or use folora_ds.initialize's "
+                             "checkpoints (controller.save_checkpoint / resume_from) in your own loop")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             source = self.model if model is None else model

@@ -144,7 +144,7 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]]) -> str:
         return "No finished run yet."
     groups = aggregate(rows)
     lines = ["| method | lr | steps | seeds | target accuracy | retention of base-correct | KL(base‖adapted)/token | "
-             "perplexity | Σ tr(ΔW C_pre ΔWᵀ) / Σ tr(W C_pre Wᵀ) | train s |",
+             "perplexity | relative forgetting F | train s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         knobs = json.loads(g["knobs"])
@@ -155,7 +155,7 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]]) -> str:
                      f"{_fmt(g['retention_mean'], g['retention_std'], True)} | "
                      f"{_fmt(g['kl_per_token_mean'], g['kl_per_token_std'])} | "
                      f"{g['adapted_perplexity_mean']:.2f} | "
-                     f"{_fmt(g['penalty_relative_total_mean'], g['penalty_relative_total_std'], digits=5)} | "
+                     f"{g['penalty_relative_mean_mean']:.2e} ± {g['penalty_relative_mean_std']:.1e} | "
                      f"{g['train_seconds_mean']:.0f} |")
     lines += ["", "Against plain LoRA's frontier (its Pareto-best mean points over learning rates and steps; "
               "frontier KL = the least KL plain LoRA needs for the same accuracy):", "",
@@ -287,6 +287,6 @@ def write_report(rows: Sequence[Mapping[str, Any]], spec, output_dir: Path) -> R
         first = min(folora, key=lambda r: (r["seed"], r["lr"]))
         train = json.loads((output_dir / "runs" / first["slug"] / "train.json").read_text())
         files.append(output_dir / "gates.png")
-        plot_gates(train["layers"], files[-1], title=f"FoLoRA gates at calibration ({spec.settings.model}, seed "
-                                                     f"{first['seed']})")
+        plot_gates(train["layers"], files[-1], title=f"FoLoRA gates after training ({spec.settings.model}, lr "
+                                                     f"{first['lr']:g}, seed {first['seed']})")
     return Report(markdown, tuple(files))

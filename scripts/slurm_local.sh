@@ -10,7 +10,14 @@ command -v slurmctld >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get instal
 HOST=$(hostname -s)
 CPUS=$(nproc)
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /run/munge logs
+MARK="# written by folora_ds scripts/slurm_local.sh"
+if [[ -f /etc/slurm/slurm.conf ]] && ! grep -q "$MARK" /etc/slurm/slurm.conf; then
+    echo "scripts/slurm_local.sh: /etc/slurm/slurm.conf exists and is not ours; not touching a real SLURM" >&2
+    exit 2
+fi
+STARTED=()
 cat > /etc/slurm/slurm.conf <<CONF
+$MARK
 ClusterName=local
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -28,9 +35,9 @@ PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscr
 CONF
 [[ -f /etc/munge/munge.key ]] || /usr/sbin/mungekey --create 2>/dev/null || true
 chown -R munge:munge /run/munge /etc/munge 2>/dev/null || true
-pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+pgrep -x munged >/dev/null || { su -s /bin/sh munge -c /usr/sbin/munged; STARTED+=(munged); }
+pgrep -x slurmctld >/dev/null || { slurmctld; STARTED+=(slurmctld); }
+pgrep -x slurmd >/dev/null || { slurmd; STARTED+=(slurmd); }
 for _ in $(seq 30); do sinfo -h -o %T 2>/dev/null | grep -qE "idle|mix" && break; sleep 1; done
 sinfo
 
@@ -45,6 +52,10 @@ while squeue -h -j "$JOB" 2>/dev/null | grep -q .; do sleep 2; done
 sacct -j "$JOB" -o JobID,State,ExitCode 2>/dev/null || true
 cat "logs/folora-slurm-$JOB.out"
 STATE=$(scontrol show job "$JOB" 2>/dev/null | grep -o "JobState=[A-Z]*" | cut -d= -f2 || true)
-if [[ "${KEEP_SLURM:-0}" != 1 ]]; then pkill -x slurmd || true; pkill -x slurmctld || true; pkill -x munged || true; fi
+if [[ "${KEEP_SLURM:-0}" != 1 ]]; then  # stop only the daemons this script started
+    for daemon in slurmd slurmctld munged; do
+        [[ " ${STARTED[*]} " == *" $daemon "* ]] && pkill -x "$daemon" || true
+    done
+fi
 grep -q "gated steps per rank \[\[6\], \[6\]\]" "logs/folora-slurm-$JOB.out"
 echo "SLURM job $JOB ($STATE): 2 srun tasks trained FoLoRA under DeepSpeed ZeRO-2"

@@ -45,10 +45,21 @@ def global_rank(group, group_rank: int) -> int:
 
 
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``tensor`` over the group in place and return it."""
+    """Sum ``tensor`` over the group in place and return it.
+
+    A CPU tensor on an NCCL group (the cut-row coordinates of ZeRO-Offload's CPU partitions) is reduced through
+    the rank's accelerator and copied back: NCCL reduces device memory only. (Not run here: this machine has no GPU;
+    gloo, which reduces CPU tensors directly, is what the tests use.)"""
     if is_running():
         dist = _dist()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        if tensor.device.type == "cpu" and "nccl" in str(torch.distributed.get_backend(group)).lower():
+            from deepspeed.accelerator import get_accelerator
+
+            staged = tensor.to(get_accelerator().current_device_name(), copy=True)
+            dist.all_reduce(staged, op=dist.ReduceOp.SUM, group=group)
+            tensor.copy_(staged)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 

@@ -2,15 +2,17 @@
 
 DeepSpeed and torch read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; SLURM sets none of them. When
 ``srun`` starts one task per rank (``--ntasks-per-node`` = ranks per node), each task knows its place from
-SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the job's node list. ``rendezvous_from_slurm`` derives the torch
-variables from those (pure: an environment mapping in, the variables to set out), so ``comm.init_distributed``
-can start the group under a plain ``srun python launch/train.py ...``. Launchers that set RANK themselves
-(torchrun per node, the deepspeed launcher, mpirun) are left alone.
+SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID and the step's node list. Only srun sets SLURM_STEP_NUM_TASKS:
+the batch script itself (and a plain ``python`` run from it) also has SLURM_PROCID=0 and SLURM_NTASKS=N, and must
+stay a plain process rather than wait for N − 1 ranks that never come (checked on a real SLURM 22.05).
+``rendezvous_from_slurm`` derives the torch variables (pure: an environment mapping in, the variables to set out),
+so ``comm.init_distributed`` can start the group under a plain ``srun python launch/train.py ...``. Launchers that
+set RANK themselves (torchrun per node, the deepspeed launcher, mpirun) are left alone.
 
-MASTER_ADDR is the first host of SLURM_JOB_NODELIST (SLURM's compressed form, e.g. ``gpu[003-005,010],login1``,
-expanded here without calling ``scontrol``); MASTER_PORT is taken from the environment when set, else derived from
-the job id (29500 + job id mod 10000), so every task of the job picks the same port and two jobs sharing a first
-node rarely collide.
+MASTER_ADDR is the first host of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST; SLURM's compressed form, e.g.
+``gpu[003-005,010],login1``, expanded here without calling ``scontrol``); MASTER_PORT is taken from the environment
+when set, else derived from the job id (29500 + job id mod 10000), so every task of the job picks the same port and
+two jobs sharing a first node rarely collide.
 """
 
 from __future__ import annotations
@@ -64,20 +66,20 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def rendezvous_from_slurm(environment: Mapping[str, str]) -> dict[str, str]:
     """The torch variables to set for an ``srun``-started rank; empty when they are not needed.
 
-    Nothing is derived when RANK is already set (another launcher did it), when SLURM_PROCID is absent (not under
-    srun), or when the step has one task (a plain process).
+    Nothing is derived when RANK is already set (another launcher did it), outside an srun step (no
+    SLURM_STEP_NUM_TASKS: e.g. the batch script itself), or when the step has one task (a plain process).
 
     Raises:
         ValueError: SLURM variables that contradict each other (named).
     """
-    if "RANK" in environment or "SLURM_PROCID" not in environment:
-        return {}
-    tasks = int(environment.get("SLURM_NTASKS", environment.get("SLURM_NPROCS", "1")))
+    if "RANK" in environment or "SLURM_PROCID" not in environment or "SLURM_STEP_NUM_TASKS" not in environment:
+        return {}  # not an srun task: the batch script itself also has SLURM_PROCID=0 and SLURM_NTASKS=N
+    tasks = int(environment["SLURM_STEP_NUM_TASKS"])  # the step's tasks (srun -n may use fewer than the job's)
     if tasks <= 1:
         return {}
     rank = int(environment["SLURM_PROCID"])
     if not 0 <= rank < tasks:
-        raise ValueError(f"SLURM_PROCID={rank} is outside SLURM_NTASKS={tasks}")
+        raise ValueError(f"SLURM_PROCID={rank} is outside SLURM_STEP_NUM_TASKS={tasks}")
     nodelist = environment.get("SLURM_STEP_NODELIST") or environment.get("SLURM_JOB_NODELIST") or \
         environment.get("SLURM_NODELIST")
     if not nodelist:

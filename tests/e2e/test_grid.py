@@ -98,3 +98,20 @@ def test_cli_names_a_missing_spec_and_an_unknown_only_label(tmp_path, capsys):
                                                    "steps": [2]}]))
     assert main(["grid", str(spec), "--output", str(tmp_path), "--only", "b"]) == 2
     assert "--only 'b' names no entry" in capsys.readouterr().err
+
+
+def test_a_run_made_with_a_since_changed_default_is_trained_again(tmp_path, monkeypatch):
+    spec = load_spec(_spec([{"label": "plain LoRA", "method": "lora", "lrs": [2e-3], "seeds": [0], "steps": [2]},
+                            {"label": "FoLoRA", "method": "folora", "lrs": [2e-3], "seeds": [0], "steps": [2]}]))
+    run_grid(spec, tmp_path, progress=False)
+    folora = tmp_path / "runs" / spec.runs[1].slug(spec.settings) / "train.json"
+    record = json.loads(folora.read_text())
+    record["resolved"]["folora"]["tau"] = 7.0  # as if FoLoRA's default τ had been 7 when this run was made
+    folora.write_text(json.dumps(record))
+    trained = []
+    real_train = grid_module.train_run
+    monkeypatch.setattr(grid_module, "train_run", lambda run, *a, **k: trained.append(run.label) or real_train(
+        run, *a, **k))
+    rows = run_grid(spec, tmp_path, progress=False)
+    assert trained == ["FoLoRA"] and len(rows) == 2  # only the stale run, and it is complete again
+    assert json.loads(folora.read_text())["resolved"]["folora"]["tau"] == 1.0

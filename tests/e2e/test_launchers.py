@@ -87,6 +87,7 @@ def test_srun_native_ranks_from_simulated_slurm_variables(tmp_path):
                str(REPO / "ds_configs" / "zero2.json"), *NO_BASELINE, "--output-dir", str(tmp_path / "srun")]
     tasks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
         **clean, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
         "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_JOB_NODELIST": "localhost",
         "MASTER_PORT": "29634"}) for rank in range(2)]
     outputs = [task.communicate(timeout=600) for task in tasks]

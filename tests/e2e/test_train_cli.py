@@ -254,13 +254,14 @@ def test_deepspeed_monitor_gets_folora_metrics_and_the_run_plots_its_gates(tmp_p
             return [(int(step), float(value)) for step, value in list(csv.reader(handle))[1:]]
 
     forgetting = rows("folora_relative_forgetting")
-    assert [step for step, _ in forgetting] == [0, 4, 8]  # calibration, then refresh_interval=4
+    # DeepSpeed's x-axis is samples (4 per optimizer step here): calibration, then refresh_interval=4 steps
+    assert [step for step, _ in forgetting] == [0, 16, 32]
     assert forgetting[0][1] == 0.0 and forgetting[-1][1] > 0  # B = 0 at calibration, then the adapter moves
-    assert [step for step, _ in rows("folora_gated_steps")] == [0, 2, 4, 6, 8]  # + every steps_per_print
-    assert all(steps == value for steps, value in rows("folora_gated_steps"))
+    assert [step for step, _ in rows("folora_gated_steps")] == [0, 8, 16, 24, 32]  # + every steps_per_print
+    assert all(samples == 4 * value for samples, value in rows("folora_gated_steps"))
     assert all(0 < value <= 1 for _, value in rows("folora_effective_rank_fraction"))
     per_input = sorted(p.name for p in logs.glob("folora_effective_rank_layers*.csv"))
     assert len(per_input) == 8 and "folora_effective_rank_layers.1.mlp.down_proj.csv" in per_input  # every input
-    assert [step for step, _ in rows("folora_tau_layers.0.self_attn.q_proj")] == [0, 4, 8]
+    assert [step for step, _ in rows("folora_tau_layers.0.self_attn.q_proj")] == [0, 16, 32]
     assert rows("folora_statistics_tokens")[1][1] > 0  # the window folded at the first refresh counted tokens
     assert (out / "gates.png").read_bytes()[:4] == b"\x89PNG"

@@ -105,3 +105,18 @@ def test_relative_forgetting_weighs_every_module_equally():
         relative_forgetting({"a": 1.0}, {"a": 0.0})
     with pytest.raises(ValueError, match="no LoRA module"):
         relative_forgetting({}, {})
+
+
+def test_penalty_and_base_energy_are_exact_across_column_blocks():
+    """Inputs wider than one float64 block (2048 columns) give the unblocked values."""
+    generator = torch.Generator().manual_seed(4)
+    d, r, out = 2500, 3, 2100
+    x = torch.randn(d, 40, generator=generator)
+    c_pre = x @ x.T / 40
+    a, b, w = (torch.randn(r, d, generator=generator), torch.randn(out, r, generator=generator),
+               torch.randn(out, d, generator=generator))
+    delta = 2.0 * b.double() @ a.double()
+    torch.testing.assert_close(adapter_penalty(a, b, 2.0, c_pre), torch.trace(delta @ c_pre.double() @ delta.T),
+                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(base_energy(w, c_pre), torch.trace(w.double() @ c_pre.double() @ w.double().T),
+                               rtol=1e-10, atol=0)

@@ -56,3 +56,30 @@ def test_several_processes_without_a_rank_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="WORLD_SIZE=2 but RANK is not set"):
         comm.init_distributed()
     assert not comm.is_running()
+
+
+def test_cpu_tensors_on_an_nccl_group_are_reduced_through_the_accelerator(monkeypatch):
+    """ZeRO-Offload's cut-row coordinates live on the CPU; NCCL reduces device memory only, so they are staged."""
+    import types
+
+    import torch
+
+    from folora_ds.distributed import comm
+
+    seen = []
+
+    def all_reduce(tensor, op=None, group=None):
+        seen.append(tensor)
+        tensor.mul_(2)  # "two ranks holding the same values"
+
+    fake = types.SimpleNamespace(all_reduce=all_reduce, ReduceOp=types.SimpleNamespace(SUM="sum"))
+    monkeypatch.setattr(comm, "is_running", lambda: True)
+    monkeypatch.setattr(comm, "_dist", lambda: fake)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    values = torch.tensor([1.0, 2.0])
+    assert comm.all_reduce_sum(values) is values
+    assert seen[0] is not values, "an NCCL group must get a staged copy, not the CPU tensor itself"
+    assert values.tolist() == [2.0, 4.0]
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    comm.all_reduce_sum(values)
+    assert seen[1] is values and values.tolist() == [4.0, 8.0]  # gloo reduces the CPU tensor in place

@@ -81,3 +81,19 @@ def test_deepspeed_configs_that_would_skip_the_gate_are_refused(block, match, tm
     with pytest.raises(ValueError, match=match):
         FoLoRATrainer(model=tiny_model(), args=args, train_dataset=_dataset(), data_collator=default_data_collator,
                       folora=FOLORA)
+
+
+def test_resuming_from_a_trainer_checkpoint_is_refused(tmp_path):
+    trainer = FoLoRATrainer(model=tiny_model(), args=_args(tmp_path), train_dataset=_dataset(),
+                            data_collator=default_data_collator, folora=FOLORA)
+    with pytest.raises(ValueError, match="not supported yet"):
+        trainer.train(resume_from_checkpoint=str(tmp_path))
+
+
+def test_optimizer_offload_keeps_gated_adamw(tmp_path):
+    """accelerate would swap in DeepSpeedCPUAdam under offload unless zero_force_ds_cpu_optimizer is false."""
+    args = _args(tmp_path, deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}})
+    FoLoRATrainer(model=tiny_model(), args=args, train_dataset=_dataset(), data_collator=default_data_collator,
+                  folora=FOLORA)
+    assert args.hf_deepspeed_config.config["zero_force_ds_cpu_optimizer"] is False

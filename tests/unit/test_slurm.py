@@ -24,11 +24,13 @@ def test_malformed_nodelists_are_named(nodelist):
         expand_nodelist(nodelist)
 
 
-SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[003-006]",
-        "SLURM_JOB_ID": "123456"}
+SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[003-006]", "SLURM_JOB_ID": "123456"}
 
 
 def test_an_srun_rank_gets_torch_variables():
+    # srun -n 4 inside a job of 8 tasks: the step's count is the world
+    assert rendezvous_from_slurm({**SRUN, "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3"})["WORLD_SIZE"] == "4"
     assert rendezvous_from_slurm(SRUN) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
                                            "MASTER_ADDR": "gpu003", "MASTER_PORT": str(29500 + 123456 % 10000)}
     # a port or master the user exported wins; the step's node list is preferred to the job's
@@ -38,8 +40,10 @@ def test_an_srun_rank_gets_torch_variables():
 
 @pytest.mark.parametrize("environment", [
     {**SRUN, "RANK": "0"},                                  # torchrun / deepspeed already set the rendezvous
-    {k: v for k, v in SRUN.items() if k != "SLURM_PROCID"},  # sbatch script itself, not an srun task
-    {**SRUN, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"},     # one task: a plain process
+    {k: v for k, v in SRUN.items() if k != "SLURM_PROCID"},
+    # the batch script itself (as measured on SLURM 22.05): SLURM_PROCID=0 and SLURM_NTASKS=N, but no step
+    {**{k: v for k, v in SRUN.items() if k != "SLURM_STEP_NUM_TASKS"}, "SLURM_PROCID": "0"},
+    {**SRUN, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"},     # srun -n 1: a plain process
     {},
 ])
 def test_nothing_is_set_when_not_an_srun_rank_of_several(environment):
@@ -47,7 +51,7 @@ def test_nothing_is_set_when_not_an_srun_rank_of_several(environment):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"SLURM_PROCID": "8"}, "outside SLURM_NTASKS=8"),
+    ({"SLURM_PROCID": "8"}, "outside SLURM_STEP_NUM_TASKS=8"),
     ({"SLURM_JOB_NODELIST": ""}, "SLURM_JOB_NODELIST is not set"),
     ({"SLURM_LOCALID": None}, "SLURM_LOCALID is not set"),
 ])
