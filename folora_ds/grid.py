@@ -225,16 +225,19 @@ class SharedArtifacts:
         self.settings, self.directory, self.progress = settings, directory, progress
         directory.mkdir(parents=True, exist_ok=True)
         recorded = directory / "settings.json"
+        current = {**settings.identity(), "files": data_fingerprints(settings)}
         if recorded.is_file():
             before = json.loads(recorded.read_text())
-            if before != settings.identity():
-                changed = sorted(set(before) ^ set(settings.identity()) | {
-                    key for key in before if before.get(key) != settings.identity().get(key)})
-                raise ValueError(f"{directory.parent} holds a grid with other shared settings ({', '.join(changed)} "
-                                 "differ): its proxy set, statistics and base evaluation would not match; use "
-                                 "another --output")
+            if "files" not in before:  # recorded before data fingerprints were
+                current.pop("files")
+            if before != current:
+                changed = sorted(set(before) ^ set(current) | {
+                    key for key in before if before.get(key) != current.get(key)})
+                raise ValueError(f"{directory.parent} holds a grid with other shared settings or data "
+                                 f"({', '.join(changed)} differ): its proxy set, statistics and base evaluation would "
+                                 "not match; use another --output")
         else:
-            write_json(recorded, settings.identity())
+            write_json(recorded, current)
         self._base = None
         self._statistics: dict[int, dict[str, Any]] = {}
 
@@ -552,10 +555,27 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
 def resolved_settings(run: GridRun, settings: GridSettings) -> dict[str, Any]:
     """Every setting the run used, defaults included (its key holds only the non-default ones, so a field added
     later does not invalidate finished runs; this record catches a *changed* default instead)."""
-    resolved = {"settings": settings.to_dict()}
+    resolved = {"settings": settings.to_dict(), "files": data_fingerprints(settings)}
     if run.method == "folora":
         resolved["folora"] = FoLoRAConfig.from_dict(dict(run.knobs)).to_dict()
     return json.loads(json.dumps(resolved))
+
+
+def data_fingerprints(settings: GridSettings) -> dict[str, str]:
+    """A content hash of each data file the grid reads (task data, test split, retention questions): the settings
+    name them by path, so an edited file would otherwise reuse results measured on the old content."""
+    paths = {"data": settings.data, "test_data": settings.evaluation.test_data,
+             "questions": settings.evaluation.questions}
+    fingerprints = {}
+    for name, path in paths.items():
+        digest = hashlib.sha256()
+        target = Path(path)
+        files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+        for file in files:
+            digest.update(str(file.relative_to(target) if target.is_dir() else file.name).encode())
+            digest.update(file.read_bytes())
+        fingerprints[name] = digest.hexdigest()[:16]
+    return fingerprints
 
 
 def changed_settings(recorded: Any, current: Any, prefix: str = "") -> list[str]:

@@ -115,3 +115,17 @@ def test_a_run_made_with_a_since_changed_default_is_trained_again(tmp_path, monk
     rows = run_grid(spec, tmp_path, progress=False)
     assert trained == ["FoLoRA"] and len(rows) == 2  # only the stale run, and it is complete again
     assert json.loads(folora.read_text())["resolved"]["folora"]["tau"] == 1.0
+
+
+def test_edited_data_files_are_not_served_from_the_cache(tmp_path):
+    """Data files are named by path in the settings; their content is fingerprinted."""
+    from folora_ds.data import DEFAULT_TASK_FILE
+
+    data = tmp_path / "task.jsonl"
+    data.write_text(DEFAULT_TASK_FILE.read_text())
+    entry = [{"label": "plain LoRA", "method": "lora", "lrs": [2e-3], "seeds": [0], "steps": [2]}]
+    spec = load_spec(_spec(entry, data=str(data)))
+    run_grid(spec, tmp_path / "grid", progress=False)
+    data.write_text("\n".join(DEFAULT_TASK_FILE.read_text().splitlines()[:-5]) + "\n")  # five records fewer
+    with pytest.raises(ValueError, match="other shared settings or data \\(files differ\\)"):
+        run_grid(spec, tmp_path / "grid", progress=False)
