@@ -27,9 +27,9 @@ What the mixin changes, and why each is needed under DeepSpeed (transformers 5.x
   a second train dataloader; its first batches equal training's with the default seeded and the sequential
   samplers (tested: sequential), not necessarily with ``group_by_length``.
 - **Logs**: ``controller.metrics()`` (relative forgetting F, τ and Σg and attenuated directions per input, τ's
-  budget scale, solve time, statistics tokens, gated steps) goes to the Trainer's logger at train begin and every
-  refresh (``folora/...`` keys, so TensorBoard/W&B/CSV reporters get them); ``folora_gates.png`` (gates per layer)
-  is written to the output directory at train end.
+  budget scale, solve time, statistics tokens, gated steps) of the calibration and of every refresh joins the
+  Trainer's next regular log (``folora/...`` keys, so TensorBoard/W&B/CSV reporters get them);
+  ``folora_gates.png`` (gates per layer) is written to the output directory at train end.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class FoLoRATrainerMixin:
         self._folora_calibration_steps = calibration_steps
         self._folora_optimizer: GatedAdamW | None = None
         self._folora_ready = False
+        self._folora_pending_logs: dict[str, float] = {}
         self.add_callback(_FoLoRACallback(self))
 
     # ------------------------------------------------------------------ Trainer hooks
@@ -127,6 +128,14 @@ class FoLoRATrainerMixin:
                                         cap_update_norm=self.folora_config.cap_update_norm)
             self._folora_optimizer = self.optimizer
         return self.optimizer
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's log, with FoLoRA's latest metrics joined in (no log call of its own: TRL's SFTTrainer
+        averages and clears its metric window at every call)."""
+        if self._folora_pending_logs:
+            logs = {**logs, **self._folora_pending_logs}
+            self._folora_pending_logs.clear()
+        return super().log(logs, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         if not self._folora_ready:
@@ -176,7 +185,7 @@ class FoLoRATrainerMixin:
         controller.solve()
         controller.initialize_lora_a(engine)
         controller.attach(optimizer, engine)
-        self.log(dict(controller.log_metrics()))  # the calibration's gates at step 0
+        self._folora_pending_logs.update(controller.log_metrics())  # the calibration's gates, with the first log
         comm.barrier()
         self._folora_ready = True
 
@@ -195,7 +204,7 @@ class _FoLoRACallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         controller = self.trainer.folora_controller
         if controller.after_step():
-            self.trainer.log(dict(controller.last_metrics))
+            self.trainer._folora_pending_logs.update(controller.last_metrics)  # joins the Trainer's next log
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -37,7 +37,9 @@ def test_one_process_trainer_gates_every_step_refreshes_and_logs(tmp_path):
     assert set(controller.gated_step_counts()) == {6} and controller.refreshes == 2
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
     logged = [entry for entry in trainer.state.log_history if "folora/relative_forgetting" in entry]
-    assert [entry["folora/optimizer_steps"] for entry in logged] == [0, 3, 6]  # calibration, then refreshes
+    # calibration's values join the first log (step 1), each refresh's the log of its step; no extra log entries
+    assert [(entry["step"], entry["folora/optimizer_steps"]) for entry in logged] == [(1, 0), (3, 3), (6, 6)]
+    assert all("loss" in entry for entry in logged)
     assert logged[0]["folora/relative_forgetting"] == 0.0 and logged[-1]["folora/relative_forgetting"] > 0
     assert type(trainer.optimizer).__name__ != "AdamW"
     assert (tmp_path / "folora_gates.png").read_bytes()[:4] == b"\x89PNG"
