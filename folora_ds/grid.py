@@ -154,9 +154,40 @@ class GridRun:
 
 
 @dataclass(frozen=True)
+class BestLearningRate:
+    """A spec entry with ``"lrs": "best"``: its runs use the learning rate at which the finished runs with the same
+    label reached the highest mean target accuracy at their last step (ties: the lower KL) — "every method at its
+    best learning rate" without editing the spec once the first seed has run."""
+
+    label: str
+    method: str
+    seeds: tuple[int, ...]
+    steps: tuple[int, ...]
+    knobs: Mapping[str, Any] = field(default_factory=dict)
+
+    def resolve(self, rows: Sequence[Mapping[str, Any]]) -> float | None:
+        """The best learning rate among ``rows`` of this label (None while none has finished)."""
+        mine = [row for row in rows if row["label"] == self.label and row["method"] == self.method]
+        if not mine:
+            return None
+        last = max(row["steps"] for row in mine)
+        by_lr: dict[float, list[Mapping[str, Any]]] = {}
+        for row in mine:
+            if row["steps"] == last:
+                by_lr.setdefault(row["lr"], []).append(row)
+        return max(by_lr, key=lambda lr: (sum(r["target_accuracy"] for r in by_lr[lr]) / len(by_lr[lr]),
+                                          -sum(r["kl_per_token"] for r in by_lr[lr]) / len(by_lr[lr])))
+
+    def runs(self, lr: float) -> list[GridRun]:
+        return [GridRun(label=self.label, method=self.method, lr=lr, seed=seed, steps=self.steps, knobs=self.knobs)
+                for seed in self.seeds]
+
+
+@dataclass(frozen=True)
 class GridSpec:
     settings: GridSettings
     runs: tuple[GridRun, ...]
+    best: tuple[BestLearningRate, ...] = ()
 
 
 def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
@@ -183,20 +214,34 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
         raise ValueError(f"grid spec: expected keys settings, runs (and description); got {sorted(raw)}")
     settings = GridSettings.from_dict(raw.get("settings", {}))
     runs: list[GridRun] = []
+    best: list[BestLearningRate] = []
     for index, entry in enumerate(raw["runs"]):
         extra = sorted(set(entry) - {"label", "method", "lrs", "seeds", "steps", "knobs"})
         if extra or not {"method", "lrs", "seeds", "steps"} <= set(entry):
             raise ValueError(f"grid spec runs[{index}]: expected method, lrs, seeds, steps (label, knobs optional); "
                              f"got {sorted(entry)}")
+        label = entry.get("label", entry["method"])
+        if entry["lrs"] == "best":
+            best.append(BestLearningRate(label=label, method=entry["method"], seeds=tuple(entry["seeds"]),
+                                         steps=tuple(entry["steps"]), knobs=entry.get("knobs", {})))
+            GridRun(label=label, method=entry["method"], lr=1.0, seed=0, steps=tuple(entry["steps"]),
+                    knobs=entry.get("knobs", {}))  # the same checks as a concrete entry, now
+            continue
+        if isinstance(entry["lrs"], str) or not entry["lrs"]:
+            raise ValueError(f"grid spec runs[{index}]: lrs must be a list of learning rates or \"best\"")
         for lr in entry["lrs"]:
             for seed in entry["seeds"]:
-                runs.append(GridRun(label=entry.get("label", entry["method"]), method=entry["method"], lr=lr,
-                                    seed=seed, steps=tuple(entry["steps"]), knobs=entry.get("knobs", {})))
+                runs.append(GridRun(label=label, method=entry["method"], lr=lr, seed=seed,
+                                    steps=tuple(entry["steps"]), knobs=entry.get("knobs", {})))
+    for entry in best:
+        if not any(run.label == entry.label and run.method == entry.method for run in runs):
+            raise ValueError(f"grid spec: \"lrs\": \"best\" for {entry.label!r} needs entries with the same label "
+                             "and method and explicit learning rates to choose from")
     slugs = [run.slug(settings) for run in runs]
     duplicate = next((s for s in slugs if slugs.count(s) > 1), None)
     if duplicate is not None:
         raise ValueError(f"grid spec: the run {duplicate} appears twice")
-    return GridSpec(settings, tuple(runs))
+    return GridSpec(settings, tuple(runs), tuple(best))
 
 
 def _non_default(instance) -> dict[str, Any]:
@@ -523,29 +568,22 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
         shared.base_evaluation()
         todo = [run for run in spec.runs if (only is None or run.label in only)
                 and not _complete(run, output_dir / "runs" / run.slug(spec.settings), spec.settings)]
-        _phase(f"{len(spec.runs) - len(todo)} of {len(spec.runs)} runs already complete; {len(todo)} to go")
+        _phase(f"{len(spec.runs) - len(todo)} of {len(spec.runs)} runs already complete; {len(todo)} to go"
+               + (f" (+ {len(spec.best)} entries at their best learning rate)" if spec.best else ""))
         for index, run in enumerate(todo, 1):
-            directory = output_dir / "runs" / run.slug(spec.settings)
             _phase(f"[{index}/{len(todo)}] {run.label}: lr {run.lr:g}, seed {run.seed}, steps {list(run.steps)}")
-            train_path = directory / "train.json"
-            stale = train_path.is_file() and changed_settings(
-                json.loads(train_path.read_text()).get("resolved") or {}, resolved_settings(run, spec.settings))
-            if stale:
-                import shutil
-
-                shutil.rmtree(directory)
-            if not train_path.is_file() or not all((directory / f"step{s}" / "adapter").is_dir() for s in run.steps):
-                record = train_run(run, shared, directory, progress=progress)
-                write_json(train_path, record)
-                _phase(f"trained in {record['train_seconds']:.0f} s")
-            for steps in run.steps:
-                path = directory / f"step{steps}" / "evaluation.json"
-                if not path.is_file():
-                    result = evaluate_checkpoint(directory / f"step{steps}" / "adapter", shared, run.seed,
-                                                 progress=progress)
-                    write_json(path, result)
-                    _phase(f"step {steps}: target accuracy {result['target_accuracy']:.1%}, retention "
-                           f"{result['retention']:.1%}, KL {result['kl_per_token']:.4f} ({result['seconds']:.0f} s)")
+            _run_one(run, spec.settings, shared, output_dir, progress)
+        for entry in spec.best:
+            if only is not None and entry.label not in only:
+                continue
+            lr = entry.resolve(collect_rows(GridSpec(spec.settings, spec.runs), output_dir))
+            if lr is None:
+                _phase(f"{entry.label}: no finished run to choose its best learning rate from; skipped for now")
+                continue
+            for run in entry.runs(lr):
+                if not _complete(run, output_dir / "runs" / run.slug(spec.settings), spec.settings):
+                    _phase(f"{run.label} at its best lr {lr:g}: seed {run.seed}, steps {list(run.steps)}")
+                    _run_one(run, spec.settings, shared, output_dir, progress)
         return collect_rows(spec, output_dir)
     finally:
         if started_group:
@@ -587,6 +625,30 @@ def changed_settings(recorded: Any, current: Any, prefix: str = "") -> list[str]
     return [] if recorded == current else [prefix.rstrip(".")]
 
 
+def _run_one(run: GridRun, settings: GridSettings, shared: SharedArtifacts, output_dir: Path, progress: bool) -> None:
+    """Train ``run`` unless its adapters exist (a stale run is removed first), then measure every missing step."""
+    import shutil
+
+    from folora_ds.outputs import write_json
+
+    directory = output_dir / "runs" / run.slug(settings)
+    train_path = directory / "train.json"
+    if train_path.is_file() and changed_settings(json.loads(train_path.read_text()).get("resolved") or {},
+                                                 resolved_settings(run, settings)):
+        shutil.rmtree(directory)
+    if not train_path.is_file() or not all((directory / f"step{s}" / "adapter").is_dir() for s in run.steps):
+        record = train_run(run, shared, directory, progress=progress)
+        write_json(train_path, record)
+        _phase(f"trained in {record['train_seconds']:.0f} s")
+    for steps in run.steps:
+        path = directory / f"step{steps}" / "evaluation.json"
+        if not path.is_file():
+            result = evaluate_checkpoint(directory / f"step{steps}" / "adapter", shared, run.seed, progress=progress)
+            write_json(path, result)
+            _phase(f"step {steps}: target accuracy {result['target_accuracy']:.1%}, retention "
+                   f"{result['retention']:.1%}, KL {result['kl_per_token']:.4f} ({result['seconds']:.0f} s)")
+
+
 def _complete(run: GridRun, directory: Path, settings: GridSettings | None = None) -> bool:
     """Every step's evaluation exists and the run was made with today's resolved settings (a default changed since
     makes it stale: it is trained again)."""
@@ -608,7 +670,14 @@ def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]
     """One row per complete (run, step) of ``spec`` in ``output_dir`` (incomplete runs are left out)."""
     output_dir = Path(output_dir)
     rows = []
-    for run in spec.runs:
+    runs = list(spec.runs)
+    if spec.best:
+        concrete = collect_rows(GridSpec(spec.settings, spec.runs), output_dir)
+        for entry in spec.best:
+            lr = entry.resolve(concrete)
+            runs += [] if lr is None else [run for run in entry.runs(lr)
+                                           if run.slug(spec.settings) not in {r.slug(spec.settings) for r in runs}]
+    for run in runs:
         directory = output_dir / "runs" / run.slug(spec.settings)
         if not _complete(run, directory, spec.settings):
             continue

@@ -129,3 +129,19 @@ def test_edited_data_files_are_not_served_from_the_cache(tmp_path):
     data.write_text("\n".join(DEFAULT_TASK_FILE.read_text().splitlines()[:-5]) + "\n")  # five records fewer
     with pytest.raises(ValueError, match="other shared settings or data \\(files differ\\)"):
         run_grid(spec, tmp_path / "grid", progress=False)
+
+
+def test_best_learning_rate_entries_run_at_the_winner_of_the_finished_seeds(tmp_path):
+    spec = load_spec(_spec([
+        {"label": "plain LoRA", "method": "lora", "lrs": [1e-4, 2e-2], "seeds": [0], "steps": [2]},
+        {"label": "plain LoRA", "method": "lora", "lrs": "best", "seeds": [1], "steps": [2]}]))
+    assert len(spec.runs) == 2 and len(spec.best) == 1
+    rows = run_grid(spec, tmp_path, progress=False)
+    first = [row for row in rows if row["seed"] == 0]
+    winner = max(first, key=lambda row: (row["target_accuracy"], -row["kl_per_token"]))["lr"]
+    assert [(row["seed"], row["lr"]) for row in rows if row["seed"] == 1] == [(1, winner)]
+    assert collect_rows(spec, tmp_path) == rows  # the report sees the resolved entry too
+    with pytest.raises(ValueError, match="needs entries with the same label"):
+        load_spec(_spec([{"label": "x", "method": "lora", "lrs": "best", "seeds": [1], "steps": [2]}]))
+    with pytest.raises(ValueError, match="lrs must be a list"):
+        load_spec(_spec([{"label": "x", "method": "lora", "lrs": "fast", "seeds": [1], "steps": [2]}]))
