@@ -329,16 +329,21 @@ class EvaluationSuite:
                    tuple(heldout_texts(settings.heldout_passages)))
 
 
-def measure_base(model, tokenizer, suite: EvaluationSuite, *, progress: bool = False) -> dict:
-    """The base model's target accuracy and questions answered; ``"correct"`` lists which (for ``retention``)."""
+def _answers(model, tokenizer, suite: EvaluationSuite, progress: bool) -> tuple[list[bool], float]:
+    """Which retention questions ``model`` answers correctly, and its target accuracy."""
     settings = suite.settings
-    started = time.perf_counter()
     correct = answers_correct(model, tokenizer, suite.questions, max_new_tokens=settings.max_new_tokens,
                               batch_size=settings.batch_size, progress=progress)
     accuracy = target_accuracy(model, tokenizer, suite.records, max_new_tokens=settings.target_max_new_tokens,
                                batch_size=settings.batch_size, progress=progress)
-    return {"target_accuracy": accuracy,
-            "questions_correct": sum(correct) / len(correct), "correct": correct,
+    return correct, accuracy
+
+
+def measure_base(model, tokenizer, suite: EvaluationSuite, *, progress: bool = False) -> dict:
+    """The base model's target accuracy and questions answered; ``"correct"`` lists which (for ``retention``)."""
+    started = time.perf_counter()
+    correct, accuracy = _answers(model, tokenizer, suite, progress)
+    return {"target_accuracy": accuracy, "questions_correct": sum(correct) / len(correct), "correct": correct,
             "seconds": time.perf_counter() - started}
 
 
@@ -346,15 +351,11 @@ def measure_adapted(model, tokenizer, suite: EvaluationSuite, base_correct: Sequ
                     progress: bool = False) -> dict:
     """An adapted peft model against its base (the same model with the adapter disabled): target accuracy,
     questions answered, retention of ``base_correct`` and KL / perplexities on the held-out passages."""
-    settings = suite.settings
     started = time.perf_counter()
-    correct = answers_correct(model, tokenizer, suite.questions, max_new_tokens=settings.max_new_tokens,
-                              batch_size=settings.batch_size, progress=progress)
-    accuracy = target_accuracy(model, tokenizer, suite.records, max_new_tokens=settings.target_max_new_tokens,
-                               batch_size=settings.batch_size, progress=progress)
-    result = {"target_accuracy": accuracy,
-              "questions_correct": sum(correct) / len(correct), "retention": retention(base_correct, correct),
-              **kl_on_text(model, tokenizer, suite.texts, max_length=settings.max_length)}
+    correct, accuracy = _answers(model, tokenizer, suite, progress)
+    result = {"target_accuracy": accuracy, "questions_correct": sum(correct) / len(correct),
+              "retention": retention(base_correct, correct),
+              **kl_on_text(model, tokenizer, suite.texts, max_length=suite.settings.max_length)}
     result["seconds"] = time.perf_counter() - started
     return result
 
