@@ -113,6 +113,8 @@ class GridRun:
     """One training run: ``method`` at learning rate ``lr`` with ``seed``, measured after each of ``steps``.
 
     ``knobs`` are FoLoRA config overrides (method "folora" only); ``label`` names the group in tables and plots.
+    ``proxy_sequences`` (method "folora" only) calibrates on the first N sequences of the grid's shared proxy set
+    instead of all of them: the knob study's proxy size, on the same samples rather than a new draw.
     """
 
     label: str
@@ -121,6 +123,7 @@ class GridRun:
     seed: int
     steps: tuple[int, ...]
     knobs: Mapping[str, Any] = field(default_factory=dict)
+    proxy_sequences: int | None = None
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -134,6 +137,14 @@ class GridRun:
             raise ValueError(f"run {self.label!r}: knobs are FoLoRA settings; method {self.method!r} takes none")
         if self.method == "folora":
             FoLoRAConfig.from_dict(dict(self.knobs))  # a typo or bad value is named before any work
+        if self.proxy_sequences is not None:
+            if self.method != "folora":
+                raise ValueError(f"run {self.label!r}: proxy_sequences is a FoLoRA setting; method {self.method!r} "
+                                 "calibrates its init on the whole shared proxy set")
+            if not (isinstance(self.proxy_sequences, int) and not isinstance(self.proxy_sequences, bool)
+                    and self.proxy_sequences >= 1):
+                raise ValueError(f"run {self.label!r}: proxy_sequences={self.proxy_sequences!r} must be an integer "
+                                 ">= 1")
 
     def identity(self, settings: GridSettings) -> dict[str, Any]:
         """Everything that determines this run's result (its cache key). A FoLoRA run's key holds its whole
@@ -145,6 +156,8 @@ class GridRun:
             resolved = FoLoRAConfig.from_dict(dict(self.knobs)).to_dict()
             resolved.pop("proxy")  # the grid's shared proxy settings are in "settings"
             identity["folora"] = resolved
+        if self.proxy_sequences is not None:  # absent by default, so runs made before it existed keep their key
+            identity["proxy_sequences"] = self.proxy_sequences
         return identity
 
     def slug(self, settings: GridSettings) -> str:
@@ -164,6 +177,7 @@ class BestLearningRate:
     seeds: tuple[int, ...]
     steps: tuple[int, ...]
     knobs: Mapping[str, Any] = field(default_factory=dict)
+    proxy_sequences: int | None = None
 
     def resolve(self, rows: Sequence[Mapping[str, Any]]) -> float | None:
         """The best learning rate among ``rows`` of this label (None while none has finished)."""
@@ -179,8 +193,8 @@ class BestLearningRate:
                                           -sum(r["kl_per_token"] for r in by_lr[lr]) / len(by_lr[lr])))
 
     def runs(self, lr: float) -> list[GridRun]:
-        return [GridRun(label=self.label, method=self.method, lr=lr, seed=seed, steps=self.steps, knobs=self.knobs)
-                for seed in self.seeds]
+        return [GridRun(label=self.label, method=self.method, lr=lr, seed=seed, steps=self.steps, knobs=self.knobs,
+                        proxy_sequences=self.proxy_sequences) for seed in self.seeds]
 
 
 @dataclass(frozen=True)
@@ -216,23 +230,30 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
     runs: list[GridRun] = []
     best: list[BestLearningRate] = []
     for index, entry in enumerate(raw["runs"]):
-        extra = sorted(set(entry) - {"label", "method", "lrs", "seeds", "steps", "knobs"})
+        extra = sorted(set(entry) - {"label", "method", "lrs", "seeds", "steps", "knobs", "proxy_sequences"})
         if extra or not {"method", "lrs", "seeds", "steps"} <= set(entry):
-            raise ValueError(f"grid spec runs[{index}]: expected method, lrs, seeds, steps (label, knobs optional); "
-                             f"got {sorted(entry)}")
+            raise ValueError(f"grid spec runs[{index}]: expected method, lrs, seeds, steps (label, knobs, "
+                             f"proxy_sequences optional); got {sorted(entry)}")
+        proxy_sequences = entry.get("proxy_sequences")
+        if proxy_sequences is not None and isinstance(proxy_sequences, int) and (
+                proxy_sequences > settings.proxy.num_sequences):
+            raise ValueError(f"grid spec runs[{index}]: proxy_sequences={proxy_sequences} exceeds the shared proxy "
+                             f"set's {settings.proxy.num_sequences} sequences (settings.proxy.num_sequences)")
         label = entry.get("label", entry["method"])
         if entry["lrs"] == "best":
             best.append(BestLearningRate(label=label, method=entry["method"], seeds=tuple(entry["seeds"]),
-                                         steps=tuple(entry["steps"]), knobs=entry.get("knobs", {})))
+                                         steps=tuple(entry["steps"]), knobs=entry.get("knobs", {}),
+                                         proxy_sequences=proxy_sequences))
             GridRun(label=label, method=entry["method"], lr=1.0, seed=0, steps=tuple(entry["steps"]),
-                    knobs=entry.get("knobs", {}))  # the same checks as a concrete entry, now
+                    knobs=entry.get("knobs", {}), proxy_sequences=proxy_sequences)  # a concrete entry's checks, now
             continue
         if isinstance(entry["lrs"], str) or not entry["lrs"]:
             raise ValueError(f"grid spec runs[{index}]: lrs must be a list of learning rates or \"best\"")
         for lr in entry["lrs"]:
             for seed in entry["seeds"]:
                 runs.append(GridRun(label=label, method=entry["method"], lr=lr, seed=seed,
-                                    steps=tuple(entry["steps"]), knobs=entry.get("knobs", {})))
+                                    steps=tuple(entry["steps"]), knobs=entry.get("knobs", {}),
+                                    proxy_sequences=proxy_sequences))
     for entry in best:
         if not any(run.label == entry.label and run.method == entry.method for run in runs):
             raise ValueError(f"grid spec: \"lrs\": \"best\" for {entry.label!r} needs entries with the same label "
@@ -445,6 +466,12 @@ def train_run(run: GridRun, shared: SharedArtifacts, directory: Path, *, progres
     record: dict[str, Any] = {"run": run.identity(settings) | {"label": run.label},
                               "resolved": resolved_settings(run, settings)}
     samples = load_proxy_jsonl(shared.proxy_path, tokenizer=data.tokenizer, max_length=folora.max_seq_len)
+    if run.proxy_sequences is not None:
+        if run.proxy_sequences > len(samples):
+            raise ValueError(f"run {run.label!r}: proxy_sequences={run.proxy_sequences} exceeds the shared proxy "
+                             f"set's {len(samples)} sequences ({shared.proxy_path})")
+        samples = samples[:run.proxy_sequences]
+    record["proxy_sequences"] = len(samples)  # what calibration (or a covariance init) actually read
     if run.method == "folora":
         from peft import get_peft_model
 
@@ -596,6 +623,8 @@ def resolved_settings(run: GridRun, settings: GridSettings) -> dict[str, Any]:
     resolved = {"settings": settings.to_dict(), "files": data_fingerprints(settings)}
     if run.method == "folora":
         resolved["folora"] = FoLoRAConfig.from_dict(dict(run.knobs)).to_dict()
+    if run.proxy_sequences is not None:
+        resolved["proxy_sequences"] = run.proxy_sequences
     return json.loads(json.dumps(resolved))
 
 

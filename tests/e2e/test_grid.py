@@ -85,6 +85,13 @@ def _write(path, value):
     ({"settings": {"batch_sise": 4}, "runs": []}, "unknown key 'batch_sise'"),
     ({"settings": {"proxy": {"path": "x.jsonl"}}, "runs": []}, "proxy.path is set by the grid"),
     ({"runs": [{"method": "lora", "lrs": [1e-3, 1e-3], "seeds": [0], "steps": [2]}]}, "appears twice"),
+    ({"runs": [{"method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 4}]},
+     "proxy_sequences is a FoLoRA setting"),
+    ({"runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 0}]},
+     "proxy_sequences=0"),
+    ({"settings": {"proxy": {"num_sequences": 8}},
+      "runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 9}]},
+     "exceeds the shared proxy set's 8"),
 ])
 def test_bad_specs_are_named(spec, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -145,3 +152,18 @@ def test_best_learning_rate_entries_run_at_the_winner_of_the_finished_seeds(tmp_
         load_spec(_spec([{"label": "x", "method": "lora", "lrs": "best", "seeds": [1], "steps": [2]}]))
     with pytest.raises(ValueError, match="lrs must be a list"):
         load_spec(_spec([{"label": "x", "method": "lora", "lrs": "fast", "seeds": [1], "steps": [2]}]))
+
+
+def test_proxy_size_knob_calibrates_on_the_first_sequences_of_the_shared_set(tmp_path):
+    """``proxy_sequences`` (the knob study's proxy size) is its own run, calibrated on fewer sequences, and leaves
+    the key of a run without it unchanged."""
+    entry = {"label": "FoLoRA", "method": "folora", "lrs": [2e-3], "seeds": [0], "steps": [2]}
+    spec = load_spec(_spec([entry, {**entry, "label": "FoLoRA 4 proxy sequences", "proxy_sequences": 4}]))
+    plain_key = load_spec(_spec([entry])).runs[0].slug(spec.settings)
+    assert spec.runs[0].slug(spec.settings) == plain_key != spec.runs[1].slug(spec.settings)
+    rows = run_grid(spec, tmp_path, progress=False)
+    used = {row["label"]: json.loads((tmp_path / "runs" / row["slug"] / "train.json").read_text())
+            for row in rows}
+    assert used["FoLoRA"]["proxy_sequences"] == 8 and used["FoLoRA 4 proxy sequences"]["proxy_sequences"] == 4
+    assert used["FoLoRA 4 proxy sequences"]["resolved"]["proxy_sequences"] == 4
+    assert set(used["FoLoRA 4 proxy sequences"]["gated_steps"]) == {2}
