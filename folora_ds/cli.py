@@ -5,7 +5,7 @@
     folora-ds sample-proxy --model DIR --output proxy.jsonl [--config ds.json] [--set ...]
     folora-ds plan --model-config llama-3-70b --world 64 --nodes 8 [--config ds.json] [--set k=64] [--json]
     folora-ds evaluate --model smollm2-135m-instruct --adapter folora=out/folora_adapter --adapter adamw=...
-    folora-ds grid smollm2 --output runs/grid [--only "plain LoRA"] [--report-only]
+    folora-ds grid smollm2 --output runs/grid [--only "plain LoRA"] [--report-only | --lost-questions]
 
 The run's settings come from a DeepSpeed JSON config (``--config``, alias ``--deepspeed``; a one-process ZeRO-0
 default without it): DeepSpeed's keys go to the engine, the ``"folora"`` block to FoLoRA, with ``--set`` overriding
@@ -186,12 +186,15 @@ def _build_parser() -> argparse.ArgumentParser:
                       "(repeatable); the report still covers every finished run")
     grid.add_argument("--report-only", action="store_true", help="write the report of the finished runs, train "
                       "nothing")
+    grid.add_argument("--lost-questions", action="store_true", help="train nothing; answer the retention questions "
+                      "again with every finished run (or --only's) and write lost_questions.md: which base-correct "
+                      "questions each run lost, split into number answers and the rest")
     grid.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from folora_ds.grid import collect_rows, load_spec, run_grid
+    from folora_ds.grid import collect_rows, load_spec, lost_questions, run_grid
     from folora_ds.report import write_report
 
     spec = load_spec(args.spec)
@@ -200,6 +203,9 @@ def _grid(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"--only {unknown[0]!r} names no entry of the grid "
                              f"(labels: {', '.join(sorted({run.label for run in spec.runs}))})")
+    if args.lost_questions:
+        print(lost_questions(spec, args.output, labels=args.only, progress=not args.no_progress))
+        return 0
     if args.report_only:
         rows = collect_rows(spec, args.output)
     else:

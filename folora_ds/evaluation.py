@@ -247,6 +247,32 @@ def retention(base_correct: Sequence[bool], adapted_correct: Sequence[bool]) -> 
     return 1.0 if not kept else sum(kept) / len(kept)
 
 
+def has_number_answer(question: Question) -> bool:
+    """Whether an accepted answer of ``question`` is an integer written in digits ("12", "7"): the questions a
+    task about numbers can collide with head-on, reported apart from the rest."""
+    return any(answer.strip().isdigit() for answer in question.answers)
+
+
+def retention_by_group(questions: Sequence[Question], base_correct: Sequence[bool],
+                       adapted_correct: Sequence[bool]) -> dict[str, tuple[int, int]]:
+    """``{"number answers": (kept, base_correct), "other": (kept, base_correct)}``: ``retention`` split by
+    ``has_number_answer``, as counts.
+
+    Raises:
+        ValueError: the three sequences differ in length.
+    """
+    if not len(questions) == len(base_correct) == len(adapted_correct):
+        raise ValueError(f"{len(questions)} questions, {len(base_correct)} base answers, {len(adapted_correct)} "
+                         "adapted answers")
+    groups = {"number answers": [0, 0], "other": [0, 0]}
+    for question, base, adapted in zip(questions, base_correct, adapted_correct):
+        if base:
+            counts = groups["number answers" if has_number_answer(question) else "other"]
+            counts[0] += bool(adapted)
+            counts[1] += 1
+    return {name: (kept, total) for name, (kept, total) in groups.items()}
+
+
 def target_accuracy(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 48, batch_size: int = 16,
                     progress: bool = False) -> float:
     """Exact-match accuracy on ``{"prompt", "response"}`` records (the target task's test split)."""

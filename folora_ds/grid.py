@@ -728,5 +728,62 @@ def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]
     return rows
 
 
+def lost_questions(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[str] | None = None,
+                   progress: bool = True) -> str:
+    """Which base-correct retention questions each finished run lost at its last step, and how: every run's
+    adapter (optionally only ``labels``) answers the questions again, greedily as in the evaluation. Writes and
+    returns ``lost_questions.md``: kept counts split by ``has_number_answer`` per run, then each base-correct question
+    with how many runs lost it and one lost answer. Answers are not part of the cached evaluation, so this reruns
+    generation (~15 s per run for SmolLM2 on 2 cores)."""
+    from peft import PeftModel
+
+    from folora_ds.evaluation import answer_is_correct, greedy_answers, has_number_answer, retention_by_group
+    from folora_ds.outputs import replace_atomically
+
+    output_dir = Path(output_dir)
+    shared = SharedArtifacts(spec.settings, output_dir / "shared", progress=progress)
+    suite = shared.suite()
+    base_correct = shared.base_evaluation()["correct"]
+    questions = list(suite.questions)
+    last = {}
+    for row in collect_rows(spec, output_dir):
+        if labels is None or row["label"] in labels:
+            if row["steps"] >= last.get(row["slug"], {"steps": -1})["steps"]:
+                last[row["slug"]] = row
+    if not last:
+        raise ValueError(f"no finished run{' with these labels' if labels else ''} in {str(output_dir)!r}")
+    base, tokenizer = shared.base()
+    settings = suite.settings
+    summary = ["| run | lr | seed | steps | number answers kept | other questions kept |", "|---|---|---|---|---|---|"]
+    lost: dict[int, list[str]] = {index: [] for index, correct in enumerate(base_correct) if correct}
+    for row in sorted(last.values(), key=lambda r: (r["label"], r["lr"], r["seed"])):
+        adapter = output_dir / "runs" / row["slug"] / f"step{row['steps']}" / "adapter"
+        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        try:
+            answers = greedy_answers(model, tokenizer, [q.prompt for q in questions],
+                                     max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                                     progress=progress, description=f"{row['label']} lr {row['lr']:g} s{row['seed']}")
+        finally:
+            base = model.unload()
+        correct = [answer_is_correct(answer, q.answers) for answer, q in zip(answers, questions)]
+        groups = retention_by_group(questions, base_correct, correct)
+        summary.append(f"| {row['label']} | {row['lr']:g} | {row['seed']} | {row['steps']} | "
+                       + " | ".join(f"{kept}/{total}" for kept, total in groups.values()) + " |")
+        for index in lost:
+            if not correct[index]:
+                lost[index].append(answers[index])
+    runs = len(last)
+    detail = ["| question | number answer | lost by | one lost answer |", "|---|---|---|---|"]
+    for index, answers in sorted(lost.items(), key=lambda item: -len(item[1])):
+        example = answers[0].replace("\n", " ").replace("|", "/")[:70] if answers else ""
+        detail.append(f"| {questions[index].prompt} | {'yes' if has_number_answer(questions[index]) else ''} | "
+                      f"{len(answers)}/{runs} | {example} |")
+    text = "\n".join(["# Base-correct questions lost, per run (last step)", "", *summary, "",
+                      "# Per question", "", *detail, ""])
+    with replace_atomically(output_dir / "lost_questions.md") as scratch:
+        scratch.write_text(text)
+    return text
+
+
 def _phase(message: str) -> None:
     print(f"[grid] {message}", flush=True)

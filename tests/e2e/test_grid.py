@@ -57,6 +57,12 @@ def test_every_method_runs_and_a_finished_grid_is_not_redone(tmp_path, monkeypat
         assert (tmp_path / name).stat().st_size > 0
     assert "| sc-lora | 0.002 | 3 | 1 |" in (tmp_path / "results.md").read_text()
 
+    # which base-correct questions each run lost, answered again at the run's last step
+    assert main(["grid", str(tmp_path / "spec.json"), "--output", str(tmp_path), "--only", "lora",
+                 "--only", "folora", "--lost-questions", "--no-progress"]) == 0
+    lost = (tmp_path / "lost_questions.md").read_text()
+    assert "| lora | 0.002 | 0 | 3 |" in lost and "| folora | 0.002 | 0 | 3 |" in lost and "| pissa |" not in lost
+
 
 def test_a_changed_setting_is_a_new_run_and_other_shared_settings_are_refused(tmp_path):
     entry = [{"label": "plain LoRA", "method": "lora", "lrs": [2e-3], "seeds": [0], "steps": [2]}]

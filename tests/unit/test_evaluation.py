@@ -9,15 +9,18 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from folora_ds.evaluation import (
+    Question,
     answer_is_correct,
     exact_match,
     greedy_answer,
     greedy_answers,
+    has_number_answer,
     heldout_texts,
     kl_on_text,
     load_questions,
     normalize_answer,
     retention,
+    retention_by_group,
     token_kl,
 )
 from folora_ds.models import load_model
@@ -63,6 +66,18 @@ def test_retention_counts_only_what_the_base_got_right():
     assert retention([False, False], [True, True]) == 1.0
     with pytest.raises(ValueError, match="2 base answers but 1"):
         retention([True, False], [True])
+
+
+def test_retention_by_group_splits_number_answers_from_the_rest():
+    questions = [Question("How many days are in a week?", ("7", "seven"), "fact"),
+                 Question("What is the capital of Peru?", ("Lima",), "fact"),
+                 Question("What is 2 + 3?", ("5",), "fact"),
+                 Question("Chemical symbol of water?", ("H2O",), "fact")]
+    assert [has_number_answer(q) for q in questions] == [True, False, True, False]
+    groups = retention_by_group(questions, [True, True, True, False], [False, True, True, True])
+    assert groups == {"number answers": (1, 2), "other": (1, 1)}  # the base's wrong answer counts nowhere
+    with pytest.raises(ValueError, match="4 questions, 3 base answers"):
+        retention_by_group(questions, [True] * 3, [True] * 4)
 
 
 def test_shipped_questions_and_heldout_text():
