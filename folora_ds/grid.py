@@ -593,16 +593,17 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
         shared = SharedArtifacts(spec.settings, output_dir / "shared", progress=progress)
         shared.ensure_proxy()
         shared.base_evaluation()
-        todo = [run for run in spec.runs if (only is None or run.label in only)
-                and not _complete(run, output_dir / "runs" / run.slug(spec.settings), spec.settings)]
-        _phase(f"{len(spec.runs) - len(todo)} of {len(spec.runs)} runs already complete; {len(todo)} to go"
-               + (f" (+ {len(spec.best)} entries at their best learning rate)" if spec.best else ""))
+        selected = [run for run in spec.runs if only is None or run.label in only]
+        best = [entry for entry in spec.best if only is None or entry.label in only]
+        todo = [run for run in selected
+                if not _complete(run, output_dir / "runs" / run.slug(spec.settings), spec.settings)]
+        _phase(f"{len(selected) - len(todo)} of {len(selected)} runs{' selected by --only' if only else ''} already "
+               f"complete; {len(todo)} to go"
+               + (f" (+ {len(best)} entries at their best learning rate)" if best else ""))
         for index, run in enumerate(todo, 1):
             _phase(f"[{index}/{len(todo)}] {run.label}: lr {run.lr:g}, seed {run.seed}, steps {list(run.steps)}")
             _run_one(run, spec.settings, shared, output_dir, progress)
-        for entry in spec.best:
-            if only is not None and entry.label not in only:
-                continue
+        for entry in best:
             lr = entry.resolve(collect_rows(GridSpec(spec.settings, spec.runs), output_dir))
             if lr is None:
                 _phase(f"{entry.label}: no finished run to choose its best learning rate from; skipped for now")
