@@ -39,6 +39,7 @@ from folora_ds.config import FoLoRAConfig, ProxyConfig
 from folora_ds.data import DEFAULT_TASK_FILE
 from folora_ds.evaluation import EvaluationSettings
 from folora_ds.methods import COVARIANCE_INITS, check_method
+from folora_ds.report import MAIN_FIGURE
 
 GRIDS_DIR = Path(__file__).parent / "grids"
 SPEC_VERSION = 1
@@ -199,9 +200,14 @@ class BestLearningRate:
 
 @dataclass(frozen=True)
 class GridSpec:
+    """A loaded spec. ``figures`` maps a label to the accuracy-vs-forgetting figure it is drawn in (entries with
+    ``"figure": NAME``; the rest go to the main one, ``report.MAIN_FIGURE``), so a knob study does not crowd the
+    comparison of methods."""
+
     settings: GridSettings
     runs: tuple[GridRun, ...]
     best: tuple[BestLearningRate, ...] = ()
+    figures: Mapping[str, str] = field(default_factory=dict)
 
 
 def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
@@ -229,17 +235,26 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
     settings = GridSettings.from_dict(raw.get("settings", {}))
     runs: list[GridRun] = []
     best: list[BestLearningRate] = []
+    figures: dict[str, str] = {}
     for index, entry in enumerate(raw["runs"]):
-        extra = sorted(set(entry) - {"label", "method", "lrs", "seeds", "steps", "knobs", "proxy_sequences"})
+        extra = sorted(set(entry) - {"label", "method", "lrs", "seeds", "steps", "knobs", "proxy_sequences",
+                                     "figure"})
         if extra or not {"method", "lrs", "seeds", "steps"} <= set(entry):
             raise ValueError(f"grid spec runs[{index}]: expected method, lrs, seeds, steps (label, knobs, "
-                             f"proxy_sequences optional); got {sorted(entry)}")
+                             f"proxy_sequences, figure optional); got {sorted(entry)}")
         proxy_sequences = entry.get("proxy_sequences")
         if proxy_sequences is not None and isinstance(proxy_sequences, int) and (
                 proxy_sequences > settings.proxy.num_sequences):
             raise ValueError(f"grid spec runs[{index}]: proxy_sequences={proxy_sequences} exceeds the shared proxy "
                              f"set's {settings.proxy.num_sequences} sequences (settings.proxy.num_sequences)")
         label = entry.get("label", entry["method"])
+        figure = entry.get("figure", MAIN_FIGURE)
+        if not (isinstance(figure, str) and re.fullmatch(r"[A-Za-z0-9_-]+", figure)):
+            raise ValueError(f"grid spec runs[{index}]: figure={figure!r} must be a name of letters, digits, _ or - "
+                             "(it names a PNG)")
+        if figures.setdefault(label, figure) != figure:
+            raise ValueError(f"grid spec runs[{index}]: label {label!r} is drawn in figure {figures[label]!r} by an "
+                             f"earlier entry, not {figure!r}")
         if entry["lrs"] == "best":
             best.append(BestLearningRate(label=label, method=entry["method"], seeds=tuple(entry["seeds"]),
                                          steps=tuple(entry["steps"]), knobs=entry.get("knobs", {}),
@@ -262,7 +277,7 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
     duplicate = next((s for s in slugs if slugs.count(s) > 1), None)
     if duplicate is not None:
         raise ValueError(f"grid spec: the run {duplicate} appears twice")
-    return GridSpec(settings, tuple(runs), tuple(best))
+    return GridSpec(settings, tuple(runs), tuple(best), figures)
 
 
 def _non_default(instance) -> dict[str, Any]:

@@ -28,6 +28,8 @@ METRICS = ("target_accuracy", "retention", "questions_correct", "kl_per_token", 
            "penalty_total", "penalty_relative_total", "penalty_relative_mean", "train_seconds", "eval_seconds")
 PROXIES = ("penalty_total", "penalty_relative_total", "penalty_relative_mean")
 PLAIN_LABEL_METHOD = "lora"
+MAIN_FIGURE = "frontier"  # frontier.png; a spec entry's "figure": NAME draws its label in frontier_NAME.png
+REFERENCE_LABEL = "FoLoRA"  # drawn in every secondary figure too, as the point of reference of a knob study
 
 
 # ---------------------------------------------------------------------------------------------- pure statistics
@@ -186,7 +188,8 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
             writer.writerows(rows)
 
 
-def plot_frontier(groups: Sequence[Mapping[str, Any]], path: Path) -> None:
+def plot_frontier(groups: Sequence[Mapping[str, Any]], path: Path, *, title: str = "accuracy vs forgetting"
+                  ) -> None:
     """Target accuracy vs KL (log) and vs retention: plain LoRA's frontier as a curve, groups with error bars."""
     import matplotlib
 
@@ -221,7 +224,7 @@ def plot_frontier(groups: Sequence[Mapping[str, Any]], path: Path) -> None:
         axis.set_ylabel("target exact-match accuracy")
         axis.grid(alpha=0.3)
     left.legend(fontsize=8, loc="lower right")
-    left.set_title("accuracy vs forgetting (labels: lr/steps; bars: ±1 std over seeds)", fontsize=9)
+    left.set_title(f"{title} (labels: lr/steps; bars: ±1 std over seeds)", fontsize=9)
     figure.tight_layout()
     with replace_atomically(path) as scratch:
         figure.savefig(scratch, dpi=120, format="png")
@@ -266,8 +269,23 @@ def plot_gates(layers: Sequence[Mapping[str, Any]], path: Path, *, title: str) -
     plt.close(figure)
 
 
+def figure_groups(groups: Sequence[Mapping[str, Any]], figures: Mapping[str, str]
+                  ) -> dict[str, list[Mapping[str, Any]]]:
+    """Figure name → the aggregated groups drawn in it: each label in its figure (``figures``; unlisted labels in
+    ``MAIN_FIGURE``), plus plain LoRA (its frontier) and ``REFERENCE_LABEL`` in every other figure."""
+    drawn: dict[str, list[Mapping[str, Any]]] = {}
+    for group in groups:
+        drawn.setdefault(figures.get(group["label"], MAIN_FIGURE), []).append(group)
+    shared = [g for g in groups if g["method"] == PLAIN_LABEL_METHOD or g["label"] == REFERENCE_LABEL]
+    for name, members in drawn.items():
+        if name != MAIN_FIGURE:
+            members[:0] = [g for g in shared if g not in members]
+    return drawn
+
+
 def write_report(rows: Sequence[Mapping[str, Any]], spec, output_dir: Path) -> Report:
-    """Write the CSVs, ``results.md``, ``frontier.png`` and ``gates.png`` of ``rows`` into ``output_dir``."""
+    """Write the CSVs, ``results.md``, ``frontier.png`` (one ``frontier_<figure>.png`` more per figure named in
+    the spec) and ``gates.png`` of ``rows`` into ``output_dir``."""
     from folora_ds.outputs import replace_atomically
 
     output_dir = Path(output_dir)
@@ -279,10 +297,12 @@ def write_report(rows: Sequence[Mapping[str, Any]], spec, output_dir: Path) -> R
     _write_csv(files[1], groups)
     with replace_atomically(files[2]) as scratch:
         scratch.write_text(markdown + "\n")
-    if groups:
-        files.append(output_dir / "frontier.png")
-        plot_frontier(groups, files[-1])
-    folora = [row for row in rows if row["method"] == "folora" and row["knobs"] == "{}"]
+    for name, members in figure_groups(groups, getattr(spec, "figures", {})).items():
+        files.append(output_dir / (f"{MAIN_FIGURE}.png" if name == MAIN_FIGURE else f"{MAIN_FIGURE}_{name}.png"))
+        plot_frontier(members, files[-1], title="accuracy vs forgetting" + (
+            "" if name == MAIN_FIGURE else f": {name.replace('_', ' ')}"))
+    folora = [row for row in rows if row["label"] == REFERENCE_LABEL] or [
+        row for row in rows if row["method"] == "folora" and row["knobs"] == "{}"]
     if folora:
         first = min(folora, key=lambda r: (r["seed"], r["lr"]))
         train = json.loads((output_dir / "runs" / first["slug"] / "train.json").read_text())

@@ -51,9 +51,11 @@ def test_every_method_runs_and_a_finished_grid_is_not_redone(tmp_path, monkeypat
 
     # the report: tables, CSVs and both plots
     assert main(["grid", str(_write(tmp_path / "spec.json", _spec(
-        [{"label": m, "method": m, "lrs": [2e-3], "seeds": [0], "steps": [2, 3]} for m in methods]))),
-                 "--output", str(tmp_path), "--report-only"]) == 0
-    for name in ("results.md", "results.csv", "results_runs.csv", "frontier.png", "gates.png"):
+        [{"label": m, "method": m, "lrs": [2e-3], "seeds": [0], "steps": [2, 3]} for m in methods]
+        + [{"label": "hard projection", "method": "folora", "lrs": [2e-3], "seeds": [1], "steps": [3],
+            "knobs": {"gate": "hard"}, "figure": "knobs"}]))), "--output", str(tmp_path), "--report-only"]) == 0
+    for name in ("results.md", "results.csv", "results_runs.csv", "frontier.png", "frontier_knobs.png",
+                 "gates.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| sc-lora | 0.002 | 3 | 1 |" in (tmp_path / "results.md").read_text()
 
@@ -91,6 +93,11 @@ def _write(path, value):
     ({"settings": {"batch_sise": 4}, "runs": []}, "unknown key 'batch_sise'"),
     ({"settings": {"proxy": {"path": "x.jsonl"}}, "runs": []}, "proxy.path is set by the grid"),
     ({"runs": [{"method": "lora", "lrs": [1e-3, 1e-3], "seeds": [0], "steps": [2]}]}, "appears twice"),
+    ({"runs": [{"method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2], "figure": "my knobs"}]},
+     "figure='my knobs'"),
+    ({"runs": [{"label": "a", "method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2]},
+               {"label": "a", "method": "lora", "lrs": [2e-3], "seeds": [0], "steps": [2], "figure": "knobs"}]},
+     "drawn in figure 'frontier' by an earlier entry"),
     ({"runs": [{"method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 4}]},
      "proxy_sequences is a FoLoRA setting"),
     ({"runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 0}]},

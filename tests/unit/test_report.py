@@ -7,6 +7,7 @@ import pytest
 
 from folora_ds.report import (
     aggregate,
+    figure_groups,
     frontier_comparison,
     frontier_kl_at,
     markdown_tables,
@@ -85,3 +86,15 @@ def test_plots_are_written(tmp_path):
     for name in ("frontier.png", "gates.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert json.loads(json.dumps(aggregate(rows)))  # the CSV/JSON rows are plain values
+
+
+def test_figure_groups_draw_a_knob_study_apart_with_its_references():
+    rows = [_row("plain LoRA", "lora", 1e-4, 0, 60, 0.2, 0.01), _row("FoLoRA", "folora", 4e-4, 0, 60, 0.3, 0.01),
+            _row("CorDA", "corda", 2e-4, 0, 60, 0.25, 0.02),
+            _row("FoLoRA τ=4", "folora", 8e-4, 0, 60, 0.3, 0.02, knobs='{"tau": 4.0}')]
+    groups = aggregate(rows)
+    drawn = figure_groups(groups, {"FoLoRA τ=4": "knobs"})
+    assert sorted(g["label"] for g in drawn["frontier"]) == ["CorDA", "FoLoRA", "plain LoRA"]
+    knobs = [g["label"] for g in drawn["knobs"]]
+    assert sorted(knobs[:2]) == ["FoLoRA", "plain LoRA"] and knobs[2:] == ["FoLoRA τ=4"]  # references first
+    assert [g["label"] for g in figure_groups(groups, {})["frontier"]] == [g["label"] for g in groups]
