@@ -184,11 +184,12 @@ def _build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--output", required=True, help="the grid's folder (reused: finished runs are not redone)")
     grid.add_argument("--only", action="append", metavar="LABEL", help="run only the entries with this label "
                       "(repeatable); the report still covers every finished run")
-    grid.add_argument("--report-only", action="store_true", help="write the report of the finished runs, train "
-                      "nothing")
-    grid.add_argument("--lost-questions", action="store_true", help="train nothing; answer the retention questions "
-                      "again with every finished run (or --only's) and write lost_questions.md: which base-correct "
-                      "questions each run lost, split into number answers and the rest")
+    only_report = grid.add_mutually_exclusive_group()
+    only_report.add_argument("--report-only", action="store_true", help="write the report of the finished runs, "
+                             "train nothing")
+    only_report.add_argument("--lost-questions", action="store_true", help="train nothing; answer the retention "
+                             "questions again with every finished run (or --only's) and write lost_questions.md: "
+                             "which base-correct questions each run lost, number answers apart from the rest")
     grid.add_argument("--no-progress", action="store_true")
     return parser
 

@@ -248,9 +248,10 @@ def retention(base_correct: Sequence[bool], adapted_correct: Sequence[bool]) -> 
 
 
 def has_number_answer(question: Question) -> bool:
-    """Whether an accepted answer of ``question`` is an integer written in digits ("12", "7"): the questions a
-    task about numbers can collide with head-on, reported apart from the rest."""
-    return any(answer.strip().isdigit() for answer in question.answers)
+    """Whether an accepted answer of ``question`` is written in digits ("12", "-3", "3.14", "1, 2, 3"; not "H2O"):
+    the questions a task about numbers can collide with head-on, reported apart from the rest."""
+    return any(re.fullmatch(r"[\d\s,.\-]+", answer.strip()) and any(c.isdigit() for c in answer)
+               for answer in question.answers)
 
 
 def retention_by_group(questions: Sequence[Question], base_correct: Sequence[bool],

@@ -39,7 +39,7 @@ from folora_ds.config import FoLoRAConfig, ProxyConfig
 from folora_ds.data import DEFAULT_TASK_FILE
 from folora_ds.evaluation import EvaluationSettings
 from folora_ds.methods import COVARIANCE_INITS, check_method
-from folora_ds.report import MAIN_FIGURE
+from folora_ds.report import MAIN_FIGURE, PLAIN_LABEL_METHOD, REFERENCE_LABEL
 
 GRIDS_DIR = Path(__file__).parent / "grids"
 SPEC_VERSION = 1
@@ -141,7 +141,7 @@ class GridRun:
         if self.proxy_sequences is not None:
             if self.method != "folora":
                 raise ValueError(f"run {self.label!r}: proxy_sequences is a FoLoRA setting; method {self.method!r} "
-                                 "calibrates its init on the whole shared proxy set")
+                                 "takes none")
             if not (isinstance(self.proxy_sequences, int) and not isinstance(self.proxy_sequences, bool)
                     and self.proxy_sequences >= 1):
                 raise ValueError(f"run {self.label!r}: proxy_sequences={self.proxy_sequences!r} must be an integer "
@@ -236,6 +236,7 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
     runs: list[GridRun] = []
     best: list[BestLearningRate] = []
     figures: dict[str, str] = {}
+    setups: dict[str, tuple[str, str, int | None]] = {}
     for index, entry in enumerate(raw["runs"]):
         extra = sorted(set(entry) - {"label", "method", "lrs", "seeds", "steps", "knobs", "proxy_sequences",
                                      "figure"})
@@ -243,18 +244,27 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
             raise ValueError(f"grid spec runs[{index}]: expected method, lrs, seeds, steps (label, knobs, "
                              f"proxy_sequences, figure optional); got {sorted(entry)}")
         proxy_sequences = entry.get("proxy_sequences")
-        if proxy_sequences is not None and isinstance(proxy_sequences, int) and (
-                proxy_sequences > settings.proxy.num_sequences):
-            raise ValueError(f"grid spec runs[{index}]: proxy_sequences={proxy_sequences} exceeds the shared proxy "
-                             f"set's {settings.proxy.num_sequences} sequences (settings.proxy.num_sequences)")
+        if entry["method"] == "folora" and type(proxy_sequences) is int and (
+                proxy_sequences >= settings.proxy.num_sequences):
+            raise ValueError(f"grid spec runs[{index}]: proxy_sequences={proxy_sequences} is not fewer than the "
+                             f"shared proxy set's {settings.proxy.num_sequences} sequences "
+                             "(settings.proxy.num_sequences); leave it out to use the whole set")
         label = entry.get("label", entry["method"])
+        setup = (entry["method"], json.dumps(entry.get("knobs", {}), sort_keys=True), proxy_sequences)
+        if setups.setdefault(label, setup) != setup:
+            raise ValueError(f"grid spec runs[{index}]: label {label!r} is used by an earlier entry with another "
+                             "method, knobs or proxy_sequences; a label is one setup (its rows are averaged over "
+                             "seeds), so give this entry its own label")
         figure = entry.get("figure", MAIN_FIGURE)
-        if not (isinstance(figure, str) and re.fullmatch(r"[A-Za-z0-9_-]+", figure)):
-            raise ValueError(f"grid spec runs[{index}]: figure={figure!r} must be a name of letters, digits, _ or - "
-                             "(it names a PNG)")
+        if not (isinstance(figure, str) and re.fullmatch(r"[a-z0-9_-]+", figure)):
+            raise ValueError(f"grid spec runs[{index}]: figure={figure!r} must be a name of lower-case letters, "
+                             "digits, _ or - (it names a PNG)")
+        if figure != MAIN_FIGURE and (entry["method"] == PLAIN_LABEL_METHOD or label == REFERENCE_LABEL):
+            raise ValueError(f"grid spec runs[{index}]: {label!r} is the reference drawn in every figure; it takes "
+                             "no \"figure\"")
         if figures.setdefault(label, figure) != figure:
             raise ValueError(f"grid spec runs[{index}]: label {label!r} is drawn in figure {figures[label]!r} by an "
-                             f"earlier entry, not {figure!r}")
+                             f"earlier entry, not {figure!r} (every entry of a label names the same figure)")
         if entry["lrs"] == "best":
             best.append(BestLearningRate(label=label, method=entry["method"], seeds=tuple(entry["seeds"]),
                                          steps=tuple(entry["steps"]), knobs=entry.get("knobs", {}),
@@ -486,7 +496,7 @@ def train_run(run: GridRun, shared: SharedArtifacts, directory: Path, *, progres
             raise ValueError(f"run {run.label!r}: proxy_sequences={run.proxy_sequences} exceeds the shared proxy "
                              f"set's {len(samples)} sequences ({shared.proxy_path})")
         samples = samples[:run.proxy_sequences]
-    record["proxy_sequences"] = len(samples)  # what calibration (or a covariance init) actually read
+    record["proxy_sequences"] = len(samples)  # the proxy set FoLoRA calibrates on (CorDA: its knowledge data)
     if run.method == "folora":
         from peft import get_peft_model
 
@@ -740,7 +750,7 @@ def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]
                 "penalty_relative_total": sum(penalty.values()) / sum(energy.values()),
                 "penalty_relative_mean": sum(penalty[n] / energy[n] for n in penalty) / len(penalty),
                 "train_seconds": train["train_seconds"], "eval_seconds": result["seconds"],
-                "slug": directory.name})
+                "proxy_sequences": run.proxy_sequences, "slug": directory.name})
     return rows
 
 
@@ -748,54 +758,43 @@ def lost_questions(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[s
                    progress: bool = True) -> str:
     """Which base-correct retention questions each finished run lost at its last step, and how: every run's
     adapter (optionally only ``labels``) answers the questions again, greedily as in the evaluation. Writes and
-    returns ``lost_questions.md``: kept counts split by ``has_number_answer`` per run, then each base-correct question
-    with how many runs lost it and one lost answer. Answers are not part of the cached evaluation, so this reruns
-    generation (~15 s per run for SmolLM2 on 2 cores)."""
+    returns ``lost_questions.md`` (``report.lost_questions_markdown``). Answers are not part of the cached
+    evaluation, so this reruns generation (~15 s per run for SmolLM2 on 2 cores).
+
+    Raises:
+        ValueError: no finished run (of ``labels``) in ``output_dir`` — checked before any model is loaded.
+    """
     from peft import PeftModel
 
-    from folora_ds.evaluation import answer_is_correct, greedy_answers, has_number_answer, retention_by_group
+    from folora_ds.evaluation import answer_is_correct, greedy_answers
     from folora_ds.outputs import replace_atomically
+    from folora_ds.report import lost_questions_markdown
 
     output_dir = Path(output_dir)
+    last: dict[str, dict[str, Any]] = {}
+    for row in collect_rows(spec, output_dir):
+        if (labels is None or row["label"] in labels) and row["steps"] > last.get(row["slug"], {"steps": -1})["steps"]:
+            last[row["slug"]] = row
+    if not last:
+        raise ValueError(f"no finished run{' of ' + ', '.join(map(repr, labels)) if labels else ''} in "
+                         f"{str(output_dir)!r}")
     shared = SharedArtifacts(spec.settings, output_dir / "shared", progress=progress)
     suite = shared.suite()
-    base_correct = shared.base_evaluation()["correct"]
     questions = list(suite.questions)
-    last = {}
-    for row in collect_rows(spec, output_dir):
-        if labels is None or row["label"] in labels:
-            if row["steps"] >= last.get(row["slug"], {"steps": -1})["steps"]:
-                last[row["slug"]] = row
-    if not last:
-        raise ValueError(f"no finished run{' with these labels' if labels else ''} in {str(output_dir)!r}")
     base, tokenizer = shared.base()
-    settings = suite.settings
-    summary = ["| run | lr | seed | steps | number answers kept | other questions kept |", "|---|---|---|---|---|---|"]
-    lost: dict[int, list[str]] = {index: [] for index, correct in enumerate(base_correct) if correct}
+    answered = []
     for row in sorted(last.values(), key=lambda r: (r["label"], r["lr"], r["seed"])):
         adapter = output_dir / "runs" / row["slug"] / f"step{row['steps']}" / "adapter"
         model = PeftModel.from_pretrained(base, str(adapter)).eval()
         try:
             answers = greedy_answers(model, tokenizer, [q.prompt for q in questions],
-                                     max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                                     progress=progress, description=f"{row['label']} lr {row['lr']:g} s{row['seed']}")
+                                     max_new_tokens=suite.settings.max_new_tokens,
+                                     batch_size=suite.settings.batch_size, progress=progress,
+                                     description=f"{row['label']} lr {row['lr']:g} s{row['seed']}")
         finally:
             base = model.unload()
-        correct = [answer_is_correct(answer, q.answers) for answer, q in zip(answers, questions)]
-        groups = retention_by_group(questions, base_correct, correct)
-        summary.append(f"| {row['label']} | {row['lr']:g} | {row['seed']} | {row['steps']} | "
-                       + " | ".join(f"{kept}/{total}" for kept, total in groups.values()) + " |")
-        for index in lost:
-            if not correct[index]:
-                lost[index].append(answers[index])
-    runs = len(last)
-    detail = ["| question | number answer | lost by | one lost answer |", "|---|---|---|---|"]
-    for index, answers in sorted(lost.items(), key=lambda item: -len(item[1])):
-        example = answers[0].replace("\n", " ").replace("|", "/")[:70] if answers else ""
-        detail.append(f"| {questions[index].prompt} | {'yes' if has_number_answer(questions[index]) else ''} | "
-                      f"{len(answers)}/{runs} | {example} |")
-    text = "\n".join(["# Base-correct questions lost, per run (last step)", "", *summary, "",
-                      "# Per question", "", *detail, ""])
+        answered.append((row, answers, [answer_is_correct(a, q.answers) for a, q in zip(answers, questions)]))
+    text = lost_questions_markdown(questions, shared.base_evaluation()["correct"], answered)
     with replace_atomically(output_dir / "lost_questions.md") as scratch:
         scratch.write_text(text)
     return text

@@ -283,6 +283,41 @@ def figure_groups(groups: Sequence[Mapping[str, Any]], figures: Mapping[str, str
     return drawn
 
 
+def _cell(text: str, limit: int | None = None) -> str:
+    """``text`` fit for one markdown table cell (no newline, no column bar), cut to ``limit`` characters."""
+    text = " ".join(text.split()).replace("|", "/")
+    return text if limit is None else text[:limit]
+
+
+def lost_questions_markdown(questions: Sequence[Any], base_correct: Sequence[bool],
+                            answered: Sequence[tuple[Mapping[str, Any], Sequence[str], Sequence[bool]]]) -> str:
+    """``lost_questions.md``: per run (``row``, its answers, which are correct), the base-correct questions kept,
+    split by ``evaluation.has_number_answer``; then each base-correct question with how many runs lost it and one
+    lost answer. A run whose fresh answers score differently from its cached ``questions_correct`` is flagged
+    (greedy generation should reproduce it exactly; a difference means the table is not the evaluation's)."""
+    from folora_ds.evaluation import has_number_answer, retention_by_group
+
+    summary = ["| run | lr | seed | steps | number answers kept | other questions kept | note |",
+               "|---|---|---|---|---|---|---|"]
+    lost: dict[int, list[str]] = {index: [] for index, correct in enumerate(base_correct) if correct}
+    for row, answers, correct in answered:
+        groups = retention_by_group(questions, base_correct, correct)
+        fraction = sum(correct) / len(correct)
+        note = ("" if abs(fraction - row["questions_correct"]) < 1e-9 else
+                f"differs from the cached evaluation ({fraction:.3f} vs {row['questions_correct']:.3f} correct)")
+        summary.append(f"| {_cell(row['label'])} | {row['lr']:g} | {row['seed']} | {row['steps']} | "
+                       + " | ".join(f"{kept}/{total}" for kept, total in groups.values()) + f" | {note} |")
+        for index in lost:
+            if not correct[index]:
+                lost[index].append(answers[index])
+    detail = ["| question | number answer | lost by | one lost answer |", "|---|---|---|---|"]
+    for index, answers in sorted(lost.items(), key=lambda item: -len(item[1])):
+        detail.append(f"| {_cell(questions[index].prompt)} | {'yes' if has_number_answer(questions[index]) else ''} "
+                      f"| {len(answers)}/{len(answered)} | {_cell(answers[0], 70) if answers else ''} |")
+    return "\n".join(["# Base-correct questions lost, per run (last step)", "", *summary, "", "# Per question", "",
+                      *detail, ""])
+
+
 def write_report(rows: Sequence[Mapping[str, Any]], spec, output_dir: Path) -> Report:
     """Write the CSVs, ``results.md``, ``frontier.png`` (one ``frontier_<figure>.png`` more per figure named in
     the spec) and ``gates.png`` of ``rows`` into ``output_dir``."""
@@ -301,8 +336,9 @@ def write_report(rows: Sequence[Mapping[str, Any]], spec, output_dir: Path) -> R
         files.append(output_dir / (f"{MAIN_FIGURE}.png" if name == MAIN_FIGURE else f"{MAIN_FIGURE}_{name}.png"))
         plot_frontier(members, files[-1], title="accuracy vs forgetting" + (
             "" if name == MAIN_FIGURE else f": {name.replace('_', ' ')}"))
-    folora = [row for row in rows if row["label"] == REFERENCE_LABEL] or [
-        row for row in rows if row["method"] == "folora" and row["knobs"] == "{}"]
+    folora = [row for row in rows if row["method"] == "folora" and row["knobs"] == "{}"
+              and row.get("proxy_sequences") is None]
+    folora = [row for row in folora if row["label"] == REFERENCE_LABEL] or folora
     if folora:
         first = min(folora, key=lambda r: (r["seed"], r["lr"]))
         train = json.loads((output_dir / "runs" / first["slug"] / "train.json").read_text())

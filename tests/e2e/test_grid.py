@@ -95,16 +95,27 @@ def _write(path, value):
     ({"runs": [{"method": "lora", "lrs": [1e-3, 1e-3], "seeds": [0], "steps": [2]}]}, "appears twice"),
     ({"runs": [{"method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2], "figure": "my knobs"}]},
      "figure='my knobs'"),
-    ({"runs": [{"label": "a", "method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2]},
-               {"label": "a", "method": "lora", "lrs": [2e-3], "seeds": [0], "steps": [2], "figure": "knobs"}]},
+    ({"runs": [{"label": "a", "method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2]},
+               {"label": "a", "method": "folora", "lrs": [2e-3], "seeds": [0], "steps": [2], "figure": "knobs"}]},
      "drawn in figure 'frontier' by an earlier entry"),
     ({"runs": [{"method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 4}]},
      "proxy_sequences is a FoLoRA setting"),
     ({"runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 0}]},
      "proxy_sequences=0"),
     ({"settings": {"proxy": {"num_sequences": 8}},
-      "runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 9}]},
-     "exceeds the shared proxy set's 8"),
+      "runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 8}]},
+     "not fewer than the shared proxy set's 8"),
+    ({"runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": True}]},
+     "proxy_sequences=True must be an integer"),
+    ({"runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 16.0}]},
+     "proxy_sequences=16.0 must be an integer"),
+    ({"runs": [{"label": "F", "method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2]},
+               {"label": "F", "method": "folora", "lrs": [2e-3], "seeds": [0], "steps": [2], "knobs": {"tau": 2.0}}]},
+     "label 'F' is used by an earlier entry with another method, knobs or proxy_sequences"),
+    ({"runs": [{"label": "plain", "method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2], "figure": "knobs"}]},
+     "reference drawn in every figure"),
+    ({"runs": [{"method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2], "figure": "Knobs"}]},
+     "lower-case"),
 ])
 def test_bad_specs_are_named(spec, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -172,11 +183,14 @@ def test_proxy_size_knob_calibrates_on_the_first_sequences_of_the_shared_set(tmp
     the key of a run without it unchanged."""
     entry = {"label": "FoLoRA", "method": "folora", "lrs": [2e-3], "seeds": [0], "steps": [2]}
     spec = load_spec(_spec([entry, {**entry, "label": "FoLoRA 4 proxy sequences", "proxy_sequences": 4}]))
-    plain_key = load_spec(_spec([entry])).runs[0].slug(spec.settings)
-    assert spec.runs[0].slug(spec.settings) == plain_key != spec.runs[1].slug(spec.settings)
+    assert "proxy_sequences" not in spec.runs[0].identity(spec.settings)  # keys made before it existed still hold
+    assert spec.runs[0].slug(spec.settings) != spec.runs[1].slug(spec.settings)
     rows = run_grid(spec, tmp_path, progress=False)
     used = {row["label"]: json.loads((tmp_path / "runs" / row["slug"] / "train.json").read_text())
             for row in rows}
-    assert used["FoLoRA"]["proxy_sequences"] == 8 and used["FoLoRA 4 proxy sequences"]["proxy_sequences"] == 4
-    assert used["FoLoRA 4 proxy sequences"]["resolved"]["proxy_sequences"] == 4
-    assert set(used["FoLoRA 4 proxy sequences"]["gated_steps"]) == {2}
+    whole, part = used["FoLoRA"], used["FoLoRA 4 proxy sequences"]
+    assert whole["proxy_sequences"] == 8 and part["proxy_sequences"] == 4
+    assert part["resolved"]["proxy_sequences"] == 4 and set(part["gated_steps"]) == {2}
+    # fewer proxy sequences, another C_pre: the gates FoLoRA solved differ
+    assert [layer["effective_rank"] for layer in whole["layers"]] != [layer["effective_rank"]
+                                                                       for layer in part["layers"]]

@@ -74,6 +74,8 @@ def test_retention_by_group_splits_number_answers_from_the_rest():
                  Question("What is 2 + 3?", ("5",), "fact"),
                  Question("Chemical symbol of water?", ("H2O",), "fact")]
     assert [has_number_answer(q) for q in questions] == [True, False, True, False]
+    assert all(has_number_answer(Question("q", (answer,), "fact")) for answer in ("1, 2, 3", "-3", "3.14"))
+    assert not any(has_number_answer(Question("q", (answer,), "fact")) for answer in ("CO2", "-", ", ."))
     groups = retention_by_group(questions, [True, True, True, False], [False, True, True, True])
     assert groups == {"number answers": (1, 2), "other": (1, 1)}  # the base's wrong answer counts nowhere
     with pytest.raises(ValueError, match="4 questions, 3 base answers"):

@@ -10,6 +10,7 @@ from folora_ds.report import (
     figure_groups,
     frontier_comparison,
     frontier_kl_at,
+    lost_questions_markdown,
     markdown_tables,
     mean_std,
     pareto_frontier,
@@ -98,3 +99,22 @@ def test_figure_groups_draw_a_knob_study_apart_with_its_references():
     knobs = [g["label"] for g in drawn["knobs"]]
     assert sorted(knobs[:2]) == ["FoLoRA", "plain LoRA"] and knobs[2:] == ["FoLoRA τ=4"]  # references first
     assert [g["label"] for g in figure_groups(groups, {})["frontier"]] == [g["label"] for g in groups]
+
+
+def test_lost_questions_markdown_counts_groups_losses_and_flags_a_mismatch():
+    from folora_ds.evaluation import Question
+
+    questions = [Question("How many days\nare in a week?", ("7",), "fact"), Question("Capital of Peru?", ("Lima",),
+                                                                                    "fact"),
+                 Question("Capital of Chile?", ("Santiago",), "fact")]
+    base_correct = [True, True, False]
+    same = {**_row("A", "lora", 1e-4, 0, 60, 0.3, 0.01), "questions_correct": 1 / 3}
+    other = {**_row("B", "folora", 4e-4, 0, 60, 0.3, 0.01), "questions_correct": 2 / 3}  # cache says 2 of 3
+    text = lost_questions_markdown(questions, base_correct, [
+        (same, ["seven", "Lima", "x"], [False, True, False]),
+        (other, ["7", "Cusco | Lima?\nno", "x"], [True, False, False])])
+    assert "| A | 0.0001 | 0 | 60 | 0/1 | 1/1 |  |" in text
+    assert "| B | 0.0004 | 0 | 60 | 1/1 | 0/1 | differs from the cached evaluation (0.333 vs 0.667 correct) |" in text
+    assert "| How many days are in a week? | yes | 1/2 | seven |" in text
+    assert "| Capital of Peru? |  | 1/2 | Cusco / Lima? no |" in text  # one cell: bars and newlines escaped
+    assert "Chile" not in text  # the base got it wrong: not a loss
