@@ -331,6 +331,9 @@ class SharedArtifacts:
             write_json(recorded, current)
         self._base = None
         self._statistics: dict[int, dict[str, Any]] = {}
+        from folora_ds.evaluation import BaseLogitsCache
+
+        self.base_logits = BaseLogitsCache()  # the base's held-out logits, computed at the first evaluation
 
     @property
     def proxy_path(self) -> Path:
@@ -561,7 +564,8 @@ def evaluate_checkpoint(adapter: Path, shared: SharedArtifacts, seed: int, *, pr
     base_correct = shared.base_evaluation()["correct"]
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     try:
-        result = measure_adapted(model, tokenizer, shared.suite(), base_correct, progress=progress)
+        result = measure_adapted(model, tokenizer, shared.suite(), base_correct, progress=progress,
+                                 base_cache=shared.base_logits)
         result.update(forgetting_proxies(model, shared.module_covariances(seed)))
     finally:
         shared._base = (model.unload(), tokenizer)

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from folora_ds.evaluation import (
+    BaseLogitsCache,
     Question,
     answer_is_correct,
     exact_match,
@@ -121,6 +122,31 @@ def test_kl_against_the_disabled_adapter_is_zero_until_the_adapter_moves():
     assert single["base_perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
     separate = kl_on_text(model, tokenizer, texts, base_model=load_model("tiny-llama")[0], max_length=64)
     assert separate["kl_per_token"] == pytest.approx(moved["kl_per_token"], rel=1e-9)
+
+
+def test_base_logits_cache_runs_the_base_once_and_changes_no_result(monkeypatch):
+    from folora_ds import evaluation
+
+    base, tokenizer = load_model("tiny-llama")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    texts = heldout_texts(3)
+    base_passes = []
+    real_base_of = evaluation._base_of
+    monkeypatch.setattr(evaluation, "_base_of", lambda m: base_passes.append(1) or real_base_of(m))
+    cache = BaseLogitsCache()
+    results = []
+    for std in (0.5, 1.0):  # two different adapters against the same base
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                lora_b_weight(layer).normal_(std=std, generator=torch.Generator().manual_seed(int(std * 10)))
+        fresh = kl_on_text(model, tokenizer, texts, max_length=64, batch_size=2)
+        cached = kl_on_text(model, tokenizer, texts, max_length=64, batch_size=2, base_cache=cache)
+        assert cached == fresh  # bit-identical
+        results.append(cached)
+    assert results[0]["kl_per_token"] != results[1]["kl_per_token"]
+    assert len(cache.batches) == 2 and len(base_passes) == 2 + 2 + 2  # fresh ×2 (2 batches each), cached once
+    with pytest.raises(ValueError, match="other texts, max_length"):
+        kl_on_text(model, tokenizer, texts, max_length=32, batch_size=2, base_cache=cache)
 
 
 def test_greedy_answer_uses_the_chat_template_and_is_deterministic():
