@@ -72,9 +72,17 @@ def test_aggregate_and_frontier_comparison_over_seeds():
     assert folora["frontier_kl"] == pytest.approx(expected)
     assert folora["kl_ratio"] == pytest.approx(0.01 / expected)
     assert folora["accuracy_vs_best_plain"] == pytest.approx(0.4 / 0.6)
+    assert folora["beyond_plain"] is False
     table = markdown_tables(rows)
     assert "| FoLoRA | 0.0004 | 60 | 67% | 0.0100 |" in table
     assert "`penalty_total`: ρ = " in table
+    # more accurate than plain LoRA ever got: the ratio is an upper bound against plain's most accurate point
+    rows += [_row("FoLoRA", "folora", 8e-4, s, 60, 0.7, 0.04) for s in range(3)]
+    beyond = next(c for c in frontier_comparison(aggregate(rows)) if c["lr"] == 8e-4)
+    assert beyond["frontier_kl"] is None and beyond["beyond_plain"] is True
+    assert beyond["kl_ratio"] == pytest.approx(0.04 / 0.08)
+    assert "| FoLoRA | 0.0008 | 60 | 117% | 0.0400 | beyond plain's best accuracy (its KL 0.0800) | < 0.50 |" in (
+        markdown_tables(rows))
 
 
 def test_plots_are_written(tmp_path):
