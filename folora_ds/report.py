@@ -176,6 +176,9 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(f"| {c['label']} | {c['lr']:g} | {c['steps']} | {versus} | {c['kl']:.4f} | {reference} | "
                      f"{ratio} | {c['retention']:.1%} |")
     kl = [float(r["kl_per_token"]) for r in rows]
+    if len(rows) < 3:  # a rank correlation of fewer points says nothing
+        return "\n".join(lines + ["", f"(Forgetting proxies vs measured KL: needs ≥ 3 (run, step) rows; "
+                                       f"{len(rows)} so far.)"])
     lines += ["", f"Forgetting proxies vs measured KL over all {len(rows)} (run, step) rows (Spearman ρ):", ""]
     for proxy in PROXIES:
         lines.append(f"- `{proxy}`: ρ = {spearman([float(r[proxy]) for r in rows], kl):.2f}")

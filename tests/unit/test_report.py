@@ -73,6 +73,8 @@ def test_aggregate_and_frontier_comparison_over_seeds():
     assert folora["kl_ratio"] == pytest.approx(0.01 / expected)
     assert folora["accuracy_vs_best_plain"] == pytest.approx(0.4 / 0.6)
     assert folora["beyond_plain"] is False
+    assert "needs ≥ 3 (run, step) rows; 2 so far" in markdown_tables(rows[:2]) and "nan" not in markdown_tables(
+        rows[:2])
     table = markdown_tables(rows)
     assert "| FoLoRA | 0.0004 | 60 | 67% | 0.0100 |" in table
     assert "`penalty_total`: ρ = " in table
