@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,19 +75,25 @@ def save_adapter(model, directory: Path) -> None:
 def replace_atomically(target: Path) -> Iterator[Path]:
     """Yield a scratch path beside ``target`` (file or folder) to write; on success it replaces ``target``.
 
-    On an error the scratch is removed and ``target`` is left as it was.
+    On an error the scratch is removed and ``target`` is left as it was. The scratch name is unique to this
+    writer (process id and a random tag before the name, so the suffix that picks a file format stays), so two
+    processes writing the same target — two grid workers sharing an output folder — never remove each other's
+    scratch; the last to finish wins. A file is replaced with ``os.replace``, so a reader always finds either the
+    old or the new file, never none; a folder is removed first and renamed in (POSIX cannot swap folders whole).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_name(_PARTIAL_PREFIX + target.name)
-    _remove(scratch)
+    scratch = target.with_name(f"{_PARTIAL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{target.name}")
     try:
         yield scratch
     except BaseException:
         _remove(scratch)
         raise
-    _remove(target)
-    scratch.rename(target)
+    if scratch.is_dir() and not scratch.is_symlink():
+        _remove(target)
+        scratch.rename(target)
+    else:
+        os.replace(scratch, target)
 
 
 def write_json(target: Path, value: Any) -> None:

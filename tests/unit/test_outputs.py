@@ -53,3 +53,24 @@ def test_clearing_removes_every_earlier_output(tmp_path):
     (tmp_path / "run" / "summary.json").write_text("{}")
     clear_output_directory(tmp_path / "run")
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_two_writers_of_one_file_never_collide(tmp_path):
+    """Two grid workers write ``spec.json`` at the same moment (this once failed with "No such file"): each has
+    its own scratch, and the last writer to finish wins."""
+    target = tmp_path / "spec.json"
+    write_json(target, {"writer": 0})
+    with replace_atomically(target) as first, replace_atomically(target) as second:
+        assert first != second
+        first.write_text('{"writer": 1}')
+        second.write_text('{"writer": 2}')
+    # the inner context (second) finished first, then the outer (first)
+    assert target.read_text() == '{"writer": 1}'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["spec.json"]
+
+
+def test_a_scratch_keeps_the_suffix_that_picks_the_file_format(tmp_path):
+    with replace_atomically(tmp_path / "frontier.png") as scratch:
+        assert scratch.suffix == ".png" and scratch.parent == tmp_path
+        scratch.write_bytes(b"png")
+    assert (tmp_path / "frontier.png").read_bytes() == b"png"
