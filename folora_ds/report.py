@@ -109,24 +109,38 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def frontier_comparison(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """For every group: its mean accuracy/KL/retention and plain LoRA's frontier KL at that accuracy
-    (``kl_ratio`` = group KL / frontier KL; < 1 is beyond the frontier). When plain LoRA never got as accurate,
-    ``frontier_kl`` is None, ``beyond_plain`` True and ``kl_ratio`` is taken against the KL of plain's most accurate
-    point: an upper bound, since plain LoRA would need at least that KL to get there, if it can at all."""
+    """For every group: its mean accuracy/KL/retention against plain LoRA's two frontiers at that accuracy.
+
+    KL: ``frontier_kl`` is the least KL plain LoRA needs for the group's accuracy and ``kl_ratio`` = group KL /
+    frontier KL (< 1 is beyond the frontier). Retention: ``frontier_retention`` is the most retention plain LoRA keeps
+    at that accuracy (its Pareto frontier of lost share 1 − retention vs accuracy, linear between points) and
+    ``retention_gain`` = group retention − frontier retention (> 0 is beyond it). When plain LoRA never got as
+    accurate, both frontier values are None, ``beyond_plain`` is True, and the ratio and gain are taken against plain's
+    most accurate point: bounds (``kl_ratio`` from above, ``retention_gain`` from below), since plain LoRA would need
+    at least that KL, and keep at most that retention, to get there, if it can at all."""
     plain = [g for g in groups if g["method"] == PLAIN_LABEL_METHOD]
-    frontier = pareto_frontier([(g["kl_per_token_mean"], g["target_accuracy_mean"]) for g in plain])
-    best = max((g["target_accuracy_mean"] for g in plain), default=None)
+    kl_frontier = pareto_frontier([(g["kl_per_token_mean"], g["target_accuracy_mean"]) for g in plain])
+    lost_frontier = pareto_frontier([(1.0 - g["retention_mean"], g["target_accuracy_mean"]) for g in plain])
+    most_accurate = max(plain, key=lambda g: (g["target_accuracy_mean"], -g["kl_per_token_mean"]), default=None)
     result = []
     for group in groups:
-        reference = frontier_kl_at(frontier, group["target_accuracy_mean"])
-        beyond = reference is None and bool(frontier)
-        against = frontier[-1][0] if beyond else reference
+        accuracy = group["target_accuracy_mean"]
+        reference_kl = frontier_kl_at(kl_frontier, accuracy)
+        reference_lost = frontier_kl_at(lost_frontier, accuracy)
+        beyond = reference_kl is None and most_accurate is not None
+        against_kl = most_accurate["kl_per_token_mean"] if beyond else reference_kl
+        against_retention = (most_accurate["retention_mean"] if beyond
+                             else None if reference_lost is None else 1.0 - reference_lost)
+        best = None if most_accurate is None else most_accurate["target_accuracy_mean"]
         result.append({"label": group["label"], "lr": group["lr"], "steps": group["steps"], "seeds": group["seeds"],
-                       "target_accuracy": group["target_accuracy_mean"], "kl": group["kl_per_token_mean"],
+                       "target_accuracy": accuracy, "kl": group["kl_per_token_mean"],
                        "retention": group["retention_mean"],
-                       "accuracy_vs_best_plain": None if not best else group["target_accuracy_mean"] / best,
-                       "frontier_kl": reference, "beyond_plain": beyond,
-                       "kl_ratio": None if not against else group["kl_per_token_mean"] / against})
+                       "accuracy_vs_best_plain": None if not best else accuracy / best,
+                       "frontier_kl": reference_kl, "beyond_plain": beyond,
+                       "kl_ratio": None if not against_kl else group["kl_per_token_mean"] / against_kl,
+                       "frontier_retention": None if beyond or reference_lost is None else 1.0 - reference_lost,
+                       "retention_gain": (None if against_retention is None
+                                          else group["retention_mean"] - against_retention)})
     return result
 
 
@@ -163,9 +177,11 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]]) -> str:
                      f"{g['penalty_relative_mean_mean']:.2e} ± {g['penalty_relative_mean_std']:.1e} | "
                      f"{g['train_seconds_mean']:.0f} |")
     lines += ["", "Against plain LoRA's frontier (its Pareto-best mean points over learning rates and steps; "
-              "frontier KL = the least KL plain LoRA needs for the same accuracy):", "",
+              "frontier KL = the least KL plain LoRA needs for the same accuracy; frontier retention = the most it "
+              "keeps at that accuracy):", "",
               "| method | lr | steps | accuracy / best plain | KL | frontier KL at that accuracy | KL / frontier | "
-              "retention |", "|---|---|---|---|---|---|---|---|"]
+              "retention | frontier retention at that accuracy | retention − frontier |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in frontier_comparison(groups):
         if c["label"] == "plain LoRA":
             continue
@@ -173,8 +189,13 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]]) -> str:
         reference = (f"beyond plain's best accuracy (its KL {c['kl'] / c['kl_ratio']:.4f})" if c["beyond_plain"]
                      else "—" if c["frontier_kl"] is None else f"{c['frontier_kl']:.4f}")
         versus = "—" if c["accuracy_vs_best_plain"] is None else f"{c['accuracy_vs_best_plain']:.0%}"
+        kept = ("—" if c["retention_gain"] is None
+                else f"{c['retention'] - c['retention_gain']:.1%} (plain's best)" if c["beyond_plain"]
+                else f"{c['frontier_retention']:.1%}")
+        gain = ("—" if c["retention_gain"] is None
+                else ("> " if c["beyond_plain"] else "") + f"{100 * c['retention_gain']:+.1f} points")
         lines.append(f"| {c['label']} | {c['lr']:g} | {c['steps']} | {versus} | {c['kl']:.4f} | {reference} | "
-                     f"{ratio} | {c['retention']:.1%} |")
+                     f"{ratio} | {c['retention']:.1%} | {kept} | {gain} |")
     kl = [float(r["kl_per_token"]) for r in rows]
     if len(rows) < 3:  # a rank correlation of fewer points says nothing
         return "\n".join(lines + ["", f"(Forgetting proxies vs measured KL: needs ≥ 3 (run, step) rows; "

@@ -87,6 +87,24 @@ def test_aggregate_and_frontier_comparison_over_seeds():
         markdown_tables(rows))
 
 
+def test_the_retention_frontier_is_plain_loras_most_kept_at_equal_accuracy():
+    rows = [_row("plain LoRA", "lora", 1e-4, 0, 60, 0.2, 0.02, retention=0.8)]
+    rows += [_row("plain LoRA", "lora", 2e-4, 0, 60, 0.3, 0.05, retention=0.3)]  # dominated: less kept, less accurate
+    rows += [_row("plain LoRA", "lora", 4e-4, 0, 60, 0.6, 0.08, retention=0.4)]
+    rows += [_row("FoLoRA", "folora", 4e-4, 0, 60, 0.4, 0.01, retention=0.7)]
+    rows += [_row("MiLoRA", "milora", 2e-4, 0, 60, 0.7, 0.07, retention=0.5)]
+    comparison = {c["label"]: c for c in frontier_comparison(aggregate(rows))}
+    # lost share: 0.2 at accuracy 0.2, 0.6 at 0.6 (the 2e-4 point is off the frontier); at 0.4 plain loses 0.4
+    assert comparison["FoLoRA"]["frontier_retention"] == pytest.approx(0.6)
+    assert comparison["FoLoRA"]["retention_gain"] == pytest.approx(0.1)
+    # more accurate than plain ever got: against plain's most accurate point, a lower bound on the gain
+    assert comparison["MiLoRA"]["frontier_retention"] is None and comparison["MiLoRA"]["beyond_plain"]
+    assert comparison["MiLoRA"]["retention_gain"] == pytest.approx(0.1)
+    table = markdown_tables(rows)
+    assert "| 70.0% | 60.0% | +10.0 points |" in table
+    assert "| 50.0% | 40.0% (plain's best) | > +10.0 points |" in table
+
+
 def test_plots_are_written(tmp_path):
     rows = [_row("plain LoRA", "lora", lr, s, 60, 0.1 * i + 0.01 * s, 0.01 * (i + 1)) for i, lr in
             enumerate((1e-4, 2e-4, 4e-4)) for s in range(2)] + [_row("FoLoRA", "folora", 4e-4, 0, 60, 0.2, 0.01)]
