@@ -20,7 +20,7 @@ from typing import Any
 GATE_KINDS = ("rational", "sigmoid", "hard")
 TAU_MODES = ("relative_median", "absolute")
 VARIANTS = ("A", "B")
-INITS = ("projected", "kaiming")
+INITS = ("projected", "kaiming", "eigenvectors")
 TASK_TOKEN_MASKS = ("attention", "labels")
 SOLVE_DTYPES = ("float64", "float32")
 STATISTICS_DTYPES = ("float32", "float64")
@@ -126,7 +126,9 @@ class FoLoRAConfig:
         ema_decay: weight of the previous C_task estimate when a new window is folded in.
         variant: "A" gates the Adam update (default); "B" keeps Adam moments in spectral coordinates.
         cap_update_norm: rescale each gated row to be no longer (Euclidean) than the ungated row.
-        init: "projected" (Kaiming rows of A projected by P_g, renormalised) or "kaiming" (peft's default).
+        init: "projected" (Kaiming rows of A projected by P_g, renormalised), "kaiming" (peft's default) or
+            "eigenvectors" (the r generalized eigenvectors with the largest λ, at the Kaiming rows' norms; needs
+            k = None).
         task_token_mask: tokens counted for C_task: "attention" (all real tokens) or "labels" (response only).
         statistics_tokens: tokens per input and training micro-batch counted towards the running C_task, drawn
             uniformly from the counted tokens (None = every token: exact, for tests). Σxxᵀ costs Σd² multiply-adds
@@ -206,6 +208,9 @@ class FoLoRAConfig:
                  'null when variant="B" (Variant B keeps moments in the full d-dimensional spectral basis)')
         _require(isinstance(self.cap_update_norm, bool), "cap_update_norm", self.cap_update_norm, "true or false")
         _require_choice("init", self.init, INITS)
+        _require(self.init != "eigenvectors" or self.k is None, "k", self.k,
+                 'null when init="eigenvectors" (the init reads the directions with the largest λ, which a width-k '
+                 'projector does not store)')
         _require_choice("task_token_mask", self.task_token_mask, TASK_TOKEN_MASKS)
         if self.statistics_tokens is not None:
             _require_int("statistics_tokens", self.statistics_tokens, 1)

@@ -45,7 +45,7 @@ from folora_ds.distributed.statistics import OwnerRowExchange, agree_on_inputs, 
 from folora_ds.distributed.zero_layout import register_zero_partitions
 from folora_ds.optim import FlatPartitionLayout, GatedAdamW
 from folora_ds.peft_utils import base_weight_matrix, lora_a_weight, lora_b_weight, lora_layers, lora_scaling
-from folora_ds.projector import Projector, project_rows
+from folora_ds.projector import Projector, eigenvector_rows, project_rows
 from folora_ds.spectral import SolveReport, SpectralSolveError, SpectralSolver
 from folora_ds.stats import CovarianceCollector, CovarianceEMA, CovarianceSums
 
@@ -320,12 +320,14 @@ class FoLoRAController:
         return self.dims[key] if self.config.k is None else min(self.config.k, self.dims[key])
 
     def initialize_lora_a(self, engine=None) -> None:
-        """Collective: owners project the initial LoRA-A rows of their inputs by P_g (renormalised) and broadcast
-        them (``config.init == "projected"``; a no-op for "kaiming"). Call before the first optimizer step; with
+        """Collective: owners rewrite the initial LoRA-A rows of their inputs and broadcast them: projected by P_g
+        and renormalised (``config.init == "projected"``) or the top generalized eigenvectors ("eigenvectors"); a
+        no-op for "kaiming". Call before the first optimizer step; with
         a DeepSpeed ``engine`` (ZeRO-3 weights gathered one at a time), its optimizer's fp32 partitions are
         refreshed from the new weights."""
-        if self.config.init != "projected":
+        if self.config.init == "kaiming":
             return
+        initialize = project_rows if self.config.init == "projected" else eigenvector_rows
         me = comm.rank(self.group)
         with torch.no_grad():
             for name, layer in self.layers.items():
@@ -334,7 +336,7 @@ class FoLoRAController:
                 with comm.gathered([weight], modifier_rank=self.owners[key]):  # (the world group's rank)
                     value = weight.detach().clone().float()
                     if self.owners[key] == me:
-                        value = project_rows(value, self.owned_projectors[key].to(value.device))
+                        value = initialize(value, self.owned_projectors[key].to(value.device))
                     if not partitioned:
                         value = comm.broadcast(value, self.owners[key], self.group)
                     weight.copy_(value)

@@ -169,6 +169,33 @@ def cap_row_norms(gated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return gated * scale
 
 
+def eigenvector_rows(rows: torch.Tensor, projector: Projector) -> torch.Tensor:
+    """Eigenvector initialisation: row i of A₀ becomes the generalized eigenvector with the i-th largest gate (the
+    i-th most task utility per unit of forgetting), scaled to row i's original Euclidean norm.
+
+    Each row a = v_i then has the Rayleigh quotient (a C_task aᵀ)/(a C_pre aᵀ) = λ_i: it reads the inputs where the
+    task has the most energy relative to the proxy text, as LoRA-Null reads the proxy's null space. Needs the exact
+    projector (every direction stored, ``k=None``) and r ≤ d.
+
+    Args:
+        rows: (r, d) initial rows of A (their norms are kept).
+        projector: the input's exact projector (k = d, base 1).
+    Returns:
+        (r, d) rows in the dtype of ``rows``.
+    """
+    r, d = rows.shape
+    if d != projector.dim:
+        raise ValueError(f"rows have d={d}, the projector d={projector.dim}")
+    if projector.rank != projector.dim or projector.base != 1.0:
+        raise ValueError(f"the eigenvector init needs every direction stored (k=None); this projector stores "
+                         f"{projector.rank} of {projector.dim}")
+    if r > d:
+        raise ValueError(f"the eigenvector init needs lora_rank ≤ d; got r={r} > d={d}")
+    top = torch.argsort(projector.gates, descending=True, stable=True)[:r]
+    vectors = projector.v[:, top].T.to(rows.dtype)  # (r, d)
+    return vectors * (rows.norm(dim=-1, keepdim=True) / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+
+
 def project_rows(rows: torch.Tensor, projector: Projector) -> torch.Tensor:
     """Projected initialisation: gate the rows (r, d) of A₀ and give each its original Euclidean norm back."""
     projected = apply_projector(rows, projector)

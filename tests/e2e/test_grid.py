@@ -83,6 +83,13 @@ def _write(path, value):
     return path
 
 
+@pytest.mark.parametrize("name", ["smollm2", "demo", "quick"])
+def test_the_shipped_specs_load(name):
+    """Every shipped spec passes the checks a user's spec passes (knobs are valid FoLoRA config fields)."""
+    spec = load_spec(name)
+    assert spec.runs and len({run.slug(spec.settings) for run in spec.runs}) == len(spec.runs)
+
+
 @pytest.mark.parametrize("spec, match", [
     ({"runs": [{"method": "dora", "lrs": [1e-3], "seeds": [0], "steps": [2]}]}, "unknown method 'dora'"),
     ({"runs": [{"method": "lora", "lrs": [-1.0], "seeds": [0], "steps": [2]}]}, "lr=-1.0"),

@@ -11,6 +11,7 @@ from folora_ds.controller import FoLoRAController
 from folora_ds.models import build_tiny_llama
 from folora_ds.optim import GatedAdamW, folora_param_groups
 from folora_ds.peft_utils import lora_a_weight, lora_b_weight, lora_layers, lora_scaling
+from folora_ds.projector import eigenvector_rows
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,6 +68,24 @@ def test_projected_init_keeps_row_norms_and_model_output():
         torch.testing.assert_close(after.norm(dim=1), before[name].norm(dim=1), rtol=1e-5, atol=1e-6)
         changed += int(not torch.allclose(after, before[name]))
     assert changed == len(controller.layers)
+
+
+def test_eigenvector_init_writes_the_top_lambda_directions_and_keeps_the_output():
+    model, controller = _ready(FoLoRAConfig(init="eigenvectors"))
+    before = {name: lora_a_weight(layer).detach().clone() for name, layer in controller.layers.items()}
+    ids = _batches(1, 9)[0]
+    with torch.no_grad():
+        logits_before = model(**ids).logits
+    controller.initialize_lora_a()
+    with torch.no_grad():
+        assert torch.equal(logits_before, model(**ids).logits)  # B = 0
+    for name, layer in controller.layers.items():
+        projector = controller.owned_projectors[controller.collector.key_of(name)]
+        expected = eigenvector_rows(before[name].double(), projector).float()
+        torch.testing.assert_close(lora_a_weight(layer).detach(), expected, rtol=1e-5, atol=1e-6)
+        largest = torch.argsort(projector.gates, descending=True)[0]
+        cosine = torch.nn.functional.cosine_similarity(lora_a_weight(layer)[0].double(), projector.v[:, largest], 0)
+        assert abs(float(cosine)) > 1 - 1e-5, name
 
 
 def test_kaiming_init_leaves_lora_a_untouched():

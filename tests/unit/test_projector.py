@@ -12,6 +12,7 @@ from folora_ds.projector import (
     apply_projector,
     build_projector,
     cap_row_norms,
+    eigenvector_rows,
     project_rows,
     select_directions,
 )
@@ -268,3 +269,27 @@ def test_without_ties_the_k_smallest_gates_are_kept_with_base_one():
 def test_a_projector_base_gate_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match="base gate"):
         Projector(torch.zeros(3, 1, dtype=F64), torch.zeros(3, 1, dtype=F64), torch.zeros(1, dtype=F64), 1.5)
+
+
+def test_eigenvector_rows_are_the_top_lambda_directions_at_the_rows_norms():
+    d = 12
+    result, c_tilde = solve_random(d=d, seed=21)
+    c_task = spd(d, 121)  # solve_random's C_task
+    gates = gate_values(result.eigenvalues, kind="rational", tau=float(result.eigenvalues.median()))
+    projector = build_projector(result, gates)
+    rows = random_rows((3, d), seed=22)
+    initial = eigenvector_rows(rows, projector)
+    torch.testing.assert_close(initial.norm(dim=-1), rows.norm(dim=-1), rtol=1e-12, atol=0)
+    quotients = (torch.einsum("rd,de,re->r", initial, c_task, initial)
+                 / torch.einsum("rd,de,re->r", initial, c_tilde, initial))
+    top = torch.sort(result.eigenvalues, descending=True).values[:3]
+    torch.testing.assert_close(quotients, top, rtol=1e-9, atol=0)  # the 3 largest λ, in decreasing order
+
+
+def test_eigenvector_rows_refuse_a_truncated_projector_and_too_many_rows():
+    result, _ = solve_random(d=6, seed=3)
+    gates = gate_values(result.eigenvalues, kind="rational", tau=float(result.eigenvalues.median()))
+    with pytest.raises(ValueError, match="k=None"):
+        eigenvector_rows(random_rows((2, 6), seed=1), build_projector(result, gates, k=3))
+    with pytest.raises(ValueError, match="r=7 > d=6"):
+        eigenvector_rows(random_rows((7, 6), seed=1), build_projector(result, gates))
