@@ -66,7 +66,8 @@ TOP_LEVEL_VALID = [
     ("k", 1), ("k", None), ("ridge", 1.0), ("ridge", 1e-12), ("max_ridge_escalations", 0),
     ("solve_dtype", "float32"), ("retry_float64", False), ("max_consecutive_failures", 1),
     ("refresh_interval", 0), ("ema_decay", 0.0), ("ema_decay", 0.999), ("variant", "B"),
-    ("cap_update_norm", True), ("init", "kaiming"), ("init", "eigenvectors"), ("task_token_mask", "labels"), ("statistics_dtype", "float64"),
+    ("cap_update_norm", True), ("init", "kaiming"), ("init", "eigenvectors"), ("task_token_mask", "labels"),
+    ("statistics_dtype", "float64"),
     ("max_seq_len", 2), ("forgetting_budget", None), ("forgetting_budget", 1e-6), ("forgetting_budget", 5.0),
     ("budget_step_size", 1e-6), ("budget_max_tau_scale", 1.0),
 ]
