@@ -109,6 +109,9 @@ class GridSettings:
         return _non_default(self)
 
 
+BEST_ACCURACY_SHARE = 0.95  # "lrs": "best" = least KL among the rates at ≥ 95% of the top accuracy
+
+
 @dataclass(frozen=True, kw_only=True)
 class GridRun:
     """One training run: ``method`` at learning rate ``lr`` with ``seed``, measured after each of ``steps``.
@@ -169,9 +172,9 @@ class GridRun:
 
 @dataclass(frozen=True)
 class BestLearningRate:
-    """A spec entry with ``"lrs": "best"``: its runs use the learning rate at which the finished runs with the same
-    label reached the highest mean target accuracy at their last step (ties: the lower KL) — "every method at its
-    best learning rate" without editing the spec once the first seed has run."""
+    """A spec entry with ``"lrs": "best"``: its runs use the learning rate with the least mean KL among those where
+    the finished runs with the same label reached ≥ 95% of their highest mean target accuracy (``resolve``) —
+    "every method at its best learning rate" without editing the spec once the first seed has run."""
 
     label: str
     method: str
@@ -181,8 +184,17 @@ class BestLearningRate:
     proxy_sequences: int | None = None
 
     def resolve(self, rows: Sequence[Mapping[str, Any]]) -> float | None:
-        """The best learning rate among ``rows`` of this label (None while none has finished)."""
+        """The best learning rate among ``rows`` of this label at their last step (None while none has finished).
+
+        Best = the least mean KL among the rates whose mean accuracy is within ``BEST_ACCURACY_SHARE`` (95%) of the
+        most accurate rate's: one or two test items of accuracy are noise, so a rate that is a point more accurate
+        but forgets three times as much is not the method's best (the same 95% that defines "equal accuracy" in
+        the comparison). Only the sweep's seeds decide (rows of this entry's own seeds are left out when others
+        exist), so the choice does not move once the entry's seeds have run.
+        """
         mine = [row for row in rows if row["label"] == self.label and row["method"] == self.method]
+        sweep = [row for row in mine if row["seed"] not in self.seeds]
+        mine = sweep or mine
         if not mine:
             return None
         last = max(row["steps"] for row in mine)
@@ -190,8 +202,11 @@ class BestLearningRate:
         for row in mine:
             if row["steps"] == last:
                 by_lr.setdefault(row["lr"], []).append(row)
-        return max(by_lr, key=lambda lr: (sum(r["target_accuracy"] for r in by_lr[lr]) / len(by_lr[lr]),
-                                          -sum(r["kl_per_token"] for r in by_lr[lr]) / len(by_lr[lr])))
+        accuracy = {lr: sum(r["target_accuracy"] for r in runs) / len(runs) for lr, runs in by_lr.items()}
+        kl = {lr: sum(r["kl_per_token"] for r in runs) / len(runs) for lr, runs in by_lr.items()}
+        top = max(accuracy.values())
+        near_top = [lr for lr in by_lr if accuracy[lr] >= BEST_ACCURACY_SHARE * top]
+        return min(near_top, key=lambda lr: (kl[lr], -accuracy[lr], lr))
 
     def runs(self, lr: float) -> list[GridRun]:
         return [GridRun(label=self.label, method=self.method, lr=lr, seed=seed, steps=self.steps, knobs=self.knobs,

@@ -175,14 +175,34 @@ def test_best_learning_rate_entries_run_at_the_winner_of_the_finished_seeds(tmp_
         {"label": "plain LoRA", "method": "lora", "lrs": "best", "seeds": [1], "steps": [2]}]))
     assert len(spec.runs) == 2 and len(spec.best) == 1
     rows = run_grid(spec, tmp_path, progress=False)
-    first = [row for row in rows if row["seed"] == 0]
-    winner = max(first, key=lambda row: (row["target_accuracy"], -row["kl_per_token"]))["lr"]
+    winner = spec.best[0].resolve([row for row in rows if row["seed"] == 0])
     assert [(row["seed"], row["lr"]) for row in rows if row["seed"] == 1] == [(1, winner)]
     assert collect_rows(spec, tmp_path) == rows  # the report sees the resolved entry too
     with pytest.raises(ValueError, match="needs entries with the same label"):
         load_spec(_spec([{"label": "x", "method": "lora", "lrs": "best", "seeds": [1], "steps": [2]}]))
     with pytest.raises(ValueError, match="lrs must be a list"):
         load_spec(_spec([{"label": "x", "method": "lora", "lrs": "fast", "seeds": [1], "steps": [2]}]))
+
+
+def _finished(lr, seed, accuracy, kl, steps=60):
+    return {"label": "M", "method": "lora", "lr": lr, "seed": seed, "steps": steps, "target_accuracy": accuracy,
+            "kl_per_token": kl}
+
+
+def test_the_best_learning_rate_is_the_least_forgetting_one_within_95_percent_of_the_top_accuracy():
+    entry = load_spec(_spec([{"label": "M", "method": "lora", "lrs": [1e-4], "seeds": [0], "steps": [60]},
+                             {"label": "M", "method": "lora", "lrs": "best", "seeds": [1, 2], "steps": [60]}])).best[0]
+    assert entry.resolve([]) is None
+    # 33% is within 95% of 34% and forgets a third as much: it wins over the one-point-more-accurate rate
+    rows = [_finished(2e-4, 0, 0.33, 0.019), _finished(8e-4, 0, 0.34, 0.062), _finished(1e-4, 0, 0.20, 0.005)]
+    assert entry.resolve(rows) == 2e-4
+    # beyond 95% the accuracy decides
+    assert entry.resolve([_finished(2e-4, 0, 0.30, 0.019), _finished(8e-4, 0, 0.34, 0.062)]) == 8e-4
+    # only the last step counts, and other labels never do
+    assert entry.resolve(rows + [_finished(1e-4, 0, 0.9, 0.001, steps=30), {**_finished(4e-4, 0, 0.9, 0.0),
+                                                                             "label": "other"}]) == 2e-4
+    # the entry's own seeds do not move the choice once they have run
+    assert entry.resolve(rows + [_finished(2e-4, 1, 0.10, 0.5), _finished(2e-4, 2, 0.10, 0.5)]) == 2e-4
 
 
 def test_proxy_size_knob_calibrates_on_the_first_sequences_of_the_shared_set(tmp_path):
