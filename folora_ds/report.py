@@ -218,7 +218,7 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def plot_frontier(groups: Sequence[Mapping[str, Any]], path: Path, *, title: str = "accuracy vs forgetting"
                   ) -> None:
-    """Target accuracy vs KL (log) and vs retention: plain LoRA's frontier as a curve, groups with error bars."""
+    """Target accuracy vs KL (log) and vs retention: plain LoRA's two frontiers as curves, groups with error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,6 +232,10 @@ def plot_frontier(groups: Sequence[Mapping[str, Any]], path: Path, *, title: str
     if frontier:
         left.plot([p[0] for p in frontier], [p[1] for p in frontier], "-", color="0.35", lw=2,
                   label="plain LoRA frontier (lr × steps)", zorder=1)
+    kept_frontier = pareto_frontier([(1.0 - g["retention_mean"], g["target_accuracy_mean"]) for g in plain])
+    if kept_frontier:  # the same frontier in retention: the most plain LoRA keeps for each accuracy
+        right.plot([1.0 - p[0] for p in kept_frontier], [p[1] for p in kept_frontier], "-", color="0.35", lw=2,
+                   zorder=1)
     labels = sorted({g["label"] for g in groups}, key=lambda label: (label != "plain LoRA", label != "FoLoRA", label))
     markers = "osD^v<>pPX*h"
     for index, label in enumerate(labels):
