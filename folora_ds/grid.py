@@ -205,7 +205,7 @@ class BestLearningRate:
         accuracy = {lr: sum(r["target_accuracy"] for r in runs) / len(runs) for lr, runs in by_lr.items()}
         kl = {lr: sum(r["kl_per_token"] for r in runs) / len(runs) for lr, runs in by_lr.items()}
         top = max(accuracy.values())
-        near_top = [lr for lr in by_lr if accuracy[lr] >= BEST_ACCURACY_SHARE * top]
+        near_top = [lr for lr in by_lr if accuracy[lr] >= BEST_ACCURACY_SHARE * top - 1e-12]  # exactly 95% counts
         return min(near_top, key=lambda lr: (kl[lr], -accuracy[lr], lr))
 
     def runs(self, lr: float) -> list[GridRun]:

@@ -83,17 +83,33 @@ def replace_atomically(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_scratches(target)
     scratch = target.with_name(f"{_PARTIAL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{target.name}")
     try:
         yield scratch
+        if scratch.is_dir() and not scratch.is_symlink():
+            _remove(target)
+            scratch.rename(target)
+        else:
+            os.replace(scratch, target)
     except BaseException:
         _remove(scratch)
         raise
-    if scratch.is_dir() and not scratch.is_symlink():
-        _remove(target)
-        scratch.rename(target)
-    else:
-        os.replace(scratch, target)
+
+
+def _remove_abandoned_scratches(target: Path) -> None:
+    """Remove the scratches of ``target`` that writers killed mid-write left behind (their process is gone; same
+    host only: a live process's scratch, or one whose name does not parse, is left alone)."""
+    for scratch in target.parent.glob(f"{_PARTIAL_PREFIX}*-*-{target.name}"):
+        pid = scratch.name[len(_PARTIAL_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(scratch)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def write_json(target: Path, value: Any) -> None:

@@ -191,8 +191,12 @@ def eigenvector_rows(rows: torch.Tensor, projector: Projector) -> torch.Tensor:
                          f"{projector.rank} of {projector.dim}")
     if r > d:
         raise ValueError(f"the eigenvector init needs lora_rank ≤ d; got r={r} > d={d}")
-    top = torch.argsort(projector.gates, descending=True, stable=True)[:r]
-    vectors = projector.v[:, top].T.to(rows.dtype)  # (r, d)
+    if bool((projector.gates[1:] < projector.gates[:-1]).any()):
+        raise ValueError("the eigenvector init needs the exact projector's columns in ascending gate order")
+    # The exact projector stores the solver's ascending-λ columns, stably sorted by gate (monotone in λ), so its
+    # columns are in ascending λ even where gates tie (the hard gate's 1s, float32 saturation): the last r
+    # columns are the r largest λ. Ordering by gate value instead would pick the smallest λ among tied gates.
+    vectors = projector.v[:, d - r:].flip(1).T.to(rows.dtype)  # (r, d), largest λ first
     return vectors * (rows.norm(dim=-1, keepdim=True) / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-30))
 
 

@@ -121,17 +121,17 @@ def frontier_comparison(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     plain = [g for g in groups if g["method"] == PLAIN_LABEL_METHOD]
     kl_frontier = pareto_frontier([(g["kl_per_token_mean"], g["target_accuracy_mean"]) for g in plain])
     lost_frontier = pareto_frontier([(1.0 - g["retention_mean"], g["target_accuracy_mean"]) for g in plain])
-    most_accurate = max(plain, key=lambda g: (g["target_accuracy_mean"], -g["kl_per_token_mean"]), default=None)
+    best = max((g["target_accuracy_mean"] for g in plain), default=None)
     result = []
     for group in groups:
         accuracy = group["target_accuracy_mean"]
         reference_kl = frontier_kl_at(kl_frontier, accuracy)
         reference_lost = frontier_kl_at(lost_frontier, accuracy)
-        beyond = reference_kl is None and most_accurate is not None
-        against_kl = most_accurate["kl_per_token_mean"] if beyond else reference_kl
-        against_retention = (most_accurate["retention_mean"] if beyond
-                             else None if reference_lost is None else 1.0 - reference_lost)
-        best = None if most_accurate is None else most_accurate["target_accuracy_mean"]
+        beyond = reference_kl is None and best is not None
+        # beyond plain's best accuracy: the frontiers' ends (least KL / most retention among plain's most accurate)
+        against_kl = kl_frontier[-1][0] if beyond else reference_kl
+        against_lost = lost_frontier[-1][0] if beyond else reference_lost
+        against_retention = None if against_lost is None else 1.0 - against_lost
         result.append({"label": group["label"], "lr": group["lr"], "steps": group["steps"], "seeds": group["seeds"],
                        "target_accuracy": accuracy, "kl": group["kl_per_token_mean"],
                        "retention": group["retention_mean"],

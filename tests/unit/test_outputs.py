@@ -74,3 +74,27 @@ def test_a_scratch_keeps_the_suffix_that_picks_the_file_format(tmp_path):
         assert scratch.suffix == ".png" and scratch.parent == tmp_path
         scratch.write_bytes(b"png")
     assert (tmp_path / "frontier.png").read_bytes() == b"png"
+
+
+def test_a_scratch_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = int(finished.stdout)
+    abandoned = tmp_path / f".partial-{dead}-0badc0de-summary.json"
+    abandoned.write_text('{"half": ')
+    alive = tmp_path / ".partial-1-0badc0de-summary.json"  # pid 1 is always alive: never touched
+    alive.write_text("{}")
+    write_json(tmp_path / "summary.json", {"run": 1})
+    assert sorted(path.name for path in tmp_path.iterdir()) == [alive.name, "summary.json"]
+
+
+def test_a_failed_swap_leaves_no_scratch(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()  # a folder where a file is written: os.replace refuses
+    (target / "weights.bin").write_text("old")
+    with pytest.raises(OSError), replace_atomically(target) as scratch:
+        scratch.write_text("a file, not a folder")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]

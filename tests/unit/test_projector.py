@@ -286,6 +286,20 @@ def test_eigenvector_rows_are_the_top_lambda_directions_at_the_rows_norms():
     torch.testing.assert_close(quotients, top, rtol=1e-9, atol=0)  # the 3 largest λ, in decreasing order
 
 
+def test_eigenvector_rows_with_tied_gates_still_take_the_largest_lambda():
+    """The hard gate gives every λ ≥ τ the gate 1: the rows must still be the largest λ, not the first tied ones."""
+    d = 10
+    result, c_tilde = solve_random(d=d, seed=31)
+    c_task = spd(d, 131)
+    gates = gate_values(result.eigenvalues, kind="hard", tau=float(result.eigenvalues.median()))
+    assert int((gates == 1).sum()) >= 4
+    initial = eigenvector_rows(random_rows((2, d), seed=32), build_projector(result, gates))
+    quotients = (torch.einsum("rd,de,re->r", initial, c_task, initial)
+                 / torch.einsum("rd,de,re->r", initial, c_tilde, initial))
+    torch.testing.assert_close(quotients, torch.sort(result.eigenvalues, descending=True).values[:2], rtol=1e-9,
+                               atol=0)
+
+
 def test_eigenvector_rows_refuse_a_truncated_projector_and_too_many_rows():
     result, _ = solve_random(d=6, seed=3)
     gates = gate_values(result.eigenvalues, kind="rational", tau=float(result.eigenvalues.median()))

@@ -103,6 +103,11 @@ def test_the_retention_frontier_is_plain_loras_most_kept_at_equal_accuracy():
     table = markdown_tables(rows)
     assert "| 70.0% | 60.0% | +10.0 points |" in table
     assert "| 50.0% | 40.0% (plain's best) | > +10.0 points |" in table
+    # two plain points share the top accuracy: the bound is against the one that keeps more (and forgets less)
+    rows += [_row("plain LoRA", "lora", 8e-4, 0, 60, 0.6, 0.09, retention=0.45)]
+    comparison = {c["label"]: c for c in frontier_comparison(aggregate(rows))}
+    assert comparison["MiLoRA"]["retention_gain"] == pytest.approx(0.05)
+    assert comparison["MiLoRA"]["kl_ratio"] == pytest.approx(0.07 / 0.08)
 
 
 def test_plots_are_written(tmp_path):
