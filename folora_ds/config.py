@@ -129,7 +129,10 @@ class FoLoRAConfig:
         init: "projected" (Kaiming rows of A projected by P_g, renormalised), "kaiming" (peft's default) or
             "eigenvectors" (the r generalized eigenvectors with the largest λ, at the Kaiming rows' norms; needs
             k = None).
-        task_token_mask: tokens counted for C_task: "attention" (all real tokens) or "labels" (response only).
+        task_token_mask: tokens counted for C_task: "labels" (default: the tokens with a label, i.e. the
+            response of prompt/response data, whose inputs the loss trains on) or "attention" (every real token,
+            prompt included). On SmolLM2 "labels" cut KL 6-9× at the same learning rate (docs/results.md). Batches
+            must then carry ``labels`` (-100 = not counted); data without labels needs "attention".
         statistics_tokens: tokens per input and training micro-batch counted towards the running C_task, drawn
             uniformly from the counted tokens (None = every token: exact, for tests). Σxxᵀ costs Σd² multiply-adds
             per token (≈ 11 GFLOP per token for all inputs of Llama-2-7B, against ≈ 28 GFLOP per token for a LoRA
@@ -168,7 +171,7 @@ class FoLoRAConfig:
     variant: str = "A"
     cap_update_norm: bool = False
     init: str = "projected"
-    task_token_mask: str = "attention"
+    task_token_mask: str = "labels"
     statistics_tokens: int | None = 64
     statistics_every: int = 1
     statistics_dtype: str = "float32"

@@ -184,6 +184,8 @@ class FoLoRAController:
                     break
                 counting = batch is not None
                 batch = {name: tensor.to(self._device) for name, tensor in batch.items()} if counting else last
+                if use_labels and counting:
+                    _require_labels(batch, "task calibration")
                 mask = batch.get("attention_mask")
                 if not counting:
                     mask = torch.zeros_like(batch["input_ids"])
@@ -285,6 +287,8 @@ class FoLoRAController:
             yield
             return
         use_labels = self.config.task_token_mask == "labels"
+        if use_labels:
+            _require_labels(batch, "training")
         generator = None
         if self.config.statistics_tokens is not None:
             generator = torch.Generator().manual_seed(
@@ -615,3 +619,12 @@ class FoLoRAController:
     def remove(self) -> None:
         """Remove the statistics hooks from the model."""
         self.collector.remove()
+
+
+def _require_labels(batch: Mapping[str, torch.Tensor], where: str) -> None:
+    """``task_token_mask="labels"`` counts the tokens with a label: a batch without ``labels`` would silently count
+    every token instead."""
+    if batch.get("labels") is None:
+        raise ValueError(f"task_token_mask='labels' (the default) counts C_task over the tokens with a label, but a "
+                         f"{where} batch has no 'labels' (keys: {', '.join(sorted(batch))}); add labels (-100 = not "
+                         "counted) or set task_token_mask='attention' to count every real token")

@@ -152,10 +152,11 @@ class GridRun:
 
     def identity(self, settings: GridSettings) -> dict[str, Any]:
         """Everything that determines this run's result (its cache key). A FoLoRA run's key holds its whole
-        resolved config, so a changed FoLoRA default is a new run, not a stale cache hit."""
+        resolved config rather than the knobs that produced it: a changed FoLoRA default is a new run, not a stale
+        cache hit, and a run is found again under any spelling of the same config (``{"tau": 1.0}`` and ``{}``
+        while 1.0 is the default; a knob entry whose value became the default is the default run)."""
         identity = {"version": SPEC_VERSION, "method": self.method, "lr": float(self.lr), "seed": self.seed,
-                    "steps": list(self.steps), "knobs": dict(sorted(self.knobs.items())),
-                    "settings": settings.identity()}
+                    "steps": list(self.steps), "settings": settings.identity()}
         if self.method == "folora":
             resolved = FoLoRAConfig.from_dict(dict(self.knobs)).to_dict()
             resolved.pop("proxy")  # the grid's shared proxy settings are in "settings"
@@ -644,9 +645,11 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
         _phase(f"{len(selected) - len(todo)} of {len(selected)} runs{' selected by --only' if only else ''} already "
                f"complete; {len(todo)} to go"
                + (f" (+ {len(best)} entries at their best learning rate)" if best else ""))
+        held_elsewhere = []
         for index, run in enumerate(todo, 1):
             _phase(f"[{index}/{len(todo)}] {run.label}: lr {run.lr:g}, seed {run.seed}, steps {list(run.steps)}")
-            _run_one(run, spec.settings, shared, output_dir, progress)
+            if not _run_claimed(run, spec.settings, shared, output_dir, progress):
+                held_elsewhere.append(run)
         for entry in best:
             lr = entry.resolve(collect_rows(GridSpec(spec.settings, spec.runs), output_dir))
             if lr is None:
@@ -655,7 +658,12 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
             for run in entry.runs(lr):
                 if not _complete(run, output_dir / "runs" / run.slug(spec.settings), spec.settings):
                     _phase(f"{run.label} at its best lr {lr:g}: seed {run.seed}, steps {list(run.steps)}")
-                    _run_one(run, spec.settings, shared, output_dir, progress)
+                    if not _run_claimed(run, spec.settings, shared, output_dir, progress):
+                        held_elsewhere.append(run)
+        if held_elsewhere:
+            _phase(f"{len(held_elsewhere)} run(s) were being trained by another worker on this folder and are not "
+                   "in this report yet: " + "; ".join(f"{run.label} lr {run.lr:g} seed {run.seed}"
+                                                      for run in held_elsewhere))
         return collect_rows(spec, output_dir)
     finally:
         if started_group:
@@ -697,6 +705,23 @@ def changed_settings(recorded: Any, current: Any, prefix: str = "") -> list[str]
                 for name in (changed_settings(value, current[key], f"{prefix}{key}.") if key in current
                              else [f"{prefix}{key}"])]
     return [] if recorded == current else [prefix.rstrip(".")]
+
+
+def _run_claimed(run: GridRun, settings: GridSettings, shared: SharedArtifacts, output_dir: Path,
+                 progress: bool) -> bool:
+    """``_run_one`` under the run's claim (``<output>/claims/<slug>.lock``), so several workers can share one grid
+    folder: a run another worker holds is left to it (returns False); one it finished while this worker waited
+    for its turn is not redone."""
+    from folora_ds.outputs import claimed
+
+    slug = run.slug(settings)
+    with claimed(output_dir / "claims" / f"{slug}.lock") as held:
+        if not held:
+            _phase("held by another worker on this folder; moving on")
+            return False
+        if not _complete(run, output_dir / "runs" / slug, settings):
+            _run_one(run, settings, shared, output_dir, progress)
+    return True
 
 
 def _run_one(run: GridRun, settings: GridSettings, shared: SharedArtifacts, output_dir: Path, progress: bool) -> None:

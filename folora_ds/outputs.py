@@ -9,6 +9,7 @@ an earlier run's adapters and summary would pass for one run.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -110,6 +111,32 @@ def _remove_abandoned_scratches(target: Path) -> None:
             _remove(scratch)
         except PermissionError:  # alive, another user's
             pass
+
+
+@contextlib.contextmanager
+def claimed(lock: Path) -> Iterator[bool]:
+    """Yield whether this process holds the exclusive claim ``lock`` (a file; created if missing) for the body.
+
+    The claim is an advisory ``flock`` on the open file: the kernel drops it when the holder exits, however it
+    exits, so a killed worker never leaves a claim behind and no liveness check is needed. Two grid workers sharing
+    an output folder claim a run before training it; the one that finds it held moves on. The file stays (removing
+    it while another process has it open would let a third claim a different inode).
+    """
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
 
 
 def write_json(target: Path, value: Any) -> None:

@@ -221,3 +221,31 @@ def test_proxy_size_knob_calibrates_on_the_first_sequences_of_the_shared_set(tmp
     # fewer proxy sequences, another C_pre: the gates FoLoRA solved differ
     assert [layer["effective_rank"] for layer in whole["layers"]] != [layer["effective_rank"]
                                                                        for layer in part["layers"]]
+
+
+def test_a_run_another_worker_holds_is_left_to_it_and_trained_once_free(tmp_path):
+    """Two workers may share one grid folder: each claims a run before training it (``<output>/claims``)."""
+    from folora_ds.outputs import claimed
+
+    spec = load_spec(_spec([{"label": "plain LoRA", "method": "lora", "lrs": [2e-3, 3e-3], "seeds": [0],
+                             "steps": [2]}]))
+    held = spec.runs[0].slug(spec.settings)
+    with claimed(tmp_path / "claims" / f"{held}.lock") as mine:
+        assert mine
+        rows = run_grid(spec, tmp_path, progress=False)
+    assert [row["lr"] for row in rows] == [3e-3] and not (tmp_path / "runs" / held).exists()
+    assert [row["lr"] for row in run_grid(spec, tmp_path, progress=False)] == [2e-3, 3e-3]
+
+
+def test_a_folora_run_is_keyed_by_its_resolved_config_not_by_how_its_knobs_spell_it():
+    from folora_ds.config import FoLoRAConfig
+    from folora_ds.grid import GridRun, GridSettings
+
+    settings = GridSettings.from_dict(SETTINGS)
+    default_tau = FoLoRAConfig().tau
+
+    def digest(**knobs):
+        return GridRun(label="FoLoRA", method="folora", lr=1e-3, seed=0, steps=(2,), knobs=knobs).slug(settings)
+
+    assert digest() == digest(tau=default_tau)  # a knob at its default value is the default run
+    assert digest() != digest(tau=default_tau * 2)

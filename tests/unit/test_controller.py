@@ -23,7 +23,8 @@ def _model(seed: int = 0):
     return get_peft_model(base, LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS))
 
 
-def _batches(count: int, seed: int, *, labels: bool = False):
+def _batches(count: int, seed: int, *, labels: bool = True):
+    """Batches of 4 × 12 tokens, one row padded after 9; ``labels`` -100 on padding and a 3-token "prompt"."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
@@ -33,6 +34,7 @@ def _batches(count: int, seed: int, *, labels: bool = False):
         batch = {"input_ids": ids, "attention_mask": mask}
         if labels:
             batch["labels"] = ids.masked_fill(mask == 0, -100)
+            batch["labels"][:, :3] = -100
         batches.append(batch)
     return batches
 
@@ -157,7 +159,8 @@ def test_empty_calibration_sets_are_refused():
 def test_all_padding_task_data_is_refused_naming_an_input():
     model = _model()
     controller = FoLoRAController(model, FoLoRAConfig())
-    padded = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}]
+    padded = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.zeros(2, 5, dtype=torch.long),
+               "labels": torch.full((2, 5), -100)}]
     with pytest.raises(ValueError, match="zero unmasked tokens"):
         controller.calibrate(_batches(1, 1), padded)
 
@@ -177,6 +180,29 @@ def test_label_mask_restricts_task_statistics():
     rows = inputs[mask]
     assert rows.shape[0] == 4 * 6 - 3
     torch.testing.assert_close(controller.task_ema[key], rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_label_mask_refuses_task_batches_without_labels_and_attention_counts_them():
+    unlabelled = _batches(1, 3, labels=False)
+    with pytest.raises(ValueError, match="task calibration batch has no 'labels'.*task_token_mask='attention'"):
+        FoLoRAController(_model(), FoLoRAConfig()).calibrate(_batches(1, 1), unlabelled)
+    model = _model()
+    controller = FoLoRAController(model, FoLoRAConfig(task_token_mask="attention"))
+    key = next(iter(lora_layers(model)))
+    captured = []
+    handle = lora_layers(model)[key].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    controller.calibrate(_batches(1, 1), unlabelled)  # every real token counted, no labels needed
+    handle.remove()
+    rows = captured[-1].detach()[unlabelled[0]["attention_mask"] == 1]
+    assert rows.shape[0] == 4 * 12 - 3
+    torch.testing.assert_close(controller.task_ema[key], rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_batch_without_labels_is_refused_under_the_label_mask():
+    model, controller = _ready(FoLoRAConfig())
+    with pytest.raises(ValueError, match="training batch has no 'labels'"):
+        with controller.track_task(_batches(1, 4, labels=False)[0]):
+            pass
 
 
 def test_solve_before_calibrate_is_an_error():

@@ -6,6 +6,7 @@ import pytest
 
 from folora_ds.outputs import (
     OutputDirectoryError,
+    claimed,
     clear_output_directory,
     refuse_other_runs,
     replace_atomically,
@@ -98,3 +99,32 @@ def test_a_failed_swap_leaves_no_scratch(tmp_path):
     with pytest.raises(OSError), replace_atomically(target) as scratch:
         scratch.write_text("a file, not a folder")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_claim_is_held_by_one_holder_at_a_time_and_released_on_exit(tmp_path):
+    lock = tmp_path / "locks" / "run.lock"
+    with claimed(lock) as first:
+        with claimed(lock) as second:  # a second open file: flock refuses it even in the same process
+            assert (first, second) == (True, False)
+    with claimed(lock) as again:
+        assert again
+
+
+def test_a_claim_of_a_killed_holder_is_free_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    lock = tmp_path / "run.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom folora_ds.outputs import claimed\n"
+        f"with claimed({str(lock)!r}) as held:\n    print(held, flush=True)\n    time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with claimed(lock) as held:
+            assert not held
+    finally:
+        holder.kill()
+        holder.wait()
+    with claimed(lock) as held:
+        assert held
