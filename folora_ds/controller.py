@@ -180,12 +180,15 @@ class FoLoRAController:
         with torch.no_grad():
             while True:
                 batch = next(batches, None)
-                if not any(comm.all_gather_counts(int(batch is not None), self._device, self.group)):
+                problem = _labels_problem(batch, "task calibration") if use_labels and batch is not None else None
+                flags = comm.all_gather_counts(int(batch is not None) + 2 * int(problem is not None), self._device,
+                                               self.group)
+                if any(flag & 2 for flag in flags):  # every rank raises together, none waits in a collective
+                    raise_if_any(problem, self.group)
+                if not any(flag & 1 for flag in flags):
                     break
                 counting = batch is not None
                 batch = {name: tensor.to(self._device) for name, tensor in batch.items()} if counting else last
-                if use_labels and counting:
-                    _require_labels(batch, "task calibration")
                 mask = batch.get("attention_mask")
                 if not counting:
                     mask = torch.zeros_like(batch["input_ids"])
@@ -283,12 +286,15 @@ class FoLoRAController:
         Collective on N ranks: each input's token rows go to its owner during the forward, so every rank must
         run the same number of training forwards inside ``track_task`` (as data-parallel training does)."""
         self.task_forwards += 1
+        use_labels = self.config.task_token_mask == "labels"
+        problem = _labels_problem(batch, "training") if use_labels else None
+        if self.task_forwards == 1:  # collective on the first forward: every rank raises together
+            raise_if_any(problem, self.group)
+        elif problem is not None:
+            raise ValueError(problem)
         if (self.task_forwards - 1) % self.config.statistics_every != 0:
             yield
             return
-        use_labels = self.config.task_token_mask == "labels"
-        if use_labels:
-            _require_labels(batch, "training")
         generator = None
         if self.config.statistics_tokens is not None:
             generator = torch.Generator().manual_seed(
@@ -621,10 +627,18 @@ class FoLoRAController:
         self.collector.remove()
 
 
-def _require_labels(batch: Mapping[str, torch.Tensor], where: str) -> None:
-    """``task_token_mask="labels"`` counts the tokens with a label: a batch without ``labels`` would silently count
-    every token instead."""
-    if batch.get("labels") is None:
-        raise ValueError(f"task_token_mask='labels' (the default) counts C_task over the tokens with a label, but a "
-                         f"{where} batch has no 'labels' (keys: {', '.join(sorted(batch))}); add labels (-100 = not "
-                         "counted) or set task_token_mask='attention' to count every real token")
+
+def _labels_problem(batch: Mapping[str, torch.Tensor], where: str) -> str | None:
+    """Why ``batch`` cannot be counted under ``task_token_mask="labels"`` (which counts the tokens with a label),
+    or None: without ``labels`` it would silently count every token instead, and labels that are not one per
+    input token (sequence classification, encoder-decoder targets) select nothing meaningful."""
+    labels = batch.get("labels")
+    if labels is None:
+        return (f"task_token_mask='labels' counts C_task over the tokens with a label, but a {where} batch has no "
+                f"'labels' (keys: {', '.join(sorted(batch))}); add labels (-100 = not counted) or set "
+                "task_token_mask='attention' to count every real token")
+    if tuple(labels.shape) != tuple(batch["input_ids"].shape):
+        return (f"task_token_mask='labels' needs one label per input token, but a {where} batch has labels "
+                f"{tuple(labels.shape)} for input_ids {tuple(batch['input_ids'].shape)}; set "
+                "task_token_mask='attention' to count every real token")
+    return None

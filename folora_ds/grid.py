@@ -158,7 +158,7 @@ class GridRun:
         identity = {"version": SPEC_VERSION, "method": self.method, "lr": float(self.lr), "seed": self.seed,
                     "steps": list(self.steps), "settings": settings.identity()}
         if self.method == "folora":
-            resolved = FoLoRAConfig.from_dict(dict(self.knobs)).to_dict()
+            resolved = grid_folora_config(settings, self.knobs).to_dict()
             resolved.pop("proxy")  # the grid's shared proxy settings are in "settings"
             identity["folora"] = resolved
         if self.proxy_sequences is not None:  # absent by default, so runs made before it existed keep their key
@@ -357,17 +357,24 @@ class SharedArtifacts:
 
     def folora_config(self, knobs: Mapping[str, Any] = {}) -> FoLoRAConfig:
         """FoLoRA's config of this grid (its adapter, the shared proxy set) with ``knobs`` on top."""
-        settings = self.settings
-        return FoLoRAConfig.from_dict({
-            "lora_rank": settings.lora_rank, "lora_alpha": settings.lora_alpha,
-            "target_modules": list(settings.target_modules) if isinstance(settings.target_modules, tuple)
-            else settings.target_modules, "max_seq_len": settings.max_seq_len, **dict(knobs),
-            "proxy": {**asdict(settings.proxy), "path": str(self.proxy_path)}})
+        return grid_folora_config(self.settings, knobs, proxy_path=self.proxy_path)
+
+    def _computed_once(self, name: str):
+        """The claim under which one of several workers sharing this folder computes the artefact ``name``; the
+        others wait for it and then find the file (callers check again inside)."""
+        from folora_ds.outputs import claimed
+
+        return claimed(self.directory / f".{name}.lock", wait=True)
 
     def ensure_proxy(self) -> None:
         """Sample the proxy set from the base model once (``proxy.jsonl``, written complete or not at all)."""
         if self.proxy_path.is_file():
             return
+        with self._computed_once("proxy"):
+            if not self.proxy_path.is_file():
+                self._sample_proxy()
+
+    def _sample_proxy(self) -> None:
         from folora_ds.models import load_model
         from folora_ds.proxy import sample_proxy, save_proxy_jsonl
 
@@ -393,13 +400,13 @@ class SharedArtifacts:
         from folora_ds.outputs import write_json
 
         path = self.directory / "base_evaluation.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        _phase("measuring the base model")
-        model, tokenizer = self.base()
-        result = measure_base(model, tokenizer, self.suite(), progress=self.progress)
-        write_json(path, result)
-        return result
+        if not path.is_file():
+            with self._computed_once("base_evaluation"):
+                if not path.is_file():
+                    _phase("measuring the base model")
+                    model, tokenizer = self.base()
+                    write_json(path, measure_base(model, tokenizer, self.suite(), progress=self.progress))
+        return json.loads(path.read_text())
 
     def suite(self):
         from folora_ds.evaluation import EvaluationSuite
@@ -415,7 +422,9 @@ class SharedArtifacts:
             return self._statistics[seed]
         pre_path, task_path = self.directory / "statistics_pre.pt", self.directory / f"statistics_seed{seed}.pt"
         if not (pre_path.is_file() and task_path.is_file()):
-            self._compute_statistics(seed, pre_path, task_path)
+            with self._computed_once(f"statistics_seed{seed}"):
+                if not (pre_path.is_file() and task_path.is_file()):
+                    self._compute_statistics(seed, pre_path, task_path)
         pre, task = torch.load(pre_path, weights_only=True), torch.load(task_path, weights_only=True)
         self._statistics = {seed: {"members": pre["members"], "pre": pre["covariances"],
                                    "task": task["covariances"]}}  # one seed held at a time (~0.8 GB for SmolLM2)
@@ -436,7 +445,9 @@ class SharedArtifacts:
         from folora_ds.proxy import load_proxy_jsonl
 
         _phase(f"collecting C_pre and C_task (seed {seed}) for the covariance baselines and forgetting measures")
-        folora = self.folora_config({"statistics_tokens": None})
+        # C_task over every real token, whatever FoLoRA's default: SC-LoRA's published init covers its task data
+        # whole, and a grid folder's cached statistics must not change meaning with a FoLoRA default
+        folora = self.folora_config({"statistics_tokens": None, "task_token_mask": "attention"})
         data = TrainingData(self.settings, seed, steps=self.settings.calibration_steps)
         model = get_peft_model(data.model, data.lora_config("lora"))
         controller = FoLoRAController(model, folora)
@@ -452,6 +463,17 @@ class SharedArtifacts:
                 torch.save({"members": members, "covariances": {k: v.float().cpu() for k, v in covariances.items()}},
                            scratch)
         controller.remove()
+
+
+def grid_folora_config(settings: GridSettings, knobs: Mapping[str, Any] = {}, *,
+                       proxy_path: Path | None = None) -> FoLoRAConfig:
+    """FoLoRA's config in a grid: the adapter shape and ``max_seq_len`` of ``settings``, ``knobs`` on top, the
+    grid's proxy settings (reading the shared set at ``proxy_path``). What a FoLoRA run trains with and is keyed by."""
+    return FoLoRAConfig.from_dict({
+        "lora_rank": settings.lora_rank, "lora_alpha": settings.lora_alpha,
+        "target_modules": list(settings.target_modules) if isinstance(settings.target_modules, tuple)
+        else settings.target_modules, "max_seq_len": settings.max_seq_len, **dict(knobs),
+        "proxy": {**asdict(settings.proxy), "path": None if proxy_path is None else str(proxy_path)}})
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -651,6 +673,12 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
             if not _run_claimed(run, spec.settings, shared, output_dir, progress):
                 held_elsewhere.append(run)
         for entry in best:
+            unfinished = [run for run in spec.runs if run.label == entry.label
+                          and not _complete(run, output_dir / "runs" / run.slug(spec.settings))]
+            if unfinished:  # another worker still trains part of the sweep the best rate is chosen from
+                _phase(f"{entry.label}: {len(unfinished)} run(s) of its sweep are not finished yet; its best learning "
+                       "rate is chosen when they are (run the grid again)")
+                continue
             lr = entry.resolve(collect_rows(GridSpec(spec.settings, spec.runs), output_dir))
             if lr is None:
                 _phase(f"{entry.label}: no finished run to choose its best learning rate from; skipped for now")
@@ -778,11 +806,15 @@ def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]
                                            if run.slug(spec.settings) not in {r.slug(spec.settings) for r in runs}]
     for run in runs:
         directory = output_dir / "runs" / run.slug(spec.settings)
-        if not _complete(run, directory, spec.settings):
+        try:
+            if not _complete(run, directory, spec.settings):
+                continue
+            train = json.loads((directory / "train.json").read_text())
+            results = {steps: json.loads((directory / f"step{steps}" / "evaluation.json").read_text())
+                       for steps in run.steps}
+        except FileNotFoundError:  # another worker on this folder is removing it as stale: not complete
             continue
-        train = json.loads((directory / "train.json").read_text())
-        for steps in run.steps:
-            result = json.loads((directory / f"step{steps}" / "evaluation.json").read_text())
+        for steps, result in results.items():
             penalty, energy = result["penalty_by_module"], result["base_energy_by_module"]
             rows.append({
                 "label": run.label, "method": run.method, "lr": run.lr, "seed": run.seed, "steps": steps,

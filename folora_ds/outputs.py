@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,27 +115,36 @@ def _remove_abandoned_scratches(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def claimed(lock: Path) -> Iterator[bool]:
-    """Yield whether this process holds the exclusive claim ``lock`` (a file; created if missing) for the body.
+def claimed(lock: Path, *, wait: bool = False) -> Iterator[bool]:
+    """Yield whether this process holds the exclusive claim ``lock`` (a file; created if missing) for the body;
+    with ``wait``, block until it does (then always True).
 
     The claim is an advisory ``flock`` on the open file: the kernel drops it when the holder exits, however it
     exits, so a killed worker never leaves a claim behind and no liveness check is needed. Two grid workers sharing
     an output folder claim a run before training it; the one that finds it held moves on. The file stays (removing
-    it while another process has it open would let a third claim a different inode).
+    it while another process has it open would let a third claim a different inode). Claims hold between the
+    processes of one host, and across hosts only on a file system with working ``flock`` (NFSv4, Lustre mounted with
+    ``-o flock``); where the file system refuses ``flock`` a warning says so and the body runs unclaimed.
     """
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
         except BlockingIOError:
-            yield False
+            held = False
+        except OSError as problem:  # ENOSYS/EOPNOTSUPP/ENOLCK: no flock on this file system
+            warnings.warn(f"cannot claim {str(lock)!r} ({problem}); running unclaimed: do not share this folder "
+                          "between workers", stacklevel=3)
+            yield True
             return
         try:
-            yield True
+            yield held
         finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
     finally:
         os.close(descriptor)
 

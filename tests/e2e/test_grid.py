@@ -249,3 +249,18 @@ def test_a_folora_run_is_keyed_by_its_resolved_config_not_by_how_its_knobs_spell
 
     assert digest() == digest(tau=default_tau)  # a knob at its default value is the default run
     assert digest() != digest(tau=default_tau * 2)
+
+
+def test_a_best_rate_entry_waits_until_its_sweep_is_finished(tmp_path, monkeypatch):
+    """A worker that left part of the sweep to another worker does not choose the best rate from the rest."""
+    from folora_ds.outputs import claimed
+
+    spec = load_spec(_spec([{"label": "plain LoRA", "method": "lora", "lrs": [2e-3, 3e-3], "seeds": [0],
+                             "steps": [2]},
+                            {"label": "plain LoRA", "method": "lora", "lrs": "best", "seeds": [1], "steps": [2]}]))
+    with claimed(tmp_path / "claims" / f"{spec.runs[1].slug(spec.settings)}.lock"):
+        rows = run_grid(spec, tmp_path, progress=False)
+    assert [(row["lr"], row["seed"]) for row in rows] == [(2e-3, 0)]  # no seed-1 run at a half-known best rate
+    rows = run_grid(spec, tmp_path, progress=False)
+    assert sorted(row["lr"] for row in rows if row["seed"] == 0) == [2e-3, 3e-3]
+    assert [row["seed"] for row in rows].count(1) == 1  # now chosen from the whole sweep

@@ -198,11 +198,20 @@ def test_the_default_label_mask_refuses_task_batches_without_labels_and_attentio
     torch.testing.assert_close(controller.task_ema[key], rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
 
 
-def test_a_training_batch_without_labels_is_refused_under_the_label_mask():
-    model, controller = _ready(FoLoRAConfig())
+def test_a_training_batch_without_labels_is_refused_under_the_label_mask_even_when_not_sampled():
+    model, controller = _ready(FoLoRAConfig(statistics_every=2))
+    with controller.track_task(_batches(1, 4)[0]):
+        pass
     with pytest.raises(ValueError, match="training batch has no 'labels'"):
-        with controller.track_task(_batches(1, 4, labels=False)[0]):
+        with controller.track_task(_batches(1, 4, labels=False)[0]):  # the 2nd forward: not sampled, still checked
             pass
+
+
+def test_labels_that_are_not_one_per_token_are_refused_naming_the_attention_mask():
+    batch = _batches(1, 3)[0]
+    batch["labels"] = torch.zeros(4, dtype=torch.long)  # sequence classification: one label per sequence
+    with pytest.raises(ValueError, match=r"one label per input token.*\(4,\).*\(4, 12\).*'attention'"):
+        FoLoRAController(_model(), FoLoRAConfig()).calibrate(_batches(1, 1), [batch])
 
 
 def test_solve_before_calibrate_is_an_error():

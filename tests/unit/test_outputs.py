@@ -128,3 +128,35 @@ def test_a_claim_of_a_killed_holder_is_free_at_once(tmp_path):
         holder.wait()
     with claimed(lock) as held:
         assert held
+
+
+def test_a_waiting_claim_blocks_until_the_holder_releases(tmp_path):
+    import threading
+    import time
+
+    lock, order = tmp_path / "shared.lock", []
+
+    def waiter():
+        with claimed(lock, wait=True) as held:
+            order.append(("waiter", held))
+
+    with claimed(lock) as first:
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)
+        order.append(("holder done", first))
+    thread.join(timeout=10)
+    assert order == [("holder done", True), ("waiter", True)]
+
+
+def test_a_file_system_without_flock_warns_and_runs_unclaimed(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="running unclaimed"):
+        with claimed(tmp_path / "run.lock") as held:
+            assert held
