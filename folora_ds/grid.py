@@ -667,27 +667,38 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
         _phase(f"{len(selected) - len(todo)} of {len(selected)} runs{' selected by --only' if only else ''} already "
                f"complete; {len(todo)} to go"
                + (f" (+ {len(best)} entries at their best learning rate)" if best else ""))
-        held_elsewhere = []
+        held_elsewhere: list[GridRun] = []
+        waiting = list(best)
+
+        def run_best_entries(final: bool) -> None:
+            """Run each "best" entry whose sweep is finished (as soon as it is: its seeds need not wait for
+            unrelated entries); at the end, say which could not be decided."""
+            for entry in list(waiting):
+                unfinished = [run for run in spec.runs if run.label == entry.label
+                              and not _complete(run, output_dir / "runs" / run.slug(spec.settings))]
+                if unfinished:  # its sweep, or part of it held by another worker, is still running
+                    if final:
+                        _phase(f"{entry.label}: {len(unfinished)} run(s) of its sweep are not finished; its best "
+                               "learning rate is chosen when they are (run the grid again)")
+                    continue
+                waiting.remove(entry)
+                lr = entry.resolve(collect_rows(GridSpec(spec.settings, spec.runs), output_dir))
+                if lr is None:
+                    _phase(f"{entry.label}: no finished run to choose its best learning rate from; skipped for now")
+                    continue
+                for run in entry.runs(lr):
+                    if not _complete(run, output_dir / "runs" / run.slug(spec.settings), spec.settings):
+                        _phase(f"{run.label} at its best lr {lr:g}: seed {run.seed}, steps {list(run.steps)}")
+                        if not _run_claimed(run, spec.settings, shared, output_dir, progress):
+                            held_elsewhere.append(run)
+
+        run_best_entries(final=False)
         for index, run in enumerate(todo, 1):
             _phase(f"[{index}/{len(todo)}] {run.label}: lr {run.lr:g}, seed {run.seed}, steps {list(run.steps)}")
             if not _run_claimed(run, spec.settings, shared, output_dir, progress):
                 held_elsewhere.append(run)
-        for entry in best:
-            unfinished = [run for run in spec.runs if run.label == entry.label
-                          and not _complete(run, output_dir / "runs" / run.slug(spec.settings))]
-            if unfinished:  # another worker still trains part of the sweep the best rate is chosen from
-                _phase(f"{entry.label}: {len(unfinished)} run(s) of its sweep are not finished yet; its best learning "
-                       "rate is chosen when they are (run the grid again)")
-                continue
-            lr = entry.resolve(collect_rows(GridSpec(spec.settings, spec.runs), output_dir))
-            if lr is None:
-                _phase(f"{entry.label}: no finished run to choose its best learning rate from; skipped for now")
-                continue
-            for run in entry.runs(lr):
-                if not _complete(run, output_dir / "runs" / run.slug(spec.settings), spec.settings):
-                    _phase(f"{run.label} at its best lr {lr:g}: seed {run.seed}, steps {list(run.steps)}")
-                    if not _run_claimed(run, spec.settings, shared, output_dir, progress):
-                        held_elsewhere.append(run)
+            run_best_entries(final=False)
+        run_best_entries(final=True)
         if held_elsewhere:
             _phase(f"{len(held_elsewhere)} run(s) were being trained by another worker on this folder and are not "
                    "in this report yet: " + "; ".join(f"{run.label} lr {run.lr:g} seed {run.seed}"

@@ -264,3 +264,16 @@ def test_a_best_rate_entry_waits_until_its_sweep_is_finished(tmp_path, monkeypat
     rows = run_grid(spec, tmp_path, progress=False)
     assert sorted(row["lr"] for row in rows if row["seed"] == 0) == [2e-3, 3e-3]
     assert [row["seed"] for row in rows].count(1) == 1  # now chosen from the whole sweep
+
+
+def test_a_best_rate_entry_runs_as_soon_as_its_sweep_is_finished(tmp_path, monkeypatch):
+    spec = load_spec(_spec([{"label": "plain LoRA", "method": "lora", "lrs": [2e-3, 3e-3], "seeds": [0],
+                             "steps": [2]},
+                            {"label": "late", "method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2]},
+                            {"label": "plain LoRA", "method": "lora", "lrs": "best", "seeds": [1], "steps": [2]}]))
+    order = []
+    real_train = grid_module.train_run
+    monkeypatch.setattr(grid_module, "train_run", lambda run, *a, **k: order.append((run.label, run.seed)) or
+                        real_train(run, *a, **k))
+    run_grid(spec, tmp_path, progress=False)
+    assert order == [("plain LoRA", 0), ("plain LoRA", 0), ("plain LoRA", 1), ("late", 0)]
