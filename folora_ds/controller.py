@@ -627,7 +627,6 @@ class FoLoRAController:
         self.collector.remove()
 
 
-
 def _labels_problem(batch: Mapping[str, torch.Tensor], where: str) -> str | None:
     """Why ``batch`` cannot be counted under ``task_token_mask="labels"`` (which counts the tokens with a label),
     or None: without ``labels`` it would silently count every token instead, and labels that are not one per

@@ -129,23 +129,21 @@ def claimed(lock: Path, *, wait: bool = False) -> Iterator[bool]:
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    locked = False
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            held = True
+            held = locked = True
         except BlockingIOError:
             held = False
         except OSError as problem:  # ENOSYS/EOPNOTSUPP/ENOLCK: no flock on this file system
             warnings.warn(f"cannot claim {str(lock)!r} ({problem}); running unclaimed: do not share this folder "
                           "between workers", stacklevel=3)
-            yield True
-            return
-        try:
-            yield held
-        finally:
-            if held:
-                fcntl.flock(descriptor, fcntl.LOCK_UN)
+            held = True
+        yield held
     finally:
+        if locked:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
 
 
