@@ -54,16 +54,21 @@ def test_solve_produces_one_projector_per_shared_input():
         assert projector.rank == 5
 
 
-def test_projected_init_keeps_row_norms_and_model_output():
-    model, controller = _ready(FoLoRAConfig())
+def _initialize_keeping_output(model, controller) -> dict[str, torch.Tensor]:
+    """Run `initialize_lora_a`, assert the model output did not move (B = 0), and return A from before."""
     before = {name: lora_a_weight(layer).detach().clone() for name, layer in controller.layers.items()}
     ids = _batches(1, 9)[0]
     with torch.no_grad():
         logits_before = model(**ids).logits
     controller.initialize_lora_a()
     with torch.no_grad():
-        logits_after = model(**ids).logits
-    assert torch.equal(logits_before, logits_after)  # B = 0: the adapter contributes nothing yet
+        assert torch.equal(logits_before, model(**ids).logits)  # B = 0: the adapter contributes nothing yet
+    return before
+
+
+def test_projected_init_keeps_row_norms_and_model_output():
+    model, controller = _ready(FoLoRAConfig())
+    before = _initialize_keeping_output(model, controller)
     changed = 0
     for name, layer in controller.layers.items():
         after = lora_a_weight(layer).detach()
@@ -74,13 +79,7 @@ def test_projected_init_keeps_row_norms_and_model_output():
 
 def test_eigenvector_init_writes_the_top_lambda_directions_and_keeps_the_output():
     model, controller = _ready(FoLoRAConfig(init="eigenvectors"))
-    before = {name: lora_a_weight(layer).detach().clone() for name, layer in controller.layers.items()}
-    ids = _batches(1, 9)[0]
-    with torch.no_grad():
-        logits_before = model(**ids).logits
-    controller.initialize_lora_a()
-    with torch.no_grad():
-        assert torch.equal(logits_before, model(**ids).logits)  # B = 0
+    before = _initialize_keeping_output(model, controller)
     for name, layer in controller.layers.items():
         projector = controller.owned_projectors[controller.collector.key_of(name)]
         expected = eigenvector_rows(before[name].double(), projector).float()
