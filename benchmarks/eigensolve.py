@@ -26,7 +26,7 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int) -> dict:
 
     import torch
 
-    from folora_ds.spectral import solve_generalized_eigenproblem
+    from folora_ds.method.eigensolve import solve_generalized_eigenproblem
 
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(dim)

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from folora_ds.optim import GatedAdamW
-from folora_ds.projector import Projector
+from folora_ds.method.gated_adamw import GatedAdamW
+from folora_ds.method.projector import Projector
 
 
 def _sync(device: torch.device) -> None:

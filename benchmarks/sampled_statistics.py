@@ -23,12 +23,13 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 
-from folora_ds.config import FoLoRAConfig, ProxyConfig
-from folora_ds.data import DEFAULT_TASK_FILE, TaskCollator, build_task_dataset
-from folora_ds.projector import apply_projector, build_projector
-from folora_ds.proxy import proxy_batches, sample_proxy
-from folora_ds.spectral import effective_tau, gate_values, solve_generalized_eigenproblem, zero_null_space
-from folora_ds.stats import CovarianceCollector
+from folora_ds.controller.proxy import proxy_batches, sample_proxy
+from folora_ds.method.config import FoLoRAConfig, ProxyConfig
+from folora_ds.method.covariance import CovarianceCollector
+from folora_ds.method.eigensolve import solve_generalized_eigenproblem
+from folora_ds.method.projector import apply_projector, build_projector
+from folora_ds.method.spectral import effective_tau, gate_values, zero_null_space
+from folora_ds.training.data import DEFAULT_TASK_FILE, TaskCollator, build_task_dataset
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -73,7 +74,7 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     if args.model:
-        from folora_ds.models import load_model
+        from folora_ds.training.models import load_model
 
         model, tokenizer = load_model(args.model)
     else:

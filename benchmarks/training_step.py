@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from folora_ds.config import FoLoRAConfig
+from folora_ds.method.config import FoLoRAConfig
 
 
 def _sync() -> None:
@@ -41,7 +41,7 @@ def _model(args, ds_config: dict | None = None):
     import deepspeed
     from peft import LoraConfig, get_peft_model
 
-    from folora_ds.models import build_tiny_llama
+    from folora_ds.training.models import build_tiny_llama
 
     partitioned = deepspeed.zero.Init(config_dict_or_path=ds_config) if ds_config else contextlib.nullcontext()
     with partitioned:
@@ -61,8 +61,8 @@ def _batch(args, seed: int, device):
 def _use_synthetic_bases() -> None:
     """Replace the eigensolve by a random orthonormal (d, k) basis with gates 0.5: the training step's cost depends
     on k and d only, and a d = 28672 solve takes over an hour on 2 cores (``benchmarks/eigensolve.py`` times it)."""
-    from folora_ds.projector import Projector
-    from folora_ds.spectral import SolveReport, SpectralSolver
+    from folora_ds.method.projector import Projector
+    from folora_ds.method.spectral import SolveReport, SpectralSolver
 
     def solve(self, key, c_task, c_pre, *, tau_scale=1.0):
         d = c_pre.shape[0]
@@ -80,10 +80,10 @@ def _use_synthetic_bases() -> None:
 def _bench(rank: int, world: int, args) -> None:
     import deepspeed
 
-    import folora_ds.engine
+    import folora_ds.adapters.engine
     from folora_ds.distributed import comm
-    from folora_ds.plan import PlanSettings, make_plan, model_shape
-    from folora_ds.stats import CovarianceCollector
+    from folora_ds.method.covariance import CovarianceCollector
+    from folora_ds.training.plan import PlanSettings, make_plan, model_shape
 
     if args.synthetic_bases:
         _use_synthetic_bases()
@@ -125,7 +125,7 @@ def _bench(rank: int, world: int, args) -> None:
                      "folora": {"lora_rank": args.rank, "lora_alpha": 2 * args.rank, "k": args.k,
                                 "refresh_interval": 0,
                                 "statistics_tokens": args.statistics_tokens or None}}
-    folora_engine, controller = folora_ds.engine.initialize(
+    folora_engine, controller = folora_ds.adapters.engine.initialize(
         _model(args, partitioned).to(device), folora_config, proxy_batches=[_batch(args, 100 + rank, device)],
         task_batches=[_batch(args, 200 + rank, device)])
     exchange = controller.collector._exchange

@@ -12,7 +12,8 @@ default without it): DeepSpeed's keys go to the engine, the ``"folora"`` block t
 ``"folora"`` fields (values parsed as JSON, else plain strings). ``--lr``, ``--weight-decay`` and ``--batch-size``
 fill the config's optimizer and micro-batch keys; a flag that disagrees with the file is an error, not a silent
 pick. Every user error (config, data, model, output directory, checkpoint) ends with one line naming the
-setting, file or row, and exit code 2.
+setting, file or row, and exit code 2. Phase lines are logged to stderr (``-q``/``--quiet``: warnings only;
+``-v``/``--verbose``: debug too); results (tables, summaries, the paths written) go to stdout.
 """
 
 from __future__ import annotations
@@ -20,12 +21,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from folora_ds.config import FoLoRAConfig, MissingFoloraBlockError
+import torch
+
+from folora_ds.adapters.ds_config import load_ds_config
+from folora_ds.common.files import write_json
+from folora_ds.controller.proxy import sample_proxy, save_proxy_jsonl
+from folora_ds.method.config import FoLoRAConfig, MissingFoloraBlockError
+from folora_ds.toolkit.evaluation import EvaluationSettings, evaluate_adapters, format_evaluation
+from folora_ds.toolkit.grid import collect_rows, load_spec, lost_questions, run_grid
+from folora_ds.toolkit.report import write_report
+from folora_ds.training.models import load_model
+from folora_ds.training.plan import PlanSettings, format_plan, plan_from_files
+from folora_ds.training.run import DEFAULT_DS_CONFIG, RunSettings, format_summary, run
 
 EXIT_USER_ERROR = 2
 _USER_ERRORS = (ValueError, MissingFoloraBlockError, FileNotFoundError)
@@ -77,9 +91,6 @@ def build_run_config(config_path: str | None, overrides: Sequence[str] = (),
         ValueError: a flag disagrees with the value the file sets for the same key.
         MissingFoloraBlockError: the file has no ``"folora"`` block.
     """
-    from folora_ds.ds_config import load_ds_config
-    from folora_ds.run import DEFAULT_DS_CONFIG
-
     ds_config = copy.deepcopy(DEFAULT_DS_CONFIG) if config_path is None else load_ds_config(config_path)
     if "folora" not in ds_config:
         raise MissingFoloraBlockError(f'the DeepSpeed config {config_path!r} has no "folora" block; add "folora": '
@@ -103,14 +114,18 @@ def build_run_config(config_path: str | None, overrides: Sequence[str] = (),
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from folora_ds.run import RunSettings
-
     defaults = RunSettings()
     parser = argparse.ArgumentParser(prog="folora-ds", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    verbosity = argparse.ArgumentParser(add_help=False)  # every command takes them, after its name
+    loudness = verbosity.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only (progress bars "
+                          "stay; hide them with --no-progress where offered)")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
 
-    train = commands.add_parser("train", help="FoLoRA under DeepSpeed (one process, or one per rank under a "
-                                "launcher), compared with plain AdamW")
+    train = commands.add_parser("train", parents=[verbosity],
+                                help="FoLoRA under DeepSpeed (one process, or one per rank under a "
+                                     "launcher), compared with plain AdamW")
     train.add_argument("--config", "--deepspeed", dest="config", metavar="CONFIG",
                        help='DeepSpeed JSON config with a "folora" block (default: one process, ZeRO-0, micro-batch '
                             "8, AdamW lr 1e-3)")
@@ -136,15 +151,17 @@ def _build_parser() -> argparse.ArgumentParser:
                                                "rank dies or hangs (default 600)")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    sample = commands.add_parser("sample-proxy", help="sample a pretraining-proxy calibration set to JSONL")
+    sample = commands.add_parser("sample-proxy", parents=[verbosity],
+                                 help="sample a pretraining-proxy calibration set to JSONL")
     sample.add_argument("--config", help='DeepSpeed JSON config with a "folora" block (defaults if omitted)')
     sample.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sample.add_argument("--model", default=defaults.model)
     sample.add_argument("--output", required=True, help="JSONL file to write")
     sample.add_argument("--no-progress", action="store_true")
 
-    plan = commands.add_parser("plan", help="per-rank memory, communication and solve time of a run, from a "
-                               "config.json (no weights)")
+    plan = commands.add_parser("plan", parents=[verbosity],
+                               help="per-rank memory, communication and solve time of a run, from a "
+                                    "config.json (no weights)")
     plan.add_argument("--model-config", required=True, metavar="CONFIG",
                       help="a HF config.json, a model folder, or a shipped name: llama-2-7b, llama-3-8b, llama-3-70b")
     plan.add_argument("--world", type=int, required=True, help="data-parallel ranks")
@@ -164,8 +181,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       "on the solving device (default: measured here)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    evaluate = commands.add_parser("evaluate", help="target accuracy, KL on held-out text and retention of peft "
-                                   "adapters against their base model")
+    evaluate = commands.add_parser("evaluate", parents=[verbosity],
+                                   help="target accuracy, KL on held-out text and retention of peft "
+                                        "adapters against their base model")
     evaluate.add_argument("--model", default=defaults.model, help="the base model the adapters were trained on")
     evaluate.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                           help="a peft adapter directory, e.g. --adapter folora=out/folora_adapter (repeatable)")
@@ -178,8 +196,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="also write the results as JSON here")
     evaluate.add_argument("--no-progress", action="store_true")
 
-    grid = commands.add_parser("grid", help="train and measure a grid of methods x learning rates x seeds x steps "
-                               "(cached and resumable), then write the tables and plots")
+    grid = commands.add_parser("grid", parents=[verbosity],
+                               help="train and measure a grid of methods x learning rates x seeds x steps "
+                                    "(cached and resumable), then write the tables and plots")
     grid.add_argument("spec", help="a grid spec JSON, or a shipped grid's name (smollm2, demo, quick)")
     grid.add_argument("--output", required=True, help="the grid's folder (reused: finished runs are not redone)")
     grid.add_argument("--only", action="append", metavar="LABEL", help="run only the entries with this label "
@@ -195,9 +214,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from folora_ds.grid import collect_rows, load_spec, lost_questions, run_grid
-    from folora_ds.report import write_report
-
     spec = load_spec(args.spec)
     if args.only:
         unknown = sorted(set(args.only) - {run.label for run in spec.runs})
@@ -218,9 +234,6 @@ def _grid(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from folora_ds.evaluation import EvaluationSettings, evaluate_adapters, format_evaluation
-    from folora_ds.outputs import write_json
-
     adapters = {}
     for item in args.adapter:
         name, separator, path = item.partition("=")
@@ -231,8 +244,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         adapters[name] = path
     settings = EvaluationSettings(**({} if args.test_data is None else {"test_data": args.test_data}),
                                   test_records=args.test_records, heldout_passages=args.heldout)
-    import torch
-
     results = evaluate_adapters(args.model, adapters, settings, progress=not args.no_progress, device=args.device,
                                 dtype=getattr(torch, args.dtype))
     print(format_evaluation(results))
@@ -242,8 +253,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from folora_ds.plan import PlanSettings, format_plan, plan_from_files
-
     ds_config = build_run_config(args.config, args.overrides) if args.config else {
         "folora": _parse_overrides(args.overrides)}
     zero = ds_config.get("zero_optimization") or {}
@@ -262,8 +271,6 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from folora_ds.run import RunSettings, format_summary, run
-
     settings = RunSettings(model=args.model, data=args.data, output_dir=args.output_dir, steps=args.steps,
                            eval_fraction=args.eval_fraction, calibration_steps=args.calibration_steps,
                            seed=args.seed, baseline=not args.no_baseline, overwrite=args.overwrite,
@@ -278,9 +285,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample_proxy(args: argparse.Namespace) -> int:
-    from folora_ds.models import load_model
-    from folora_ds.proxy import sample_proxy, save_proxy_jsonl
-
     config = load_folora_config(args.config, args.overrides)
     model, tokenizer = load_model(args.model)
     samples = sample_proxy(model, tokenizer, config.proxy, progress=not args.no_progress)
@@ -289,9 +293,38 @@ def _sample_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not the one of the moment it was configured (a
+    program that calls ``main`` more than once, or swaps stderr in between, keeps getting its lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(level: int) -> None:
+    """Send the package's log lines (phases, files written) at ``level`` and above to stderr, each prefixed with
+    ``[folora-ds]`` and, under a launcher of several processes, the rank. Only the ``folora_ds`` logger is
+    configured: DeepSpeed's and transformers' own loggers keep their settings."""
+    handler = _CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter(f"[folora-ds] {_rank_label()}%(message)s"))
+    logger = logging.getLogger("folora_ds")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``folora-ds``; returns the exit code."""
     args = _build_parser().parse_args(argv)
+    configure_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:
         return {"train": _train, "sample-proxy": _sample_proxy, "plan": _plan,
                 "evaluate": _evaluate, "grid": _grid}[args.command](args)
@@ -303,8 +336,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _rank_label() -> str:
     """"[rank N] " under a launcher of several processes (read from its environment: the process group may be
     gone by the time an error is printed), else ""."""
-    import os
-
     world = os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
     rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     return f"[rank {rank}] " if int(world) > 1 else ""

@@ -12,10 +12,16 @@ every wait.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import importlib
+import os
+import socket
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from folora_ds.distributed.slurm import rendezvous_from_slurm
 
 
 def is_running() -> bool:
@@ -154,14 +160,8 @@ def init_distributed(timeout_seconds: float = 600.0) -> bool:
     Raises:
         ValueError: the environment announces several processes (WORLD_SIZE or PMI_SIZE > 1) without a RANK.
     """
-    import datetime
-    import importlib
-    import os
-    import socket
-
     if is_running():
         return False
-    from folora_ds.distributed.slurm import rendezvous_from_slurm
 
     os.environ.update(rendezvous_from_slurm(os.environ))  # a rank started by srun itself: SLURM's variables mapped
     if not torch.cuda.is_available():
@@ -196,8 +196,6 @@ def init_distributed(timeout_seconds: float = 600.0) -> bool:
 
 def shutdown() -> None:
     """Destroy the process group (call only where ``init_distributed`` returned True)."""
-    import os
-
     if is_running():
         _dist().destroy_process_group()
     while _SET_BY_US:

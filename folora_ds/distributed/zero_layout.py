@@ -37,8 +37,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 from folora_ds.distributed import comm
-from folora_ds.flat import CutRow, Fragment, local_cut_rows
-from folora_ds.optim import FlatPartitionLayout, GatedAdamW
+from folora_ds.method.flat_partitions import CutRow, Fragment, local_cut_rows
+from folora_ds.method.gated_adamw import FlatPartitionLayout, GatedAdamW
 
 
 def _zero12_fragments(zero_optimizer, group_index: int, names: Mapping[int, str]) -> list[Fragment]:
@@ -152,4 +152,3 @@ def register_zero_partitions(engine, optimizer: GatedAdamW, lora_a_names: Mappin
         fragments = _zero12_fragments(zero_optimizer, group_index, lora_a_names)
         layouts.append(_register_layout(optimizer, flat, fragments, projector_rank, process_group))
     return layouts
-

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.multiprocessing import ProcessRaisedException
 
-from tests.distributed.helpers import (
+from tests.testing.ranks import (
     MICRO_BATCHES_PER_STEP,
     calibration_shards,
     ds_config,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from tests.distributed.helpers import (
+from tests.testing.ranks import (
     batch,
     ds_config,
     free_port,

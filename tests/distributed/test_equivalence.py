@@ -17,59 +17,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from folora_ds.config import FoLoRAConfig
-from folora_ds.controller import FoLoRAController
-from folora_ds.optim import GatedAdamW, folora_param_groups
-from tests.distributed.helpers import (
-    ADAMW,
+from folora_ds.method.config import FoLoRAConfig
+from folora_ds.method.gated_adamw import GatedAdamW
+from tests.testing.ranks import (
     CLIP,
     FOLORA,
     MICRO_BATCHES_PER_STEP,
     STEPS,
     VOCAB,
+    assert_matches_reference,
     batch,
     budget_values,
     calibration_shards,
     ds_config,
     full_weights,
-    micro_batch,
     proxy_batch,
     run_ranks,
+    single_process_reference,
     tiny_model,
     train_steps,
 )
 
 DEFAULT_EPS_ATOL = 1e-5  # observed 3e-7 (ZeRO-2 × 3 ranks) and 2e-7 (ZeRO-3 × 2) after 10 steps with eps = 1e-8
-
-
-def _reference(folora_overrides: dict | None = None, adamw_overrides: dict | None = None,
-               tokens: int = VOCAB, num_layers: int = 1) -> dict[str, torch.Tensor]:
-    """The same controller in one plain process (world size 1, no process group, no DeepSpeed)."""
-    adamw = {**ADAMW, **(adamw_overrides or {})}
-    model = tiny_model(num_layers=num_layers)
-    controller = FoLoRAController(model, FoLoRAConfig(**{**FOLORA, **(folora_overrides or {})}))
-    controller.calibrate([proxy_batch(i) for i in range(6)], [batch(i, tokens) for i in range(6)])
-    controller.solve()
-    controller.initialize_lora_a()
-    optimizer = GatedAdamW(folora_param_groups(model, weight_decay=adamw["weight_decay"]), lr=adamw["lr"],
-                           betas=tuple(adamw["betas"]), eps=adamw["eps"])
-    controller.attach(optimizer)
-    model.train()
-    for step in range(STEPS):
-        for index in range(MICRO_BATCHES_PER_STEP):
-            data = micro_batch(step, index, tokens)
-            with controller.track_task(data):
-                loss = model(**data).loss / MICRO_BATCHES_PER_STEP
-            loss.backward()
-        if CLIP:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)
-        optimizer.step()
-        optimizer.zero_grad()
-        controller.after_step()
-    controller.check_gating()
-    assert set(optimizer.gated_step_counts().values()) == {STEPS}
-    weights = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
-    return {**weights, **budget_values(controller), "summaries": controller.layer_summaries()}
 
 
 def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = None,
@@ -95,30 +64,14 @@ def _distributed(rank: int, world: int, stage: int, zero_extra: dict | None = No
 
 @pytest.fixture(scope="module")
 def reference():
-    return _reference()
-
-
-def _assert_matches_reference(results: list[dict], reference: dict, atol: float = 1e-6) -> None:
-    for rank, result in enumerate(results):
-        assert result["steps"] == STEPS, f"rank {rank}"
-        assert result["refreshes"] == STEPS // FOLORA["refresh_interval"]
-        assert result["gated"] and set(result["gated"]) == {STEPS}, f"rank {rank}: gated steps {result['gated']}"
-        for name, expected in reference.items():
-            if name == "summaries":
-                continue
-            # τ's factor (~6) and F are scalars computed from float32 statistics summed in another order on every
-            # world size: relative agreement to 1e-6, not absolute; weights stay at the absolute 1e-6
-            budget_scalar = name in ("tau_scale", "last_measured")
-            torch.testing.assert_close(result["weights"][name], expected, rtol=1e-6 if budget_scalar else 0,
-                                       atol=0 if budget_scalar else atol,
-                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
+    return single_process_reference()
 
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_and_world_size_do_not_change_the_result(reference, stage, world):
     results = run_ranks(world, _distributed, stage)
-    _assert_matches_reference(results, reference)
+    assert_matches_reference(results, reference)
     if stage > 0:
         assert results[0]["cut_rows"] > 0, "partitions must cut LoRA-A rows, or this test could not fail"
 
@@ -127,7 +80,7 @@ def test_zero3_with_several_sub_groups_per_step_equals_one_process(reference):
     """DeepSpeed calls the client step once per ZeRO-3 sub-group: each must be gated once per optimizer step."""
     results = run_ranks(2, _distributed, 3, {"sub_group_size": 200})
     assert results[0]["gated_partitions"] >= 2, "the LoRA-A group must span several sub-groups"
-    _assert_matches_reference(results, reference)
+    assert_matches_reference(results, reference)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -137,15 +90,15 @@ def test_optimizer_offload_to_cpu_equals_one_process(reference, stage):
     results = run_ranks(2, _distributed, stage, {"offload_optimizer": {"device": "cpu"}})
     assert results[0]["offload"], "DeepSpeed must run the offload path"
     assert results[0]["gated_partitions"] >= 1
-    _assert_matches_reference(results, reference)
+    assert_matches_reference(results, reference)
 
 
 def test_default_adam_eps_agrees_within_a_looser_stated_tolerance():
     """With eps = 1e-8 tiny second moments amplify summation-order noise: ZeRO-2 on 3 ranks and one
     process agree to DEFAULT_EPS_ATOL, not 1e-6; longer runs drift further (the other tests use eps = 1e-3)."""
-    reference = _reference(None, {"eps": 1e-8})
-    _assert_matches_reference(run_ranks(3, _distributed, 2, None, None, {"eps": 1e-8}), reference,
-                              atol=DEFAULT_EPS_ATOL)
+    reference = single_process_reference(None, {"eps": 1e-8})
+    assert_matches_reference(run_ranks(3, _distributed, 2, None, None, {"eps": 1e-8}), reference,
+                             atol=DEFAULT_EPS_ATOL)
 
 
 BUDGET = {"forgetting_budget": 0.05, "budget_step_size": 0.5}  # over budget at both refreshes (τ scale ≈ 6)
@@ -155,12 +108,12 @@ BUDGET = {"forgetting_budget": 0.05, "budget_step_size": 0.5}  # over budget at 
 def test_forgetting_budget_adapts_tau_identically_on_every_rank(stage, world):
     """τ moves by dual ascent on the penalty measured across owners (gathered LoRA weights under ZeRO-3: the
     persistence threshold 0 keeps DeepSpeed from holding the small LoRA weights whole on every rank)."""
-    reference = _reference(BUDGET)
+    reference = single_process_reference(BUDGET)
     scale = float(reference["tau_scale"])
     assert 1.2 < scale < 0.5 * FoLoRAConfig().budget_max_tau_scale, f"τ scale {scale} must move but not clip"
     zero_extra = {"stage3_param_persistence_threshold": 0} if stage == 3 else None
     results = run_ranks(world, _distributed, stage, zero_extra, BUDGET)
-    _assert_matches_reference(results, reference)
+    assert_matches_reference(results, reference)
     for result in results:  # F itself, not only the clipped τ it drives
         torch.testing.assert_close(result["weights"]["last_measured"], reference["last_measured"], rtol=1e-6, atol=0)
 
@@ -168,7 +121,6 @@ def test_forgetting_budget_adapts_tau_identically_on_every_rank(stage, world):
 def _ungated_bug(rank: int, world: int, stage: int) -> str:
     """Train with the gate silently disabled (as a bug would) and report what check_gating says."""
     import folora_ds
-    from folora_ds.optim import GatedAdamW
 
     if stage == 0:
         GatedAdamW.set_projector = lambda self, param, projector: None  # projectors never installed
@@ -201,12 +153,12 @@ def test_k_splitting_a_tied_cluster_of_gates_gives_the_same_result_on_every_worl
     (as its complement, base gate 0), and the modules it feeds agree to 1e-6. o_proj's narrow-vocabulary inputs
     are ill-conditioned without any tie (reversing the order moves it by 6e-6 with or without the rule), hence 1e-4
     for the other modules."""
-    reference = _reference(None, None, NARROW_VOCABULARY)
+    reference = single_process_reference(None, None, NARROW_VOCABULARY)
     tied = {member for s in reference["summaries"] if s.base_gate == 0.0 and s.dim - s.stored > FOLORA["k"]
             for member in s.members}
     assert len(tied) == 5, f"q/k/v and gate/up must see a tied cluster larger than k, or this could not fail: {tied}"
     results = run_ranks(world, _distributed, stage, None, None, None, NARROW_VOCABULARY)
-    _assert_matches_reference(results, reference, atol=1e-4)
+    assert_matches_reference(results, reference, atol=1e-4)
     for result in results:
         for name, expected in reference.items():
             if name.removesuffix(".lora_A.default.weight") in tied or name.removesuffix(".lora_B.default.weight") \

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from tests.distributed.helpers import base_model, batch, ds_config, proxy_batch, run_ranks, tiny_model, train_steps
+from tests.testing.ranks import base_model, batch, ds_config, proxy_batch, run_ranks, tiny_model, train_steps
 
 
 def _train_and_export(rank: int, world: int, stage: int, directory: str):

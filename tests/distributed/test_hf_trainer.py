@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.helpers import (
+from tests.testing.ranks import (
     ADAMW,
     CLIP,
     FOLORA,
@@ -15,6 +15,7 @@ from tests.distributed.helpers import (
     batch,
     calibration_shards,
     full_weights,
+    micro_step,
     run_ranks,
     tiny_model,
 )
@@ -55,12 +56,7 @@ def _own_loop(rank: int, world: int, stage: int) -> dict[str, torch.Tensor]:
     engine.train()
     for step in range(STEPS):
         for a in range(ACCUMULATION):
-            data = _micro_batch(step, a * world + rank)
-            with controller.track_task(data):
-                loss = engine(**data).loss
-            engine.backward(loss)
-            engine.step()
-            controller.after_step()
+            micro_step(engine, controller, _micro_batch(step, a * world + rank))
     controller.check_gating()
     weights = full_weights(model, stage)
     engine.destroy()
@@ -72,14 +68,14 @@ def _trainer(rank: int, world: int, stage: int, output_dir: str, kind: str) -> t
     import datasets
     from transformers import TrainingArguments, default_data_collator
 
-    from folora_ds.hf import FoLoRATrainer, folora_trainer_class
+    from folora_ds.adapters.hf import FoLoRATrainer, folora_trainer_class
 
     model = tiny_model()
     extra, trainer_class = {}, FoLoRATrainer
     if kind == "sft":  # TRL's SFTTrainer on the same pre-tokenized rows and collator
         from trl import SFTConfig, SFTTrainer
 
-        from folora_ds.models import build_byte_tokenizer
+        from folora_ds.training.models import build_byte_tokenizer
 
         arguments_class, trainer_class = SFTConfig, folora_trainer_class(SFTTrainer)
         extra = {"packing": False, "dataset_kwargs": {"skip_prepare_dataset": True},
@@ -122,7 +118,7 @@ def _both(rank: int, world: int, stage: int, output_dir: str, kind: str) -> dict
 def test_trainer_equals_the_own_loop(stage, kind, tmp_path):
     from peft import PeftModel
 
-    from tests.distributed.helpers import base_model
+    from tests.testing.ranks import base_model
 
     if kind == "sft":
         pytest.importorskip("trl")

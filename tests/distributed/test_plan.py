@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.helpers import (
+from tests.testing.ranks import (
     FOLORA,
     base_model,
     calibration_shards,
@@ -53,8 +53,8 @@ def _measured(rank: int, world: int) -> dict:
 
 
 def test_plan_matches_a_measured_zero3_run(tmp_path):
-    from folora_ds.config import FoLoRAConfig
-    from folora_ds.plan import PlanSettings, plan_from_files
+    from folora_ds.method.config import FoLoRAConfig
+    from folora_ds.training.plan import PlanSettings, plan_from_files
 
     base_model(LAYERS).config.to_json_file(tmp_path / "config.json")
     results = run_ranks(2, _measured)

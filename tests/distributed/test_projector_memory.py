@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.helpers import batch, ds_config, proxy_batch, run_ranks, tiny_model
+from tests.testing.ranks import batch, ds_config, proxy_batch, run_ranks, tiny_model
 
 
 def _held_bytes(rank: int, world: int, stage: int) -> dict:

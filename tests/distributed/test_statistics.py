@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from folora_ds.config import FoLoRAConfig
 from folora_ds.controller import FoLoRAController
-from tests.distributed.helpers import FOLORA, batch, calibration_shards, proxy_batch, run_ranks, tiny_model
+from folora_ds.method.config import FoLoRAConfig
+from tests.testing.ranks import FOLORA, batch, calibration_shards, micro_step, proxy_batch, run_ranks, tiny_model
 
 
 def _calibrate_or_error(rank: int, world: int, mode: str) -> str:
@@ -119,8 +119,8 @@ def _initialize_with_tokenizer(rank: int, world: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     import folora_ds
-    from folora_ds.engine import proxy_samples_for_this_rank
-    from folora_ds.models import load_model
+    from folora_ds.controller.proxy import proxy_samples_for_this_rank
+    from folora_ds.training.models import load_model
 
     base, tokenizer = load_model("tiny-llama")
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -130,12 +130,7 @@ def _initialize_with_tokenizer(rank: int, world: int) -> dict:
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "folora": folora}
     mine = proxy_samples_for_this_rank(model, tokenizer, FoLoRAConfig(**folora))
     engine, controller = folora_ds.initialize(model, config, task_batches=[batch(rank)], tokenizer=tokenizer)
-    data = batch(10 + rank)
-    with controller.track_task(data):
-        loss = engine(**data).loss
-    engine.backward(loss)
-    engine.step()
-    controller.after_step()
+    micro_step(engine, controller, batch(10 + rank))
     controller.check_gating()
     return {"proxy_ids": [torch.tensor(sample.token_ids) for sample in mine], "keys": sorted(controller.dims)}
 

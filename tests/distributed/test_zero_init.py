@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import torch
 
-from tests.distributed.helpers import (
+from tests.testing.ranks import (
     CLIP,
     FOLORA,
     MICRO_BATCHES_PER_STEP,
     STEPS,
     TARGETS,
+    assert_matches_reference,
     base_model,
     calibration_shards,
     ds_config,
     full_weights,
     micro_batch,
     run_ranks,
+    single_process_reference,
     train_steps,
 )
-from tests.distributed.test_equivalence import _assert_matches_reference, _reference
 
 LAYERS = 3  # 12 inputs (9 of width 24, 3 of width 40): owners balance exactly over 3 ranks
 
@@ -71,7 +72,7 @@ def test_a_model_built_under_zero_init_calibrates_trains_checkpoints_and_exports
     results = run_ranks(3, _zero_init_run, str(tmp_path))
     for result in results:
         assert result["frozen_elements_held"] == 0 < result["frozen_elements"], "the base model must be partitioned"
-    _assert_matches_reference(results, _reference(num_layers=LAYERS))
+    assert_matches_reference(results, single_process_reference(num_layers=LAYERS))
     dims = results[0]["dims"]
     # before: C_pre and C_task sums of every input on every rank during calibration (float64)
     replicated = 2 * sum(dim * dim for dim in dims.values()) * 8
@@ -79,8 +80,8 @@ def test_a_model_built_under_zero_init_calibrates_trains_checkpoints_and_exports
         owned = sum(dims[key] ** 2 for key, owner in result["owners"].items() if owner == rank)
         assert result["statistics_bytes"] == 3 * owned * 8  # C_pre, C_task EMA, current window: owned inputs only
         assert result["statistics_bytes"] <= replicated / 2
-    from folora_ds.config import FoLoRAConfig
-    from folora_ds.plan import PlanSettings, plan_from_files
+    from folora_ds.method.config import FoLoRAConfig
+    from folora_ds.training.plan import PlanSettings, plan_from_files
 
     base_model(LAYERS).config.to_json_file(tmp_path / "config.json")
     plan = plan_from_files(tmp_path / "config.json", PlanSettings(world_size=3, model_dtype="float32",
@@ -92,7 +93,7 @@ def test_a_model_built_under_zero_init_calibrates_trains_checkpoints_and_exports
 
 def _sample_proxy_from_partitioned(rank: int, world: int) -> str:
     import folora_ds
-    from folora_ds.models import load_model
+    from folora_ds.training.models import load_model
 
     _, tokenizer = load_model("tiny-llama")
     config = ds_config(3)

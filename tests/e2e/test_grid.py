@@ -8,9 +8,11 @@ import json
 
 import pytest
 
-from folora_ds import grid as grid_module
 from folora_ds.cli import main
-from folora_ds.grid import collect_rows, load_spec, run_grid
+from folora_ds.method.config import FoLoRAConfig
+from folora_ds.toolkit.grid import collect_rows, load_spec, run_grid
+from folora_ds.toolkit.grid import runner as grid_runner  # where run_grid looks up train_run, evaluate_checkpoint
+from folora_ds.toolkit.grid.spec import GridRun, GridSettings
 
 SETTINGS = {"model": "tiny-llama", "batch_size": 4, "calibration_steps": 2, "target_modules": ["q_proj", "down_proj"],
             "proxy": {"num_sequences": 8, "seq_len": 12, "batch_size": 4},
@@ -45,8 +47,8 @@ def test_every_method_runs_and_a_finished_grid_is_not_redone(tmp_path, monkeypat
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(grid_module, "train_run", refuse)
-    monkeypatch.setattr(grid_module, "evaluate_checkpoint", refuse)
+    monkeypatch.setattr(grid_runner, "train_run", refuse)
+    monkeypatch.setattr(grid_runner, "evaluate_checkpoint", refuse)
     assert run_grid(spec, tmp_path, progress=False) == rows
 
     # the report: tables, CSVs and both plots
@@ -113,9 +115,9 @@ def test_the_shipped_specs_load(name):
       "runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 8}]},
      "not fewer than the shared proxy set's 8"),
     ({"runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": True}]},
-     "proxy_sequences=True must be an integer"),
+     "proxy_sequences=True is invalid; allowed: an integer >= 1"),
     ({"runs": [{"method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2], "proxy_sequences": 16.0}]},
-     "proxy_sequences=16.0 must be an integer"),
+     "proxy_sequences=16.0 is invalid; allowed: an integer >= 1"),
     ({"runs": [{"label": "F", "method": "folora", "lrs": [1e-3], "seeds": [0], "steps": [2]},
                {"label": "F", "method": "folora", "lrs": [2e-3], "seeds": [0], "steps": [2], "knobs": {"tau": 2.0}}]},
      "label 'F' is used by an earlier entry with another method, knobs or proxy_sequences"),
@@ -147,8 +149,8 @@ def test_a_run_made_with_a_since_changed_default_is_trained_again(tmp_path, monk
     record["resolved"]["folora"]["tau"] = 7.0  # as if FoLoRA's default τ had been 7 when this run was made
     folora.write_text(json.dumps(record))
     trained = []
-    real_train = grid_module.train_run
-    monkeypatch.setattr(grid_module, "train_run", lambda run, *a, **k: trained.append(run.label) or real_train(
+    real_train = grid_runner.train_run
+    monkeypatch.setattr(grid_runner, "train_run", lambda run, *a, **k: trained.append(run.label) or real_train(
         run, *a, **k))
     rows = run_grid(spec, tmp_path, progress=False)
     assert trained == ["FoLoRA"] and len(rows) == 2  # only the stale run, and it is complete again
@@ -157,7 +159,7 @@ def test_a_run_made_with_a_since_changed_default_is_trained_again(tmp_path, monk
 
 def test_edited_data_files_are_not_served_from_the_cache(tmp_path):
     """Data files are named by path in the settings; their content is fingerprinted."""
-    from folora_ds.data import DEFAULT_TASK_FILE
+    from folora_ds.training.data import DEFAULT_TASK_FILE
 
     data = tmp_path / "task.jsonl"
     data.write_text(DEFAULT_TASK_FILE.read_text())
@@ -225,7 +227,7 @@ def test_proxy_size_knob_calibrates_on_the_first_sequences_of_the_shared_set(tmp
 
 def test_a_run_another_worker_holds_is_left_to_it_and_trained_once_free(tmp_path):
     """Two workers may share one grid folder: each claims a run before training it (``<output>/claims``)."""
-    from folora_ds.outputs import claimed
+    from folora_ds.common.files import claimed
 
     spec = load_spec(_spec([{"label": "plain LoRA", "method": "lora", "lrs": [2e-3, 3e-3], "seeds": [0],
                              "steps": [2]}]))
@@ -238,9 +240,6 @@ def test_a_run_another_worker_holds_is_left_to_it_and_trained_once_free(tmp_path
 
 
 def test_a_folora_run_is_keyed_by_its_resolved_config_not_by_how_its_knobs_spell_it():
-    from folora_ds.config import FoLoRAConfig
-    from folora_ds.grid import GridRun, GridSettings
-
     settings = GridSettings.from_dict(SETTINGS)
     default_tau = FoLoRAConfig().tau
 
@@ -253,7 +252,7 @@ def test_a_folora_run_is_keyed_by_its_resolved_config_not_by_how_its_knobs_spell
 
 def test_a_best_rate_entry_waits_until_its_sweep_is_finished(tmp_path, monkeypatch):
     """A worker that left part of the sweep to another worker does not choose the best rate from the rest."""
-    from folora_ds.outputs import claimed
+    from folora_ds.common.files import claimed
 
     spec = load_spec(_spec([{"label": "plain LoRA", "method": "lora", "lrs": [2e-3, 3e-3], "seeds": [0],
                              "steps": [2]},
@@ -272,8 +271,8 @@ def test_a_best_rate_entry_runs_as_soon_as_its_sweep_is_finished(tmp_path, monke
                             {"label": "late", "method": "lora", "lrs": [1e-3], "seeds": [0], "steps": [2]},
                             {"label": "plain LoRA", "method": "lora", "lrs": "best", "seeds": [1], "steps": [2]}]))
     order = []
-    real_train = grid_module.train_run
-    monkeypatch.setattr(grid_module, "train_run", lambda run, *a, **k: order.append((run.label, run.seed)) or
+    real_train = grid_runner.train_run
+    monkeypatch.setattr(grid_runner, "train_run", lambda run, *a, **k: order.append((run.label, run.seed)) or
                         real_train(run, *a, **k))
     run_grid(spec, tmp_path, progress=False)
     assert order == [("plain LoRA", 0), ("plain LoRA", 0), ("plain LoRA", 1), ("late", 0)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from folora_ds.models import load_model
+from folora_ds.training.models import load_model
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

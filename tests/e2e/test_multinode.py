@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.helpers import free_port
+from tests.testing.ranks import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "tests" / "e2e" / "jobs" / "multinode_job.py"

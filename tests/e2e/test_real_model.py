@@ -7,17 +7,17 @@ import importlib.util
 
 import pytest
 
-from folora_ds.evaluation import answer_is_correct, greedy_answer
-from folora_ds.models import SMOLLM2_NAME, load_model, model_cache_dir, prepare_smollm2
+from folora_ds.toolkit.measures import answer_is_correct, greedy_answer
+from folora_ds.training.models import SMOLLM2_NAME, load_model, model_cache_dir, prepare_smollm2
 
 
 def test_smollm2_is_prepared_once_loads_by_name_and_answers(tmp_path, monkeypatch):
     monkeypatch.setenv("FOLORA_DS_CACHE", str(tmp_path / "cache"))
-    folder = prepare_smollm2(progress=False)
+    folder = prepare_smollm2()
     assert folder == model_cache_dir() / SMOLLM2_NAME
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert prepare_smollm2(progress=False) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert prepare_smollm2() == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
     model, tokenizer = load_model(SMOLLM2_NAME)
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
     assert answer_is_correct(greedy_answer(model, tokenizer, "What is the capital of France?"), ["Paris"])

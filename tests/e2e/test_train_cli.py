@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 
 from folora_ds.cli import load_folora_config, main
-from folora_ds.models import build_byte_tokenizer, build_tiny_llama, load_model
+from folora_ds.training.models import build_byte_tokenizer, build_tiny_llama, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "proxy.num_sequences=8", "--set", "proxy.seq_len=24", "--set", "proxy.batch_size=4",
@@ -180,12 +180,12 @@ def test_a_non_empty_output_directory_is_refused_unless_overwritten(tmp_path, ca
     assert "is not empty" in _one_line_error(capsys) and (out / "summary.json").is_file()
     (out / "stray.txt").write_text("from another run")
 
-    import folora_ds.run
+    import folora_ds.training.run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(folora_ds.run, "_train", interrupted)  # a run killed mid-training
+    monkeypatch.setattr(folora_ds.training.run, "train_steps", interrupted)  # a run killed mid-training
     with pytest.raises(KeyboardInterrupt):
         main([*arguments, "--overwrite"])
     left = sorted(path.name for path in out.iterdir())

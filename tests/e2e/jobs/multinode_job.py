@@ -9,13 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root: tests.distributed.helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root: tests.testing.ranks
 
 import torch  # noqa: E402
 
 import folora_ds  # noqa: E402
 from folora_ds.distributed import comm  # noqa: E402
-from tests.distributed.helpers import (
+from tests.testing.ranks import (
     STEPS,
     calibration_shards,
     ds_config,

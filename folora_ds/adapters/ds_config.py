@@ -1,0 +1,177 @@
+"""A DeepSpeed config read once and checked before any work: what FoLoRA refuses, what GatedAdamW gets.
+
+``prepare_ds_config`` turns a JSON path or dict with a ``"folora"`` block into a ``PreparedConfig``: the validated
+``FoLoRAConfig``, the ZeRO stage, the AdamW arguments for GatedAdamW, and the dict ``deepspeed.initialize`` gets
+(without the ``"folora"`` and ``"optimizer"`` blocks). Every setting DeepSpeed would honour on its own is left
+to it; every setting that would bypass or break the gate is refused here, by name, before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from folora_ds.common.checks import require_int
+from folora_ds.common.files import read_json_file
+from folora_ds.method.config import FoLoRAConfig
+
+_ADAMW_TYPES = ("adamw", "adam")
+_ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass(frozen=True)
+class PreparedConfig:
+    """A checked DeepSpeed config.
+
+    Attributes:
+        ds_config: what ``deepspeed.initialize`` gets (no ``"folora"``/``"optimizer"`` blocks; a private copy).
+        folora: the validated ``"folora"`` block.
+        stage: the ZeRO stage (0–3).
+        optimizer_arguments: ``lr``/``betas``/``eps``/``weight_decay`` from the ``"optimizer"`` block (AdamW).
+    """
+
+    ds_config: dict[str, Any]
+    folora: FoLoRAConfig
+    stage: int
+    optimizer_arguments: dict[str, Any]
+
+
+def load_ds_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A private copy of a DeepSpeed config given as a JSON path or a dict.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: the file is not a JSON object (with the line and column).
+    """
+    if not isinstance(config, (str, Path)):
+        return copy.deepcopy(dict(config))
+    path = Path(config)
+    loaded = read_json_file(path, what="DeepSpeed config")
+    if not isinstance(loaded, dict):
+        raise ValueError(f"DeepSpeed config {str(path)!r}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def prepare_ds_config(config: str | Path | Mapping[str, Any] | PreparedConfig) -> PreparedConfig:
+    """Read and check a DeepSpeed config with a ``"folora"`` block (a ``PreparedConfig`` is returned as is).
+
+    Raises:
+        KeyError: no ``"folora"`` block. ValueError: an unsupported combination or a bad value, named.
+    """
+    if isinstance(config, PreparedConfig):
+        return config
+    ds_config = load_ds_config(config)
+    folora = FoLoRAConfig.from_deepspeed_config(ds_config)
+    stage = refuse_unsupported(ds_config, folora)
+    _check_batch_values(ds_config)
+    ds_config.pop("folora")
+    arguments = _optimizer_arguments(ds_config.pop("optimizer", None))
+    ds_config["zero_allow_untested_optimizer"] = True  # GatedAdamW under ZeRO is what tests/distributed/ checks
+    ds_config.setdefault("zero_force_ds_cpu_optimizer", False)  # with optimizer offload: GatedAdamW steps on CPU
+    return PreparedConfig(ds_config=ds_config, folora=folora, stage=stage, optimizer_arguments=arguments)
+
+
+def resolve_batch_sizes(ds_config: Mapping[str, Any], world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, accumulation steps) from the DeepSpeed batch keys, as DeepSpeed derives them.
+
+    Any two of ``train_batch_size``, ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps`` fix
+    the third (``train_batch_size`` = micro × accumulation × world); all three must agree.
+
+    Raises:
+        ValueError: no batch size, or values that contradict each other at this world size (all named).
+    """
+    total, micro, accumulation = (ds_config.get(key) for key in _BATCH_KEYS)
+    if micro is None and total is None:
+        raise ValueError("DeepSpeed config: set train_micro_batch_size_per_gpu (or train_batch_size)")
+    if micro is None:
+        accumulation = accumulation or 1
+        micro, remainder = divmod(total, accumulation * world_size)
+        if remainder or micro == 0:
+            raise ValueError(f"DeepSpeed config: train_batch_size={total} is not divisible by "
+                             f"gradient_accumulation_steps={accumulation} × world size {world_size}")
+    elif accumulation is None:
+        accumulation = 1 if total is None else total // (micro * world_size)
+        if total is not None and (accumulation == 0 or accumulation * micro * world_size != total):
+            raise ValueError(f"DeepSpeed config: train_batch_size={total} is not divisible by "
+                             f"train_micro_batch_size_per_gpu={micro} × world size {world_size}")
+    if total is not None and total != micro * accumulation * world_size:
+        raise ValueError(f"DeepSpeed config: train_batch_size={total} contradicts train_micro_batch_size_per_gpu="
+                         f"{micro} × gradient_accumulation_steps={accumulation} × world size {world_size} = "
+                         f"{micro * accumulation * world_size}; drop train_batch_size or make them agree")
+    return micro, accumulation
+
+
+def _check_batch_values(ds_config: Mapping[str, Any]) -> None:
+    for key in _BATCH_KEYS:
+        require_int(key, ds_config.get(key), optional=True, where="DeepSpeed config: ")
+
+
+def refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> int:
+    """Stop combinations FoLoRA does not handle, before any work; returns the ZeRO stage."""
+    zero = ds_config.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ValueError(f"zero_optimization.stage={stage!r}: DeepSpeed's ZeRO stages are 0, 1, 2 and 3")
+    device = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if device not in (None, "none", "cpu"):
+        raise ValueError(f"zero_optimization.offload_optimizer.device={device!r}: only \"cpu\" offload is supported "
+                         "(NVMe would step outside GatedAdamW's flat partitions)")
+    if device == "cpu" and stage == 0:
+        raise ValueError("zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3")
+    if ds_config.get("zero_force_ds_cpu_optimizer"):
+        raise ValueError("zero_force_ds_cpu_optimizer=true replaces GatedAdamW with DeepSpeedCPUAdam under offload; "
+                         "set it to false (folora_ds does when it is unset)")
+    param_device = (zero.get("offload_param") or {}).get("device", "none")
+    if param_device not in (None, "none"):
+        raise ValueError(f"zero_optimization.offload_param.device={param_device!r}: parameter offload is not "
+                         "supported with FoLoRA; remove the offload_param block (optimizer offload is)")
+    for key in ("cpu_offload", "cpu_offload_param"):  # DeepSpeed's deprecated spellings of the same
+        if zero.get(key):
+            raise ValueError(f"zero_optimization.{key}=true offloads the optimizer/parameters outside GatedAdamW; "
+                             "remove it")
+    if zero.get("round_robin_gradients"):
+        raise ValueError("zero_optimization.round_robin_gradients=true reorders ZeRO partitions; set it to false")
+    for key in ("zero_quantized_weights", "zero_quantized_gradients"):
+        if zero.get(key):
+            raise ValueError(f"zero_optimization.{key} (ZeRO++) is not supported with FoLoRA; remove it")
+    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+        raise ValueError("zero_optimization.zero_hpz_partition_size > 1 (ZeRO++ hierarchical partitioning) is not "
+                         "supported with FoLoRA; remove it")
+    if int(zero.get("mics_shard_size", -1) or -1) > 0:
+        raise ValueError("zero_optimization.mics_shard_size (MiCS) re-partitions ZeRO-3 in a way folora_ds does not "
+                         "map; remove it")
+    if zero.get("zenflow") is not None:
+        raise ValueError("zero_optimization.zenflow steps parameters outside GatedAdamW's flat layout; remove it")
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        raise ValueError("fp16 is not supported with FoLoRA: dynamic loss scaling skips optimizer steps on overflow, "
+                         "which FoLoRA's step and gate accounting does not follow yet, and no fp16 run could be "
+                         "tested (README, Troubleshooting); use bf16 (ZeRO 1/2/3, same range as fp32) or fp32")
+    if any((ds_config.get(key) or {}).get("enabled") for key in ("bf16", "bfloat16")) and stage == 0:
+        raise ValueError("bf16 at ZeRO stage 0 wraps the client optimizer; use ZeRO stage 1, 2 or 3 for bf16")
+    if stage > 0 and (folora.variant != "A" or folora.cap_update_norm):
+        raise ValueError("variant='B' and cap_update_norm need whole LoRA-A rows; use ZeRO stage 0 for them")
+    optimizer = ds_config.get("optimizer")
+    if optimizer is not None and str(optimizer.get("type", "")).lower() not in _ADAMW_TYPES:
+        raise ValueError(f"DeepSpeed optimizer type {optimizer.get('type')!r} would replace FoLoRA's GatedAdamW; use "
+                         '"AdamW" (its params are passed to GatedAdamW) or remove the "optimizer" block')
+    return stage
+
+
+def _optimizer_arguments(block: Mapping[str, Any] | None) -> dict[str, Any]:
+    """GatedAdamW's keyword arguments from an ``"optimizer"`` block (AdamW); weight decay 0 when unset."""
+    params = dict((block or {}).get("params", {}))
+    unknown = sorted(set(params) - set(_ADAMW_PARAMS) - {"torch_adam", "adam_w_mode"})
+    if unknown:
+        raise ValueError(f"optimizer.params {unknown} are not supported by GatedAdamW (allowed: "
+                         f"{sorted(_ADAMW_PARAMS)})")
+    if params.get("adam_w_mode", True) is not True:
+        raise ValueError("optimizer.params.adam_w_mode=false (Adam with L2 regularisation) is not what GatedAdamW "
+                         "does (decoupled weight decay, AdamW); remove it")
+    arguments = {key: params[key] for key in _ADAMW_PARAMS if key in params}
+    if "betas" in arguments:
+        arguments["betas"] = tuple(arguments["betas"])
+    arguments.setdefault("weight_decay", 0.0)
+    return arguments

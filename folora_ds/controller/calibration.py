@@ -1,0 +1,162 @@
+"""The forwards that feed the statistics: the short forward that names the LoRA inputs, the statistics forwards
+over this rank's calibration batches, the counting of training forwards, and the check that a batch can be counted
+under ``task_token_mask="labels"``.
+
+Every forward here is collective on N ranks (the collector sends each input's token rows to its owner; ZeRO-3
+gathers parameters), so every rank runs the same number of them::
+
+    rank 0:  b0  b1  b2          ← three batches: three counted forwards
+    rank 1:  b0  b1  b1*         ← two batches: b1 repeated with an all-zero mask (* = nothing counted)
+    rank 2:  b0  b1  b1*
+
+The controller's ``calibrate`` runs them in order: ``discover_inputs`` on the first proxy batch (so owners are
+chosen before any statistics move), then ``run_forwards`` for "pre" and for "task".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from folora_ds.distributed import comm
+from folora_ds.distributed.statistics import raise_if_any
+from folora_ds.method.config import FoLoRAConfig
+from folora_ds.method.covariance import CovarianceCollector
+
+
+def labels_problem(batch: Mapping[str, torch.Tensor], where: str) -> str | None:
+    """Why ``batch`` cannot be counted under ``task_token_mask="labels"`` (which counts the tokens with a label),
+    or None: without ``labels`` it would silently count every token instead, and labels that are not one per
+    input token (sequence classification, encoder-decoder targets) select nothing meaningful.
+
+    Args:
+        batch: ``input_ids`` (batch, seq) and, to be countable, ``labels`` (batch, seq) with -100 = not counted.
+        where: what the batch is for ("training", "task calibration"), named in the message.
+
+    Returns:
+        The message naming the fix (``task_token_mask='attention'`` counts every real token), or None.
+    """
+    labels = batch.get("labels")
+    if labels is None:
+        return (f"task_token_mask='labels' counts C_task over the tokens with a label, but a {where} batch has no "
+                f"'labels' (keys: {', '.join(sorted(batch))}); add labels (-100 = not counted) or set "
+                "task_token_mask='attention' to count every real token")
+    if tuple(labels.shape) != tuple(batch["input_ids"].shape):
+        return (f"task_token_mask='labels' needs one label per input token, but a {where} batch has labels "
+                f"{tuple(labels.shape)} for input_ids {tuple(batch['input_ids'].shape)}; set "
+                "task_token_mask='attention' to count every real token")
+    return None
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without gradients (no dropout in the statistics), its training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def discover_inputs(model: nn.Module, collector: CovarianceCollector, batch: Mapping[str, torch.Tensor],
+                    device: torch.device) -> None:
+    """Collective: one short forward (the first sequence, up to 8 tokens) in which ``collector`` learns the input
+    keys, their sharing and widths; nothing is counted.
+
+    Args:
+        batch: ``input_ids`` (batch, seq) and optionally ``attention_mask`` (batch, seq).
+        device: where the model is (the batch is moved there).
+    """
+    short = {name: batch[name][:1, :8].to(device) for name in ("input_ids", "attention_mask") if name in batch}
+    with _evaluating(model), collector.discover():
+        model(**short)
+
+
+def run_forwards(model: nn.Module, collector: CovarianceCollector, source: str,
+                 batches: Iterator[Mapping[str, torch.Tensor]], *, labels: bool, device: torch.device, group=None,
+                 progress: bool = False) -> int:
+    """Collective: run this rank's ``batches`` through ``model`` inside ``collector.collect(source)``.
+
+    Every rank runs as many forwards as the rank with the most batches (the row exchange and ZeRO-3's parameter
+    gathers are collectives): a rank out of batches repeats its last one with an all-zero mask, so nothing is
+    counted. One small all-gather per forward tells every rank whether any rank still has a batch, and whether any
+    rank's batch cannot be counted, so that every rank raises together instead of one waiting in a collective.
+
+    Args:
+        source: "pre" or "task".
+        batches: ``input_ids`` (batch, seq), optionally ``attention_mask`` and ``labels`` (batch, seq).
+        labels: count only the tokens with a label (``task_token_mask == "labels"`` on task batches); every
+            batch is checked with ``labels_problem`` first.
+        device: where the model is (each batch is moved there).
+        progress: show a progress bar of the counted forwards.
+
+    Returns:
+        How many of this rank's batches were counted.
+
+    Raises:
+        DistributedStatisticsError: on every rank, when any rank's batch fails ``labels_problem``.
+    """
+    count, last = 0, None
+    bar = tqdm(desc=f"{source} statistics", disable=not progress, leave=False)
+    with _evaluating(model):
+        while True:
+            batch = next(batches, None)
+            problem = labels_problem(batch, f"{source} calibration") if labels and batch is not None else None
+            flags = comm.all_gather_counts(int(batch is not None) + 2 * int(problem is not None), device, group)
+            if any(flag & 2 for flag in flags):  # every rank raises together, none waits in a collective
+                raise_if_any(problem, group)
+            if not any(flag & 1 for flag in flags):
+                break
+            counting = batch is not None
+            batch = {name: tensor.to(device) for name, tensor in batch.items()} if counting else last
+            mask = batch.get("attention_mask") if counting else torch.zeros_like(batch["input_ids"])
+            with collector.collect(source, attention_mask=mask,
+                                   labels=batch.get("labels") if labels and counting else None):
+                model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            count, last = count + counting, batch
+            bar.update(int(counting))
+    bar.close()
+    return count
+
+
+@contextlib.contextmanager
+def training_forward(collector: CovarianceCollector, batch: Mapping[str, torch.Tensor], config: FoLoRAConfig, *,
+                     forward: int, group=None) -> Iterator[None]:
+    """Count the training forward run inside this context towards ``collector``'s "task" sums when it is one in
+    ``config.statistics_every`` (forwards 1, 1 + n, 1 + 2n, ...), ``config.statistics_tokens`` tokens per input.
+
+    The tokens are drawn with a CPU generator seeded by ``config.proxy.seed``, the rank and ``forward``, so ranks
+    draw differently and a resumed run (which restores the forward count) draws the same. Collective on N ranks
+    when counted (each input's token rows go to its owner) and on the first forward (the labels check).
+
+    Args:
+        batch: ``attention_mask`` and, under ``task_token_mask="labels"``, ``labels`` (batch, seq); checked with
+            ``labels_problem`` on every forward, counted or not.
+        forward: this rank's training forwards so far, this one included (1 on the first).
+
+    Raises:
+        DistributedStatisticsError: on every rank, when any rank's first batch fails ``labels_problem``.
+        ValueError: a later batch fails it (the ranks are then past their first collective check).
+    """
+    use_labels = config.task_token_mask == "labels"
+    problem = labels_problem(batch, "training") if use_labels else None
+    if forward == 1:  # collective on the first forward: every rank raises together
+        raise_if_any(problem, group)
+    elif problem is not None:
+        raise ValueError(problem)
+    if (forward - 1) % config.statistics_every != 0:
+        yield
+        return
+    generator = None
+    if config.statistics_tokens is not None:
+        generator = torch.Generator().manual_seed(config.proxy.seed * 1_000_003 + comm.rank(group) * 7_919 + forward)
+    with collector.collect("task", attention_mask=batch.get("attention_mask"),
+                           labels=batch.get("labels") if use_labels else None,
+                           sample_tokens=config.statistics_tokens, generator=generator):
+        yield

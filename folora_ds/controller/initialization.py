@@ -1,0 +1,53 @@
+"""The initial LoRA-A rows written from the solved bases (``config.init`` "projected" or "eigenvectors").
+
+Only the owner of a module's input holds its projector, so the owner computes the new rows and every other rank
+receives them::
+
+    module q_proj, input owned by rank 1:
+      every rank:  A (r, d_in) ─ gathered (ZeRO-3) ─► rank 1: A ← rows(A, P) ─► broadcast ─► every rank copies it
+
+Under ZeRO-3 the broadcast is DeepSpeed's (``GatheredParameters(modifier_rank=owner)`` partitions the owner's
+change back on exit); otherwise it is ``comm.broadcast``. B is zero at this point, so the model's output does not
+change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from folora_ds.distributed import comm
+from folora_ds.method.peft_layers import lora_a_weight
+from folora_ds.method.projector import Projector
+
+RowRule = Callable[[torch.Tensor, Projector], torch.Tensor]
+"""New LoRA-A rows (r, d_in) from the current ones (r, d_in, float32) and the input's projector
+(``projector.project_rows`` or ``projector.eigenvector_rows``)."""
+
+
+def write_initial_lora_a(layers: Mapping[str, nn.Module], key_of: Callable[[str], str], owners: Mapping[str, int],
+                         projectors: Mapping[str, Projector], rows: RowRule, group=None) -> None:
+    """Collective: the owner of each module's input rewrites that module's LoRA-A with ``rows`` and every rank
+    receives the result; ZeRO-3-partitioned weights are gathered one module at a time.
+
+    Args:
+        layers: module name → peft LoRA layer (the same modules, in the same order, on every rank).
+        key_of: module name → its input key.
+        owners: input key → owner rank in ``group``.
+        projectors: the projectors this rank solved (at least every key it owns).
+        rows: how the owner computes the new rows.
+    """
+    me = comm.rank(group)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            key, weight = key_of(name), lora_a_weight(layer)
+            partitioned = hasattr(weight, "ds_id")  # ZeRO-3: the owner's change is broadcast on exit
+            with comm.gathered([weight], modifier_rank=owners[key]):  # (the world group's rank)
+                value = weight.detach().clone().float()
+                if owners[key] == me:
+                    value = rows(value, projectors[key].to(value.device))
+                if not partitioned:
+                    value = comm.broadcast(value, owners[key], group)
+                weight.copy_(value)

@@ -1,0 +1,18 @@
+"""The comparison grid: methods × learning rates × seeds × steps, trained and measured the same way, cached,
+resumable (``folora-ds grid``).
+
+Modules, each importing only those above it:
+
+- ``spec``: the JSON spec, its checks, and each run's identity (cache key, slug, resolved settings, data
+  fingerprints). No model, no training.
+- ``artifacts``: what runs share: the proxy set, C_pre, per-seed C_task and base evaluation computed once per grid
+  folder (``SharedArtifacts``), and each seed's data and batch order (``TrainingData``).
+- ``rows``: a grid folder read back: which runs are complete, their result rows, the questions each run lost.
+- ``runner``: training and measuring each run under its claim, and the grid loop (``run_grid``).
+"""
+
+from folora_ds.toolkit.grid.rows import collect_rows, lost_questions
+from folora_ds.toolkit.grid.runner import run_grid
+from folora_ds.toolkit.grid.spec import load_spec
+
+__all__ = ["collect_rows", "load_spec", "lost_questions", "run_grid"]

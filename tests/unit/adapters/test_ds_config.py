@@ -1,0 +1,159 @@
+"""A DeepSpeed config is read once and checked before any work: unsupported combinations, batch sizes, and what
+GatedAdamW gets, each with a message saying what to change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from folora_ds.adapters.ds_config import (
+    _optimizer_arguments,
+    load_ds_config,
+    prepare_ds_config,
+    refuse_unsupported,
+    resolve_batch_sizes,
+)
+from folora_ds.method.config import FoLoRAConfig
+
+DS_CONFIGS = sorted((Path(__file__).resolve().parents[3] / "ds_configs").glob("zero*.json"))
+
+
+@pytest.mark.parametrize(("ds_config", "match"), [
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, "offload"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "needs ZeRO stage 1, 2 or 3"),
+    ({"zero_force_ds_cpu_optimizer": True, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+     "zero_force_ds_cpu_optimizer"),
+    ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, "cpu_offload"),
+    ({"zero_optimization": {"stage": 3, "cpu_offload_param": True}}, "cpu_offload_param"),
+    ({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "bf16"),
+    ({"zero_optimization": {"stage": 5}}, "stage=5"),
+    ({"zero_optimization": {"stage": 1, "round_robin_gradients": True}}, "round_robin_gradients"),
+    ({"zero_optimization": {"stage": 2, "zero_quantized_weights": True}}, "ZeRO\\+\\+"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "ZeRO\\+\\+"),
+    ({"zero_optimization": {"stage": 3, "mics_shard_size": 2}}, "MiCS"),
+    ({"zero_optimization": {"stage": 2, "zenflow": {"topk_ratio": 0.1}}}, "zenflow"),
+    ({"fp16": {"enabled": True}}, "fp16"),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "bf16"),
+    ({"optimizer": {"type": "OneBitAdam", "params": {}}}, "would replace"),
+    ({"optimizer": {"type": "Lamb"}}, "would replace"),
+])
+def test_unsupported_combinations_are_refused(ds_config, match):
+    with pytest.raises((ValueError, NotImplementedError), match=match):
+        refuse_unsupported(ds_config, FoLoRAConfig())
+
+
+def test_whole_row_options_are_refused_on_partitions():
+    with pytest.raises(ValueError, match="whole LoRA-A rows"):
+        refuse_unsupported({"zero_optimization": {"stage": 2}}, FoLoRAConfig(variant="B"))
+    with pytest.raises(ValueError, match="whole LoRA-A rows"):
+        refuse_unsupported({"zero_optimization": {"stage": 1}}, FoLoRAConfig(cap_update_norm=True))
+    assert refuse_unsupported({"zero_optimization": {"stage": 0}}, FoLoRAConfig(variant="B")) == 0
+
+
+def test_adamw_block_feeds_gated_adamw_and_is_removed():
+    config = {"optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}}}
+    assert refuse_unsupported(config, FoLoRAConfig()) == 0
+    assert _optimizer_arguments(config.get("optimizer")) == {"lr": 3e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    assert "optimizer" not in prepare_ds_config({**config, "folora": {}}).ds_config
+
+
+def test_unknown_optimizer_params_are_refused():
+    with pytest.raises(ValueError, match="amsgrad"):
+        _optimizer_arguments({"type": "AdamW", "params": {"amsgrad": True}})
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda path: path.name)
+def test_shipped_deepspeed_configs_are_accepted_with_the_stage_in_their_name(path):
+    ds_config = load_ds_config(path)
+    stage = refuse_unsupported(ds_config, FoLoRAConfig.from_deepspeed_config(ds_config))
+    assert path.name.startswith(f"zero{stage}")
+    assert _optimizer_arguments(ds_config.get("optimizer"))["lr"] > 0
+
+
+def test_every_zero_stage_has_a_shipped_config():
+    names = {path.name for path in DS_CONFIGS}
+    assert {"zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero3_bf16.json"} <= names
+
+
+def test_initialize_is_exported_at_the_package_top_level():
+    import folora_ds
+    import folora_ds.adapters.checkpoint
+    import folora_ds.adapters.engine
+
+    assert folora_ds.initialize is folora_ds.adapters.engine.initialize
+    assert folora_ds.convert_to_universal_checkpoint is folora_ds.adapters.checkpoint.convert_to_universal_checkpoint
+    with pytest.raises(AttributeError, match="no attribute 'initialise'"):
+        folora_ds.initialise  # noqa: B018
+
+
+def test_default_valued_zero_options_are_not_refused():
+    zero = {"stage": 3, "zero_hpz_partition_size": 1, "mics_shard_size": -1, "zero_quantized_weights": False}
+    assert refuse_unsupported({"zero_optimization": zero}, FoLoRAConfig()) == 3
+
+
+def test_a_missing_checkpoint_directory_stops_before_any_work(tmp_path):
+    import folora_ds
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        folora_ds.initialize(None, {"folora": {}}, resume_from=tmp_path / "missing")  # no model is even touched
+
+
+@pytest.mark.parametrize(("keys", "world", "expected"), [
+    ({"train_micro_batch_size_per_gpu": 4}, 2, (4, 1)),
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}, 2, (4, 3)),
+    ({"train_batch_size": 24, "train_micro_batch_size_per_gpu": 4}, 2, (4, 3)),
+    ({"train_batch_size": 24, "gradient_accumulation_steps": 3}, 2, (4, 3)),
+    ({"train_batch_size": 8}, 2, (4, 1)),
+    ({"train_batch_size": 24, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}, 2, (4, 3)),
+])
+def test_batch_sizes_are_resolved_as_deepspeed_does(keys, world, expected):
+    assert resolve_batch_sizes(keys, world) == expected
+
+
+@pytest.mark.parametrize(("keys", "world", "match"), [
+    ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}, 2,
+     "contradicts"),
+    ({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}, 2, "not divisible"),
+    ({"train_batch_size": 10, "gradient_accumulation_steps": 3}, 2, "not divisible"),
+    ({"gradient_accumulation_steps": 3}, 1, "train_micro_batch_size_per_gpu"),
+])
+def test_contradicting_batch_sizes_are_named(keys, world, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_batch_sizes(keys, world)
+
+
+@pytest.mark.parametrize(("key", "value"), [("gradient_accumulation_steps", 0), ("train_batch_size", -1),
+                                            ("train_micro_batch_size_per_gpu", 1.5)])
+def test_bad_batch_values_are_refused_when_the_config_is_read(key, value):
+    with pytest.raises(ValueError, match=f"{key}={value}"):
+        prepare_ds_config({"train_micro_batch_size_per_gpu": 2, key: value, "folora": {}})
+
+
+def test_a_config_is_read_once_into_what_deepspeed_and_gated_adamw_get(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},'
+                    ' "folora": {"tau": 2.0}, "train_micro_batch_size_per_gpu": 2}')
+    prepared = prepare_ds_config(path)
+    assert prepared.stage == 2 and prepared.folora.tau == 2.0
+    assert prepared.optimizer_arguments == {"lr": 0.01, "weight_decay": 0.0}
+    assert "folora" not in prepared.ds_config and "optimizer" not in prepared.ds_config
+    assert prepare_ds_config(prepared) is prepared
+    path.write_text('{"folora": {}, ')
+    with pytest.raises(ValueError, match="not valid JSON \\(line 1"):
+        prepare_ds_config(path)
+
+
+def test_adam_with_l2_regularisation_is_refused():
+    with pytest.raises(ValueError, match="adam_w_mode"):
+        _optimizer_arguments({"type": "Adam", "params": {"adam_w_mode": False}})
+
+
+def test_initialize_refuses_arguments_it_would_ignore(tmp_path):
+    import folora_ds
+
+    with pytest.raises(ValueError, match="would be ignored"):
+        folora_ds.initialize(None, {"folora": {}}, resume_from=tmp_path, task_batches=[])
+    with pytest.raises(ValueError, match="pass resume_from too"):
+        folora_ds.initialize(None, {"folora": {}}, task_batches=[], proxy_batches=[], tag="global_step4")

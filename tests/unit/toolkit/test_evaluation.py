@@ -1,0 +1,75 @@
+"""``folora_ds.toolkit.evaluation``: the `folora-ds evaluate` command measures each adapter against its base, names bad
+input, and runs in the dtype asked for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from folora_ds.method.peft_layers import lora_b_weight, lora_layers
+from folora_ds.toolkit import evaluation
+from folora_ds.training.models import load_model
+
+
+def _saved_adapter(directory, moved: bool) -> str:
+    base, _ = load_model("tiny-llama")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    if moved:
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                lora_b_weight(layer).normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(str(directory))
+    return str(directory)
+
+
+def test_evaluate_command_measures_each_adapter_against_the_base(tmp_path, capsys):
+    import json
+
+    from folora_ds.cli import main
+
+    still = _saved_adapter(tmp_path / "still", moved=False)
+    moved = _saved_adapter(tmp_path / "moved", moved=True)
+    assert main(["evaluate", "--model", "tiny-llama", "--adapter", f"still={still}", "--adapter", f"moved={moved}",
+                 "--test-records", "3", "--heldout", "4", "--output", str(tmp_path / "eval.json"),
+                 "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "| moved |" in table and "| base |" in table
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert set(results) == {"base", "still", "moved"}
+    assert results["still"]["kl_per_token"] == pytest.approx(0.0, abs=1e-12)  # B = 0: the base model itself
+    assert results["still"]["target_accuracy"] == results["base"]["target_accuracy"]
+    assert results["still"]["questions_correct"] == results["base"]["questions_correct"]
+    assert results["moved"]["kl_per_token"] > 1e-4
+    assert results["moved"]["base_perplexity"] == pytest.approx(results["still"]["base_perplexity"], rel=1e-9)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--adapter", "nonsense"], "NAME=DIR"),
+    (["--adapter", "a=/no/such/adapter"], "no adapter_config.json"),
+    (["--adapter", "base=/x"], "is used twice"),
+    (["--test-data", "/no/such.jsonl"], "does not exist"),
+    (["--heldout", "0"], "heldout_passages=0"),
+])
+def test_evaluate_command_names_bad_input(arguments, message, capsys):
+    from folora_ds.cli import main
+
+    assert main(["evaluate", "--model", "tiny-llama", "--no-progress", *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_command_runs_in_the_dtype_asked_for(tmp_path, monkeypatch, capsys):
+    from folora_ds.cli import main
+    seen = []
+    real_measure = evaluation.measure_base
+
+    def spy(model, *args, **kwargs):
+        seen.append((next(model.parameters()).dtype, next(model.parameters()).device.type))
+        return real_measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "measure_base", spy)
+    still = _saved_adapter(tmp_path / "still", moved=False)
+    assert main(["evaluate", "--model", "tiny-llama", "--adapter", f"still={still}", "--test-records", "2",
+                 "--heldout", "2", "--dtype", "bfloat16", "--device", "cpu", "--no-progress"]) == 0
+    assert seen == [(torch.bfloat16, "cpu")]
+    assert "| still |" in capsys.readouterr().out

@@ -1,0 +1,110 @@
+"""``folora_ds.training.plan``: the meta-device model shape equals what the collector finds on the real model;
+the per-rank figures add up and partition the statistics exactly once; the shipped Llama configs have the
+published shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from folora_ds.cli import main
+from folora_ds.controller import FoLoRAController
+from folora_ds.method.config import FoLoRAConfig
+from folora_ds.training.models import build_tiny_llama
+from folora_ds.training.plan import PlanSettings, load_model_config, make_plan, model_shape, plan_from_files
+
+FOLORA = FoLoRAConfig(lora_rank=4, k=6)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "config.json"
+    build_tiny_llama(64, hidden_size=32, intermediate_size=48, num_layers=2).config.to_json_file(path)
+    return path
+
+
+def test_meta_shape_equals_the_collectors_inputs_on_the_real_model(tiny_config):
+    from peft import LoraConfig, get_peft_model
+
+    shape = model_shape(load_model_config(tiny_config), FOLORA)
+    model = get_peft_model(build_tiny_llama(64, hidden_size=32, intermediate_size=48, num_layers=2),
+                           LoraConfig(r=4, lora_alpha=FOLORA.lora_alpha, target_modules=list(FOLORA.target_modules)))
+    controller = FoLoRAController(model, FOLORA)
+    batch = {"input_ids": torch.randint(0, 64, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    controller.calibrate([batch], [{**batch, "labels": batch["input_ids"]}])
+    assert shape.inputs == controller.dims
+    assert shape.lora_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert shape.base_parameters == sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_per_rank_figures_add_up_and_statistics_are_partitioned_once(tiny_config, stage):
+    shape = model_shape(load_model_config(tiny_config), FOLORA)
+    plan = make_plan(shape, PlanSettings(world_size=3, zero_stage=stage, model_dtype="float32",
+                                         solve_seconds_per_gflop=1.0), FOLORA)
+    squares = sum(d * d for d in shape.inputs.values())
+    assert sum(rank.statistics_training for rank in plan.ranks) == 3 * squares * 4
+    assert sum(rank.statistics_calibration for rank in plan.ranks) == 2 * squares * 4
+    assert plan.replicated_statistics == 2 * squares * 4
+    assert sum(rank.inputs_owned for rank in plan.ranks) == len(shape.inputs)
+    assert sum(rank.solve_seconds for rank in plan.ranks) == pytest.approx(sum(d ** 3 for d in shape.inputs.values())
+                                                                           / 1e9)
+    for rank in plan.ranks:
+        parts = (rank.base_weights + rank.lora_parameters + rank.lora_gradients + rank.lora_optimizer
+                 + max(rank.statistics_training + rank.projectors + rank.solver_projectors + rank.solve_workspace,
+                       rank.statistics_calibration)
+                 + rank.exchange_buffers)
+        assert rank.peak == parts
+        assert rank.base_weights == shape.base_parameters * 4 // (3 if stage == 3 else 1)
+        tokens = 4096  # PlanSettings' default micro-batch 1 × 4096
+        logits = tokens * 64 * (4 + 4 + 4)
+        assert rank.activations == tokens * 2 * (10 * 32 + 4 * 48) * 4 + logits
+        assert logits < rank.activations_checkpointed < rank.activations
+
+
+def test_shipped_llama_3_70b_has_the_published_shape():
+    shape = model_shape(load_model_config("llama-3-70b"), FoLoRAConfig(lora_rank=16))
+    assert len(shape.inputs) == 80 * 4
+    assert sorted(set(shape.inputs.values())) == [8192, 28672]
+    assert 70.4e9 < shape.base_parameters < 70.7e9  # 70.55 B (Meta's "70B")
+    assert shape.lora_parameters == 80 * 16 * (  # r × (d_in + d_out) of q, k, v, o, gate, up, down
+        (8192 + 8192) + 2 * (8192 + 1024) + (8192 + 8192) + 2 * (8192 + 28672) + (28672 + 8192))
+
+
+def test_plan_command_prints_the_figures_and_json(tiny_config, capsys):
+    assert main(["plan", "--model-config", str(tiny_config), "--world", "4", "--nodes", "2", "--dtype", "float32",
+                 "--solve-rate", "1.0", "--set", "k=6", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["settings"]["world_size"] == 4 and len(plan["ranks"]) == 4
+    assert plan["folora"]["k"] == 6
+    assert main(["plan", "--model-config", str(tiny_config), "--world", "2", "--solve-rate", "1.0"]) == 0
+    text = capsys.readouterr().out
+    assert "statistics before owner partitioning" in text and "peak" in text
+
+
+def test_plan_reads_the_stage_as_deepspeed_does(tiny_config, tmp_path, capsys):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "folora": {"k": 6}}))  # no zero block: 0
+    assert main(["plan", "--model-config", str(tiny_config), "--world", "2", "--config", str(config),
+                 "--solve-rate", "1.0", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["settings"]["zero_stage"] == 0 and plan["settings"]["micro_batch"] == 2
+    assert plan["settings"]["model_dtype"] == "float32"
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--model-config", "no-such-model", "--world", "2"], "not found"),
+    (["--model-config", "llama-3-8b", "--world", "6", "--nodes", "4"], "nodes=4 must divide world_size=6"),
+    (["--model-config", "llama-3-8b", "--world", "2", "--stage", "4"], "zero_stage=4"),
+    (["--model-config", "llama-3-8b", "--world", "2", "--set", "kk=3"], "kk"),
+])
+def test_plan_command_names_bad_input(arguments, message, capsys):
+    assert main(["plan", *arguments, "--solve-rate", "1.0"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plan_from_files_accepts_a_model_folder(tiny_config):
+    plan = plan_from_files(tiny_config.parent, PlanSettings(world_size=2, solve_seconds_per_gflop=1.0), FOLORA)
+    assert plan.model.name == tiny_config.parent.name and len(plan.ranks) == 2
