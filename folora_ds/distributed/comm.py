@@ -50,6 +50,13 @@ def global_rank(group, group_rank: int) -> int:
     return group_rank if group is None else _dist().get_global_rank(group, group_rank)
 
 
+def group_ranks(group=None) -> list[int]:
+    """The global ranks of ``group``'s members in group-rank order (``[0]`` without a process group)."""
+    if not is_running():
+        return [0]
+    return list(torch.distributed.get_process_group_ranks(group or torch.distributed.group.WORLD))
+
+
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Sum ``tensor`` over the group in place and return it.
 

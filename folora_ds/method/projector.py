@@ -8,6 +8,7 @@ gated row is u·P_g = c·diag(g)·Vᵀ. Only k directions are stored; every othe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -152,7 +153,44 @@ def apply_projector(update: torch.Tensor, projector: Projector) -> torch.Tensor:
     """
     if update.shape[-1] != projector.dim:
         raise ValueError(f"update rows have {update.shape[-1]} columns but the projector is for d={projector.dim}")
-    coordinates = update @ projector.c_tilde_v  # (..., k)
+    return _gated(update, update @ projector.c_tilde_v, projector)
+
+
+def projector_shard(projector: Projector, start: int, stop: int) -> Projector:
+    """The rows ``start:stop`` of a projector's stored directions: what a rank holding only columns
+    ``start:stop`` of LoRA-A (a row-parallel layer's A under tensor parallelism, split along d_in) keeps.
+
+    A shard alone does not gate: the spectral coordinates u·C̃V_k of a row are a sum over every shard
+    (``apply_projector_shard``). Returns a Projector of d = stop − start with the same k, gates and base.
+    """
+    if not 0 <= start < stop <= projector.dim:
+        raise ValueError(f"projector shard [{start}, {stop}) is not inside d={projector.dim}")
+    return Projector(projector.c_tilde_v[start:stop], projector.v[start:stop], projector.gates, projector.base)
+
+
+def apply_projector_shard(update_shard: torch.Tensor, shard: Projector,
+                          sum_over_shards: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Gate the column block u_i (..., d_i) of rows whose other blocks live on other ranks::
+
+        A = [A_1 … A_T] (split along d_in):   (u·P_g)_i = b·u_i + ((Σ_j u_j·(C̃V_k)_j)·diag(g − b))·(V_k)_iᵀ
+
+    Args:
+        update_shard: (..., d_i) this rank's columns of the rows (e.g. (r, d_in / TP) of LoRA-A's update).
+        shard: ``projector_shard`` of the same columns.
+        sum_over_shards: sums a (..., k) tensor over the ranks holding the other blocks (an all-reduce over the
+            tensor-parallel group: r·k numbers per LoRA-A and step); every such rank must call it.
+
+    Returns:
+        (..., d_i) the same columns of the gated rows: concatenated over the ranks, ``apply_projector`` of the
+        whole rows.
+    """
+    if update_shard.shape[-1] != shard.dim:
+        raise ValueError(f"update shard has {update_shard.shape[-1]} columns, its projector shard {shard.dim}")
+    return _gated(update_shard, sum_over_shards(update_shard @ shard.c_tilde_v), shard)
+
+
+def _gated(update: torch.Tensor, coordinates: torch.Tensor, projector: Projector) -> torch.Tensor:
+    """b·u + (c·diag(g − b))·Vᵀ from the rows (or row blocks) ``update`` and their spectral coordinates c (..., k)."""
     if projector.base == 1.0:
         return update - (coordinates * (1 - projector.gates)) @ projector.v.mT
     return projector.base * update + (coordinates * (projector.gates - projector.base)) @ projector.v.mT

@@ -11,10 +11,12 @@ from folora_ds.method.eigensolve import GeneralizedEigenResult, solve_generalize
 from folora_ds.method.projector import (
     Projector,
     apply_projector,
+    apply_projector_shard,
     build_projector,
     cap_row_norms,
     eigenvector_rows,
     project_rows,
+    projector_shard,
     select_directions,
 )
 from folora_ds.method.spectral import effective_tau, gate_values
@@ -303,3 +305,43 @@ def test_eigenvector_rows_refuse_a_truncated_projector_and_too_many_rows():
         eigenvector_rows(random_rows((2, 6), seed=1), build_projector(result, gates, k=3))
     with pytest.raises(ValueError, match="r=7 > d=6"):
         eigenvector_rows(random_rows((7, 6), seed=1), build_projector(result, gates))
+
+
+# ------------------------------------------------------------------------ LoRA-A split along d_in (tensor parallel)
+def _shard_bounds(d: int, shards: int) -> list[tuple[int, int]]:
+    """Uneven column blocks, as a TP split of d_in that does not divide evenly would give."""
+    edges = [round(d * i / shards) for i in range(shards + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("base", [1.0, 0.25])
+def test_gating_column_shards_with_summed_coordinates_equals_gating_whole_rows(shards, base):
+    result, _ = solve_random(13, seed=70)
+    gates = torch.linspace(0.0, 1.0, 13, dtype=F64)
+    projector = build_projector(result, gates, k=5)
+    projector = Projector(projector.c_tilde_v, projector.v, projector.gates, base)
+    rows = random_rows((5, 13), seed=71)  # LoRA-A's update, r = 5
+    bounds = _shard_bounds(13, shards)
+    partial = [rows[:, a:b] @ projector_shard(projector, a, b).c_tilde_v for a, b in bounds]
+    total = torch.stack(partial).sum(0)  # what the all-reduce over the TP group returns on every rank
+    pieces = [apply_projector_shard(rows[:, a:b], projector_shard(projector, a, b), lambda local: total)
+              for a, b in bounds]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), apply_projector(rows, projector), rtol=0, atol=1e-12)
+    alone = [apply_projector_shard(rows[:, a:b], projector_shard(projector, a, b), lambda local: local)
+             for a, b in bounds]  # without the all-reduce each rank gates with its own partial coordinates
+    assert not torch.allclose(torch.cat(alone, dim=1), apply_projector(rows, projector), atol=1e-6)
+
+
+def test_a_projector_shard_keeps_k_gates_and_base_and_refuses_a_block_outside_d():
+    result, _ = solve_random(10, seed=72)
+    projector = build_projector(result, torch.linspace(0.1, 0.9, 10, dtype=F64), k=4)
+    shard = projector_shard(projector, 3, 7)
+    assert (shard.dim, shard.rank, shard.base) == (4, 4, projector.base)
+    torch.testing.assert_close(shard.v, projector.v[3:7], rtol=0, atol=0)
+    torch.testing.assert_close(shard.gates, projector.gates, rtol=0, atol=0)
+    for start, stop in ((0, 11), (5, 5), (-1, 3)):
+        with pytest.raises(ValueError, match=r"projector shard \[.*\) is not inside d=10"):
+            projector_shard(projector, start, stop)
+    with pytest.raises(ValueError, match="update shard has 5 columns, its projector shard 4"):
+        apply_projector_shard(random_rows((2, 5), seed=73), shard, lambda local: local)
