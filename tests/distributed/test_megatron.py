@@ -64,3 +64,92 @@ def test_tp2_dp2_mpu_groups_and_the_split_gate_equal_the_whole():
         assert result["reduced"] == [R * K], f"rank {rank}: one r x k all-reduce per LoRA-A"
         torch.testing.assert_close(result["gated"], result["expected"], rtol=0, atol=1e-12,
                                    msg=lambda m, r=rank: f"rank {r}: {m}")
+
+
+# ------------------------------------------------------------------------ LoRA on Column/RowParallelLinear
+HIDDEN, FFN, LORA_R, ALPHA, TOKENS = 8, 6, 3, 6.0, 4
+
+
+def _gathered(shard: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return torch.cat([piece.detach() for piece in comm.all_gather_objects(shard.detach(), group)], dim=dim)
+
+
+def _lora_mlp(rank: int, world: int) -> dict:
+    """x → column (8 → 6, split output) → GELU → row (6 → 8, split input, summed output), LoRA on both."""
+    import megatron.core.tensor_parallel as tensor_parallel
+    from megatron.core import ModelParallelConfig
+
+    from folora_ds.adapters.megatron import LoRAParallelLinear
+
+    state = parallel_state()
+    state.initialize_model_parallel(tensor_model_parallel_size=world)
+    try:
+        config = ModelParallelConfig(tensor_model_parallel_size=world, use_cpu_initialization=True)
+        torch.manual_seed(0)  # every rank builds the same master weights and keeps its slice
+
+        def init(weight):
+            return torch.nn.init.normal_(weight, std=0.3)
+
+        column = LoRAParallelLinear(tensor_parallel.ColumnParallelLinear(
+            HIDDEN, FFN, config=config, init_method=init, bias=False, gather_output=False), LORA_R, ALPHA, seed=1)
+        row = LoRAParallelLinear(tensor_parallel.RowParallelLinear(
+            FFN, HIDDEN, config=config, init_method=init, bias=False, input_is_parallel=True, skip_bias_add=False),
+            LORA_R, ALPHA, seed=2)
+        unsplit_input = tensor_parallel.RowParallelLinear(FFN, HIDDEN, config=config, init_method=init, bias=False,
+                                                          input_is_parallel=False, skip_bias_add=False)
+        try:
+            LoRAParallelLinear(unsplit_input, LORA_R, ALPHA)
+            refused = ""
+        except ValueError as error:
+            refused = str(error)
+        group = state.get_tensor_model_parallel_group()
+        tp_rank = comm.rank(group)
+        with torch.no_grad():  # B ≠ 0, so the adapter path carries gradient to A (the same draw as TP = 1)
+            column.lora_b.copy_(torch.randn(FFN, LORA_R, generator=torch.Generator().manual_seed(3)).chunk(
+                world, dim=0)[tp_rank])
+            row.lora_b.copy_(torch.randn(HIDDEN, LORA_R, generator=torch.Generator().manual_seed(4)))
+        x = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(5))
+        hidden, _ = column(x)
+        output, _ = row(torch.nn.functional.gelu(hidden))
+        (output ** 2).sum().backward()
+        return {"output": output.detach(), "refused": refused,
+                "weights": {"w1": _gathered(column.base.weight, 0, group), "w2": _gathered(row.base.weight, 1, group),
+                            "a1": column.lora_a.detach(), "b1": _gathered(column.lora_b, 0, group),
+                            "a2": _gathered(row.lora_a, 1, group), "b2": row.lora_b.detach()},
+                "grads": {"a1": column.lora_a.grad, "b1": _gathered(column.lora_b.grad, 0, group),
+                          "a2": _gathered(row.lora_a.grad, 1, group), "b2": row.lora_b.grad},
+                "split": {name: getattr(param, "tensor_model_parallel", None) for name, param in
+                          (("a1", column.lora_a), ("b1", column.lora_b), ("a2", row.lora_a), ("b2", row.lora_b))},
+                "frozen": not any(p.requires_grad for p in (*column.base.parameters(), *row.base.parameters()))}
+    finally:
+        state.destroy_model_parallel()
+
+
+def _unsharded(weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The same MLP and LoRA in one process from the gathered weights: output and LoRA gradients."""
+    lora = {name: weights[name].clone().requires_grad_(True) for name in ("a1", "b1", "a2", "b2")}
+    scale = ALPHA / LORA_R
+    x = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(5))
+    hidden = x @ weights["w1"].T + scale * (x @ lora["a1"].T) @ lora["b1"].T
+    activated = torch.nn.functional.gelu(hidden)
+    output = activated @ weights["w2"].T + scale * (activated @ lora["a2"].T) @ lora["b2"].T
+    (output ** 2).sum().backward()
+    return output.detach(), {name: tensor.grad for name, tensor in lora.items()}
+
+
+def test_lora_on_column_and_row_parallel_layers_at_tp2_equals_one_process():
+    results = run_ranks(2, _lora_mlp)
+    reference_output, reference_grads = _unsharded(results[0]["weights"])
+    for rank, result in enumerate(results):
+        assert result["frozen"]
+        assert "needs input_is_parallel=True" in result["refused"]
+        assert result["split"] == {"a1": False, "b1": True, "a2": True, "b2": False}  # what DeepSpeed's norm reads
+        torch.testing.assert_close(result["output"], reference_output, rtol=1e-5, atol=1e-5)
+        for name, grad in reference_grads.items():  # float32: gradients of ~1e2 agree to ~2e-7 relative
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, n=name, r=rank: f"rank {r} grad {n}: {m}")
+    # A's draw is TP-independent: the row layer's two halves are the TP = 1 draw of seed 2
+    bound = 1.0 / FFN ** 0.5
+    whole = torch.empty(LORA_R, FFN).uniform_(-bound, bound, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(results[0]["weights"]["a2"], whole, rtol=0, atol=0)
+    torch.testing.assert_close(results[0]["grads"]["a1"], results[1]["grads"]["a1"], rtol=0, atol=0)  # same copies

@@ -1,12 +1,16 @@
 """FoLoRA with Megatron tensor parallelism (megatron-core, the optional ``megatron`` extra).
 
-Built so far: ``MegatronMpu``, the model-parallel unit DeepSpeed reads its groups from (ZeRO partitions and
-reduces over the data-parallel group only), and ``parallel_state()``, the lazy import of megatron-core with an
-error that says how to install it. The gate of a LoRA-A split along d_in is ``method.projector``'s
-``apply_projector_shard``. Megatron is imported only when one of these is used: the package and its tests run
-without it.
+Built so far:
+- ``LoRAParallelLinear``: LoRA on Column/RowParallelLinear in the peft/NeMo layouts.
+- ``MegatronMpu``: the model-parallel unit DeepSpeed reads its groups from (ZeRO partitions and reduces over the
+  data-parallel group only).
+- ``parallel_state()``: the lazy import of megatron-core, with an error that says how to install it.
+
+The gate of a LoRA-A split along d_in is ``method.projector``'s ``apply_projector_shard``. Megatron is imported only
+when one of these is used: the package and its tests run without it.
 """
 
+from folora_ds.adapters.megatron.lora import LoRAParallelLinear
 from folora_ds.adapters.megatron.mpu import MEGATRON_CORE_REQUIREMENT, MegatronMpu, parallel_state
 
-__all__ = ["MEGATRON_CORE_REQUIREMENT", "MegatronMpu", "parallel_state"]
+__all__ = ["MEGATRON_CORE_REQUIREMENT", "LoRAParallelLinear", "MegatronMpu", "parallel_state"]

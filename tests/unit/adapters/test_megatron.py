@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from torch import nn
 
-from folora_ds.adapters.megatron import MEGATRON_CORE_REQUIREMENT, MegatronMpu, parallel_state
+from folora_ds.adapters.megatron import MEGATRON_CORE_REQUIREMENT, LoRAParallelLinear, MegatronMpu, parallel_state
 
 
 def test_importing_folora_ds_does_not_import_megatron():
@@ -29,3 +30,11 @@ def test_an_mpu_before_the_model_parallel_groups_exist_is_refused():
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional megatron extra)")
     with pytest.raises(RuntimeError, match="model-parallel groups are not initialized"):
         MegatronMpu()
+
+
+def test_lora_parallel_linear_wraps_only_megatron_parallel_linears_with_a_valid_rank():
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional megatron extra)")
+    with pytest.raises(TypeError, match="wraps megatron-core Column/RowParallelLinear, not Linear"):
+        LoRAParallelLinear(nn.Linear(4, 4), rank=2, alpha=4.0)
+    with pytest.raises(ValueError, match="rank=0 is invalid"):
+        LoRAParallelLinear(nn.Linear(4, 4), rank=0, alpha=4.0)
