@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from folora_ds.method.projector import Projector, apply_projector
+from folora_ds.method.projector import Projector, apply_projector, gate_with_coordinates, projector_shard
 
 RowKey = tuple[str, int]
 """(LoRA-A name, row index): identifies one row across ranks."""
@@ -132,9 +132,6 @@ def gate_flat_update(
     for piece, projector, col_start, col_end, slot in partial:
         coordinates[slot:slot + projector.rank] += piece @ projector.c_tilde_v[col_start:col_end]
     coordinates = sum_across_ranks(coordinates)
-    for piece, projector, col_start, col_end, slot in partial:  # u_piece·base + V[cols]·(c ⊙ (g − base))
-        own = coordinates[slot:slot + projector.rank]
-        if projector.base == 1.0:
-            piece.sub_(projector.v[col_start:col_end] @ (own * (1 - projector.gates)))
-        else:
-            piece.mul_(projector.base).add_(projector.v[col_start:col_end] @ (own * (projector.gates - projector.base)))
+    for piece, projector, col_start, col_end, slot in partial:  # u_piece·base + (c ⊙ (g − base))·V[cols]ᵀ
+        piece.copy_(gate_with_coordinates(piece, coordinates[slot:slot + projector.rank],
+                                          projector_shard(projector, col_start, col_end)))

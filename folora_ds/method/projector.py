@@ -153,7 +153,7 @@ def apply_projector(update: torch.Tensor, projector: Projector) -> torch.Tensor:
     """
     if update.shape[-1] != projector.dim:
         raise ValueError(f"update rows have {update.shape[-1]} columns but the projector is for d={projector.dim}")
-    return _gated(update, update @ projector.c_tilde_v, projector)
+    return gate_with_coordinates(update, update @ projector.c_tilde_v, projector)
 
 
 def projector_shard(projector: Projector, start: int, stop: int) -> Projector:
@@ -186,11 +186,13 @@ def apply_projector_shard(update_shard: torch.Tensor, shard: Projector,
     """
     if update_shard.shape[-1] != shard.dim:
         raise ValueError(f"update shard has {update_shard.shape[-1]} columns, its projector shard {shard.dim}")
-    return _gated(update_shard, sum_over_shards(update_shard @ shard.c_tilde_v), shard)
+    return gate_with_coordinates(update_shard, sum_over_shards(update_shard @ shard.c_tilde_v), shard)
 
 
-def _gated(update: torch.Tensor, coordinates: torch.Tensor, projector: Projector) -> torch.Tensor:
-    """b·u + (c·diag(g − b))·Vᵀ from the rows (or row blocks) ``update`` and their spectral coordinates c (..., k)."""
+def gate_with_coordinates(update: torch.Tensor, coordinates: torch.Tensor, projector: Projector) -> torch.Tensor:
+    """b·u + (c·diag(g − b))·Vᵀ from rows (or the column blocks of rows) ``update`` (..., d) and their whole spectral
+    coordinates c (..., k): the last half of every gate, once the coordinates are summed wherever the row is split
+    (``apply_projector_shard`` over tensor-parallel ranks, ``flat_partitions`` over ZeRO's cut rows)."""
     if projector.base == 1.0:
         return update - (coordinates * (1 - projector.gates)) @ projector.v.mT
     return projector.base * update + (coordinates * (projector.gates - projector.base)) @ projector.v.mT

@@ -8,8 +8,7 @@ from peft import LoraConfig, get_peft_model
 from folora_ds.controller import FoLoRAController
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.training.models import build_tiny_llama
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from tests.testing.ranks import TARGETS
 
 
 def tiny_peft_llama(seed: int = 0):
