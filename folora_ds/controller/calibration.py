@@ -127,18 +127,20 @@ def run_forwards(model: nn.Module, collector: CovarianceCollector, source: str,
 
 @contextlib.contextmanager
 def training_forward(collector: CovarianceCollector, batch: Mapping[str, torch.Tensor], config: FoLoRAConfig, *,
-                     forward: int, group=None) -> Iterator[None]:
+                     forward: int, replica: int | None = None, group=None) -> Iterator[None]:
     """Count the training forward run inside this context towards ``collector``'s "task" sums when it is one in
     ``config.statistics_every`` (forwards 1, 1 + n, 1 + 2n, ...), ``config.statistics_tokens`` tokens per input.
 
-    The tokens are drawn with a CPU generator seeded by ``config.proxy.seed``, the rank and ``forward``, so ranks
-    draw differently and a resumed run (which restores the forward count) draws the same. Collective on N ranks
+    The tokens are drawn with a CPU generator seeded by ``config.proxy.seed``, the replica and ``forward``, so
+    replicas draw differently, the TP ranks of one replica draw the same (their row-parallel inputs are column
+    blocks of the same tokens), and a resumed run (which restores the forward count) draws the same. Collective on N ranks
     when counted (each input's token rows go to its owner) and on the first forward (the labels check).
 
     Args:
         batch: ``attention_mask`` and, under ``task_token_mask="labels"``, ``labels`` (batch, seq); checked with
             ``labels_problem`` on every forward, counted or not.
         forward: this rank's training forwards so far, this one included (1 on the first).
+        replica: this rank's data-parallel replica (default: its rank in ``group``, every rank its own replica).
 
     Raises:
         DistributedStatisticsError: on every rank, when any rank's first batch fails ``labels_problem``.
@@ -155,7 +157,8 @@ def training_forward(collector: CovarianceCollector, batch: Mapping[str, torch.T
         return
     generator = None
     if config.statistics_tokens is not None:
-        generator = torch.Generator().manual_seed(config.proxy.seed * 1_000_003 + comm.rank(group) * 7_919 + forward)
+        replica = comm.rank(group) if replica is None else replica
+        generator = torch.Generator().manual_seed(config.proxy.seed * 1_000_003 + replica * 7_919 + forward)
     with collector.collect("task", attention_mask=batch.get("attention_mask"),
                            labels=batch.get("labels") if use_labels else None,
                            sample_tokens=config.statistics_tokens, generator=generator):

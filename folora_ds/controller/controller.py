@@ -39,10 +39,12 @@ from tqdm.auto import tqdm
 from folora_ds.controller.calibration import discover_inputs, run_forwards, training_forward
 from folora_ds.controller.checkpoint import save_checkpoint
 from folora_ds.controller.export import save_adapter
-from folora_ds.controller.forgetting import adapter_penalty_per_module, base_energy_per_module
+from folora_ds.controller.forgetting import WholeWeights, adapter_penalty_per_module, base_energy_per_module
 from folora_ds.controller.initialization import write_initial_lora_a
 from folora_ds.controller.owned_statistics import load_owned_statistics, owned_covariances, save_owned_statistics
 from folora_ds.controller.reporting import LayerSummary, merge_summaries, refresh_metrics, summarize, write_events
+from folora_ds.controller.tensor_parallel import (input_kinds, needed_rows, parallel_layout,
+                                                  refuse_unsupported_zero)
 from folora_ds.distributed import comm
 from folora_ds.distributed.ownership import assign_owners
 from folora_ds.distributed.statistics import OwnerRowExchange, agree_on_inputs, deliver_projectors, raise_if_any
@@ -52,7 +54,7 @@ from folora_ds.method.config import FoLoRAConfig
 from folora_ds.method.covariance import CovarianceCollector, CovarianceEMA
 from folora_ds.method.eigensolve import SpectralSolveError
 from folora_ds.method.gated_adamw import FlatPartitionLayout, GatedAdamW
-from folora_ds.method.peft_layers import lora_a_weight, lora_layers
+from folora_ds.method.peft_layers import lora_a_weight, lora_layers, tensor_parallel_kind
 from folora_ds.method.projector import Projector, eigenvector_rows, project_rows
 from folora_ds.method.spectral import SolveReport, SpectralSolver
 from folora_ds.method.state import STATE_VERSION, check_state_fits
@@ -66,6 +68,8 @@ class FoLoRAController:
         owned_projectors: the projectors this rank solved (its owned keys).
         projectors: the projectors this rank's optimizer uses (delivered by their owners at ``attach``).
         owners: owner rank of every input key; dims: width d of every input key.
+        layout: the tensor-parallel x data-parallel grid (TP = 1 without ``TensorParallelLoRA`` layers; with them,
+            building the controller is collective).
         optimizer_steps, refreshes: counters (identical on every rank).
     """
 
@@ -74,6 +78,7 @@ class FoLoRAController:
         self.config = config
         self.group = group
         self.layers = lora_layers(model)
+        self.layout = parallel_layout(self.layers, group)
         self.collector = CovarianceCollector(model, dtype=getattr(torch, config.statistics_dtype))
         self.task_ema = CovarianceEMA(config.ema_decay)
         self.solver = SpectralSolver(config)
@@ -105,7 +110,8 @@ class FoLoRAController:
         """Fix the input widths, choose the owners and route every input's token rows to its owner."""
         self.dims = dict(dims)
         self.owners = assign_owners(self.dims, comm.world_size(self.group))
-        self.collector.route_to(OwnerRowExchange(self.owners, self.group))
+        kinds = input_kinds(self.layers, self.collector.members()) if self.layout.tp_size > 1 else {}
+        self.collector.route_to(OwnerRowExchange(self.owners, self.group, layout=self.layout, kinds=kinds))
 
     def _owned_keys(self) -> list[str]:
         me = comm.rank(self.group)
@@ -158,7 +164,8 @@ class FoLoRAController:
         evaluate their inputs' modules (ZeRO-3 base weights gathered one module at a time), results gathered."""
         if not self.pre_covariances and not self.dims:
             raise RuntimeError("base_energies() before calibrate(): no C_pre")
-        return base_energy_per_module(self.layers, self.pre_covariances, self.collector.key_of, self.group)
+        return base_energy_per_module(self.layers, self.pre_covariances, self.collector.key_of, self.group,
+                                      whole=WholeWeights(self.owners, self.layout, self.group))
 
     def _fold_task_window(self, *, training: bool = True) -> None:
         """Collective (error check): fold the task sums the owners collected since the last window into the C_task
@@ -185,7 +192,8 @@ class FoLoRAController:
         Collective on N ranks: each input's token rows go to its owner during the forward, so every rank must
         run the same number of training forwards inside ``track_task`` (as data-parallel training does)."""
         self.task_forwards += 1
-        with training_forward(self.collector, batch, self.config, forward=self.task_forwards, group=self.group):
+        with training_forward(self.collector, batch, self.config, forward=self.task_forwards,
+                              replica=self.layout.dp_rank, group=self.group):
             yield
 
     # ------------------------------------------------------------------ bases
@@ -222,7 +230,8 @@ class FoLoRAController:
         if self.config.init == "kaiming":
             return
         rows = project_rows if self.config.init == "projected" else eigenvector_rows
-        write_initial_lora_a(self.layers, self.collector.key_of, self.owners, self.owned_projectors, rows, self.group)
+        write_initial_lora_a(self.layers, self.collector.key_of, self.owners, self.owned_projectors, rows, self.group,
+                             layout=self.layout)
         if engine is not None and engine.zero_optimization_stage() > 0:
             engine.optimizer.refresh_fp32_params()
 
@@ -231,6 +240,8 @@ class FoLoRAController:
         """Collective: install the projectors on ``optimizer``. With a DeepSpeed ``engine`` (whose client
         optimizer is ``optimizer``), map its ZeRO partitions first and count optimizer steps by the engine."""
         self.optimizer, self.engine = optimizer, engine
+        if engine is not None:
+            refuse_unsupported_zero(self.layout, engine.zero_optimization_stage())
         if engine is not None:
             self._last_global_steps = engine.global_steps
             lora_a_names = {id(lora_a_weight(layer)): name for name, layer in self.layers.items()}
@@ -242,14 +253,17 @@ class FoLoRAController:
 
     def _deliver(self) -> None:
         held_names = {fragment.name for layout in self.layouts for fragment in layout.fragments}
-        needed = {self.collector.key_of(name) for name in held_names} if self.layouts else set(self.dims)
+        needed = needed_rows(self.layers, held_names if self.layouts else self.layers, self.collector.key_of,
+                             self.dims)
         shapes = {key: (dim, self.projector_rank(key)) for key, dim in self.dims.items()}
         self.projectors = deliver_projectors(self.owned_projectors, self.owners, needed, shapes, self._device,
                                              self.group)
         for name, layer in self.layers.items():
             key = self.collector.key_of(name)
-            if not self.layouts:  # whole parameters (no engine, or ZeRO-0)
-                self.optimizer.set_projector(lora_a_weight(layer), self.projectors[key])
+            if not self.layouts:  # whole parameters (no engine, or ZeRO-0); a row-parallel A sums over TP
+                split = tensor_parallel_kind(layer) == "row"
+                self.optimizer.set_projector(lora_a_weight(layer), self.projectors[key],
+                                             sum_over_shards=self.layout.sum_over_tp() if split else None)
             elif name in held_names:
                 self.optimizer.set_named_projector(name, self.projectors[key])
 
@@ -351,7 +365,8 @@ class FoLoRAController:
         layers = self.layers if model is None else lora_layers(model)
         if set(layers) != set(self.layers):
             raise ValueError("forgetting_penalty: the model's LoRA modules differ from the controller's")
-        penalties = adapter_penalty_per_module(layers, self.pre_covariances, self.collector.key_of, self.group)
+        penalties = adapter_penalty_per_module(layers, self.pre_covariances, self.collector.key_of, self.group,
+                                               whole=WholeWeights(self.owners, self.layout, self.group))
         return {name: penalties[name] for name in self.layers}
 
     def measured_forgetting(self) -> float:

@@ -7,8 +7,9 @@ receives them::
       every rank:  A (r, d_in) ─ gathered (ZeRO-3) ─► rank 1: A ← rows(A, P) ─► broadcast ─► every rank copies it
 
 Under ZeRO-3 the broadcast is DeepSpeed's (``GatheredParameters(modifier_rank=owner)`` partitions the owner's
-change back on exit); otherwise it is ``comm.broadcast``. B is zero at this point, so the model's output does not
-change.
+change back on exit); otherwise it is ``comm.broadcast``. A row-parallel A (split along d_in over TP) is first
+joined on the owner from its replica's TP ranks; every rank keeps its columns of the broadcast rows. B is zero at
+this point, so the model's output does not change.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 
 from folora_ds.distributed import comm
-from folora_ds.method.peft_layers import lora_a_weight
+from folora_ds.distributed.tensor_parallel import TensorParallelLayout, join_on_owner
+from folora_ds.method.peft_layers import lora_a_weight, split_dimension
 from folora_ds.method.projector import Projector
 
 RowRule = Callable[[torch.Tensor, Projector], torch.Tensor]
@@ -28,7 +30,8 @@ RowRule = Callable[[torch.Tensor, Projector], torch.Tensor]
 
 
 def write_initial_lora_a(layers: Mapping[str, nn.Module], key_of: Callable[[str], str], owners: Mapping[str, int],
-                         projectors: Mapping[str, Projector], rows: RowRule, group=None) -> None:
+                         projectors: Mapping[str, Projector], rows: RowRule, group=None, *,
+                         layout: TensorParallelLayout | None = None) -> None:
     """Collective: the owner of each module's input rewrites that module's LoRA-A with ``rows`` and every rank
     receives the result; ZeRO-3-partitioned weights are gathered one module at a time.
 
@@ -38,16 +41,26 @@ def write_initial_lora_a(layers: Mapping[str, nn.Module], key_of: Callable[[str]
         owners: input key → owner rank in ``group``.
         projectors: the projectors this rank solved (at least every key it owns).
         rows: how the owner computes the new rows.
+        layout: the TP x DP grid; needed when a layer's A is split over TP.
     """
     me = comm.rank(group)
     with torch.no_grad():
         for name, layer in layers.items():
             key, weight = key_of(name), lora_a_weight(layer)
             partitioned = hasattr(weight, "ds_id")  # ZeRO-3: the owner's change is broadcast on exit
+            split = split_dimension(layer, "lora_a")
+            if split is not None and (layout is None or partitioned):
+                raise ValueError(f"{name!r}: a LoRA-A split over tensor-parallel ranks needs the TP layout and is "
+                                 "not supported under ZeRO-3 yet")
             with comm.gathered([weight], modifier_rank=owners[key]):  # (the world group's rank)
                 value = weight.detach().clone().float()
+                if split is not None:  # (r, d_in / TP) → the owner joins its replica's blocks into (r, d_in)
+                    joined = join_on_owner(value, split, owners[key], layout, group)
+                    value = joined if joined is not None else value.new_empty(value.shape[0], layer.in_features)
                 if owners[key] == me:
                     value = rows(value, projectors[key].to(value.device))
                 if not partitioned:
                     value = comm.broadcast(value, owners[key], group)
+                if split is not None:
+                    value = value[:, layer.local_columns[0]:layer.local_columns[1]]
                 weight.copy_(value)

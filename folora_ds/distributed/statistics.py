@@ -19,7 +19,8 @@ import torch
 
 from folora_ds.distributed import comm
 from folora_ds.method.covariance import CovarianceCollector
-from folora_ds.method.projector import Projector
+from folora_ds.distributed.tensor_parallel import TensorParallelLayout, chunk_bounds
+from folora_ds.method.projector import Projector, projector_shard
 
 
 class DistributedStatisticsError(ValueError, RuntimeError):
@@ -83,15 +84,28 @@ class OwnerRowExchange:
     rows so that an owner never receives more than ``EXCHANGE_BUFFER_BYTES`` at once. Only owners hold (d, d)
     sums. Traffic per forward and rank: Σ_inputs max n_r · d · element bytes, of which (world − 1)/world leaves.
 
+    Under tensor parallelism (``layout``, and ``kinds`` naming each input's TP kind) the TP ranks of one replica
+    hold the same tokens::
+
+        "column" input (whole and identical on every TP rank): each TP rank sends its 1/TP share of the rows,
+                 so every token is counted once per replica, and the sending is spread over the TP ranks
+        "row" input (split along d): each TP rank sends its (n, d / TP) column block; the owner joins the
+                 blocks of a replica in TP order into whole (n, d) rows (the exact statistic, no approximation)
+
     Attributes:
         bytes_sent: what this rank handed to other ranks (padding included), for benchmarks and plans.
     """
 
-    def __init__(self, owners: Mapping[str, int], group=None) -> None:
+    def __init__(self, owners: Mapping[str, int], group=None, *, layout: TensorParallelLayout | None = None,
+                 kinds: Mapping[str, str] | None = None) -> None:
         self.owners = dict(owners)
         self.group = group
         self.me = comm.rank(group)
         self.world = comm.world_size(group)
+        self.layout = layout
+        self.kinds = dict(kinds or {})
+        if self.kinds and (layout is None or layout.tp_size == 1):
+            raise ValueError("tensor-parallel inputs need a TensorParallelLayout with TP > 1")
         self._counts: list[int] = []
         self.bytes_sent = 0
 
@@ -105,7 +119,32 @@ class OwnerRowExchange:
         if self.world == 1:
             yield rows
             return
-        width = max(self._counts)
+        kind, counts = self.kinds.get(key), self._counts
+        if kind == "column":  # identical on the TP ranks of a replica: each sends its share
+            layout = self.layout
+            counts = [stop - start for start, stop in (chunk_bounds(count, tp_rank, layout.tp_size)
+                                                       for count, tp_rank in zip(counts, layout.tp_ranks))]
+            start, stop = chunk_bounds(rows.shape[0], layout.tp_rank, layout.tp_size)
+            rows = rows[start:stop]
+        elif kind == "row":
+            self._check_replicas_agree(key)
+        for pieces in self._gather_blocks(rows, counts, owner):
+            if kind == "row":  # join each replica's column blocks, in TP order, into whole rows
+                pieces = [torch.cat([pieces[rank] for rank in replica], dim=1) for replica in self.layout.members()]
+            yield from (piece for piece in pieces if piece.shape[0])
+
+    def _check_replicas_agree(self, key: str) -> None:
+        for replica in self.layout.members():
+            counted = {self._counts[rank] for rank in replica}
+            if len(counted) > 1:
+                raise RuntimeError(f"input {key!r} is split over the tensor-parallel ranks {replica}, which counted "
+                                   f"different tokens {sorted(counted)}: the TP ranks of a replica must run the same "
+                                   "batches with the same masks")
+
+    def _gather_blocks(self, rows: torch.Tensor, counts: list[int], owner: int) -> Iterator[list[torch.Tensor]]:
+        """Gathers of every rank's rows (``counts[r]`` of them) to ``owner`` in bounded blocks; yields, on the owner,
+        each block's piece from every rank (trimmed to its real rows) and nothing elsewhere."""
+        width = max(counts)
         block = rows_per_gather(self.world, rows.shape[1], rows.element_size())
         for start in range(0, width, block):
             stop = min(start + block, width)
@@ -115,43 +154,50 @@ class OwnerRowExchange:
             if owner != self.me:
                 self.bytes_sent += padded.numel() * padded.element_size()
             pieces = comm.gather_to(padded, owner, self.group)
-            for piece, count in zip(pieces or [], self._counts):
-                if count > start:
-                    yield piece[:count - start]
+            if pieces is not None:
+                yield [piece[:max(0, min(count - start, stop - start))] for piece, count in zip(pieces, counts)]
 
 
-def deliver_projectors(projectors: Mapping[str, Projector], owners: Mapping[str, int], needed: set[str],
-                       shapes: Mapping[str, tuple[int, int]], device, group=None) -> dict[str, Projector]:
-    """Collective: each owner sends its keys' projectors only to the ranks that need them.
+def deliver_projectors(projectors: Mapping[str, Projector], owners: Mapping[str, int],
+                       needed: Mapping[str, tuple[int, int]], shapes: Mapping[str, tuple[int, int]], device,
+                       group=None) -> dict[str, Projector]:
+    """Collective: each owner sends its keys' projectors only to the ranks that need them, and of each only the
+    rows a rank needs (a row-parallel LoRA-A under tensor parallelism holds d / TP columns of the input).
 
     Args:
         projectors: the projectors this rank owns (key → projector).
-        needed: the keys this rank needs.
+        needed: the keys this rank needs → the rows [start, stop) of the stored directions it needs ((0, d): all).
         shapes: (d, k) of every key's projector (the same on every rank).
 
     Returns:
-        The projectors of every key in ``needed``.
+        The projectors of every key in ``needed``, each of d = stop − start (``projector.projector_shard``).
     """
     me = comm.rank(group)
-    needs = comm.all_gather_objects(sorted(needed), group)
+    needs = comm.all_gather_objects({key: tuple(rows) for key, rows in sorted(needed.items())}, group)
     received = {}
     for key in sorted(shapes):
         owner = owners[key]
-        d, k = shapes[key]
+        _, k = shapes[key]
         for rank, rank_needs in enumerate(needs):
             if key not in rank_needs:
                 continue
+            start, stop = rank_needs[key]
             if rank == owner:
                 if rank == me:
-                    received[key] = projectors[key]
+                    received[key] = _rows(projectors[key], start, stop)
                 continue
             if me == owner:
-                projector = projectors[key]
+                projector = _rows(projectors[key], start, stop)
                 base = projector.gates.new_tensor([projector.base])
                 gates_and_base = torch.cat([projector.gates, base]).float()
                 comm.send_tensors([projector.c_tilde_v.float(), projector.v.float(), gates_and_base], rank, group)
             elif me == rank:
-                c_tilde_v, v, gates_and_base = comm.receive_tensors([(d, k), (d, k), (k + 1,)], torch.float32, owner,
-                                                                    device, group)
+                rows = stop - start
+                c_tilde_v, v, gates_and_base = comm.receive_tensors([(rows, k), (rows, k), (k + 1,)], torch.float32,
+                                                                    owner, device, group)
                 received[key] = Projector(c_tilde_v, v, gates_and_base[:k], float(gates_and_base[k]))
     return received
+
+
+def _rows(projector: Projector, start: int, stop: int) -> Projector:
+    return projector if (start, stop) == (0, projector.dim) else projector_shard(projector, start, stop)

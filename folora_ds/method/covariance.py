@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from folora_ds.common.checks import require_int
-from folora_ds.method.peft_layers import lora_layers
+from folora_ds.method.peft_layers import lora_layers, tensor_parallel_kind
 
 SOURCES = ("pre", "task")
 
@@ -73,7 +73,12 @@ class CovarianceCollector:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"statistics dtype must be float32 or float64, got {dtype}")
         self.dtype = dtype
-        self._layer_names = list(lora_layers(model))
+        layers = lora_layers(model)
+        self._layer_names = list(layers)
+        # a row-parallel layer sees d_in / TP columns of its input; its key's width is the whole d_in (the exchange
+        # joins the TP ranks' column blocks into whole rows on the owner)
+        self._whole_width = {name: layer.in_features for name, layer in layers.items()
+                             if tensor_parallel_kind(layer) == "row"}
         self._key_of: dict[str, str] = {}
         self._live_inputs: dict[str, weakref.ref] = {}
         self._dims: dict[str, int] = {}
@@ -238,7 +243,7 @@ class CovarianceCollector:
         if key != name:
             return
         self._live_inputs[key] = weakref.ref(inputs)
-        self._dims[key] = inputs.shape[-1]
+        self._dims[key] = self._whole_width.get(name, inputs.shape[-1])
         if self._source != "discover":
             self._accumulate(key, inputs)
 
@@ -254,14 +259,15 @@ class CovarianceCollector:
         if positions is not None:
             rows = rows[positions.to(rows.device)]  # inputs may sit on other devices (a model split over GPUs)
         blocks = [rows] if self._exchange is None else self._exchange.route(key, rows)
+        width = self._dims[key]  # whole rows reach the owner (a row-parallel input: joined over TP)
         for block in blocks:  # nothing reaches a rank that does not own the input
             sums = self._sums[self._source].get(key)
             if sums is None:
-                sums = CovarianceSums(torch.zeros(d, d, dtype=self.dtype, device=rows.device),
+                sums = CovarianceSums(torch.zeros(width, width, dtype=self.dtype, device=rows.device),
                                       torch.zeros((), dtype=torch.int64, device=rows.device))
                 self._sums[self._source][key] = sums
-            elif sums.sum.shape[0] != d:
-                raise ValueError(f"{key!r}: input width changed from {sums.sum.shape[0]} to {d}")
+            if sums.sum.shape[0] != block.shape[1]:
+                raise ValueError(f"{key!r}: input width changed from {sums.sum.shape[0]} to {block.shape[1]}")
             block = block.to(self.dtype)
             sums.sum.addmm_(block.mT, block)
             sums.tokens += block.shape[0]

@@ -26,7 +26,7 @@ from torch import nn
 from folora_ds.method.config import VARIANTS
 from folora_ds.method.flat_partitions import CutRow, Fragment, gate_flat_update
 from folora_ds.method.peft_layers import lora_a_weight, lora_layers
-from folora_ds.method.projector import Projector, apply_projector, cap_row_norms
+from folora_ds.method.projector import Projector, apply_projector, apply_projector_shard, cap_row_norms
 
 
 @dataclass
@@ -88,6 +88,7 @@ class GatedAdamW(torch.optim.Optimizer):
         self.cap_update_norm = cap_update_norm
         self._flat_layouts: dict[int, tuple[torch.Tensor, FlatPartitionLayout]] = {}
         self._named_projectors: dict[str, Projector] = {}
+        self._shard_sums: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # id(param) → sum over TP
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -121,18 +122,29 @@ class GatedAdamW(torch.optim.Optimizer):
                     return group, index
         raise ValueError("set_projector: the parameter is not managed by this optimizer")
 
-    def set_projector(self, param: nn.Parameter, projector: Projector) -> None:
+    def set_projector(self, param: nn.Parameter, projector: Projector, *,
+                      sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Install or refresh the projector of one LoRA-A parameter (r, d_in); call between steps.
+
+        Args:
+            sum_over_shards: the parameter is a column block of a LoRA-A split along d_in (a row-parallel layer
+                under tensor parallelism) and ``projector`` the same rows of the whole projector
+                (``projector_shard``); this sums the (r, k) partial coordinates over the ranks holding the other
+                blocks, once per step (``apply_projector_shard``), and every such rank must step too.
 
         Raises:
             ValueError: the parameter is not in a ``gated=True`` group (not a LoRA-A weight), its d_in differs
-                from the projector's d, or Variant B gets a low-rank projector.
+                from the projector's d, Variant B gets a low-rank projector, or a shard gets Variant B or the
+                row-norm cap (both need whole rows).
         """
         group, index = self._locate(param)
         name = self._name(group, index)
         if not group["gated"]:
             raise ValueError(f"set_projector: {name} is not in a gated param group; projectors apply only to "
                              "LoRA-A weights (build the groups with folora_param_groups)")
+        if sum_over_shards is not None and (self.variant != "A" or self.cap_update_norm):
+            raise ValueError(f"set_projector: {name} is split along d_in; its gate supports variant='A' without "
+                             "cap_update_norm (both others need whole rows)")
         if param.shape[1] != projector.dim:
             raise ValueError(f"set_projector: {name} has shape {tuple(param.shape)} but the projector is for "
                              f"d_in={projector.dim}")
@@ -156,6 +168,10 @@ class GatedAdamW(torch.optim.Optimizer):
         state["projector_gates"] = projector.gates
         state["projector_base"] = float(projector.base)
         state["projector_refreshes"] = state.get("projector_refreshes", 0) + 1
+        if sum_over_shards is None:
+            self._shard_sums.pop(id(param), None)
+        else:
+            self._shard_sums[id(param)] = sum_over_shards
         state.setdefault("gated_steps", 0)
 
     def register_flat_partition(self, flat: torch.Tensor, layout: FlatPartitionLayout) -> None:
@@ -267,7 +283,9 @@ class GatedAdamW(torch.optim.Optimizer):
                 update = exp_avg / denom / bias_correction1
                 if self.variant == "A":
                     reference = update
-                    gated_update = apply_projector(update, self.projector(param))
+                    sum_over_shards = self._shard_sums.get(id(param))
+                    gated_update = (apply_projector(update, self.projector(param)) if sum_over_shards is None else
+                                    apply_projector_shard(update, self.projector(param), sum_over_shards))
                 else:
                     reference = update @ state["projector_v"].mT
                     gated_update = (update * state["projector_gates"]) @ state["projector_v"].mT

@@ -123,7 +123,7 @@ def _ungated_bug(rank: int, world: int, stage: int) -> str:
     import folora_ds
 
     if stage == 0:
-        GatedAdamW.set_projector = lambda self, param, projector: None  # projectors never installed
+        GatedAdamW.set_projector = lambda self, param, projector, **_: None  # projectors never installed
     else:
         GatedAdamW._step_flat = lambda self, flat, layout, update, lr: flat.add_(update, alpha=-lr)
     engine, controller = folora_ds.initialize(tiny_model(), ds_config(stage), proxy_batches=[proxy_batch(rank)],

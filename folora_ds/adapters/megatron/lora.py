@@ -27,9 +27,10 @@ from torch import nn
 
 from folora_ds.common.checks import require_int, require_real
 from folora_ds.distributed import comm
+from folora_ds.method.peft_layers import TensorParallelLoRA
 
 
-class LoRAParallelLinear(nn.Module):
+class LoRAParallelLinear(TensorParallelLoRA):
     """A frozen megatron-core ``ColumnParallelLinear`` or ``RowParallelLinear`` plus a LoRA adapter laid out for it.
 
     Args:

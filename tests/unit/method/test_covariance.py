@@ -380,7 +380,7 @@ def test_rejects_unsupported_statistics_dtype():
 
 
 def test_rejects_model_without_lora_layers():
-    with pytest.raises(ValueError, match="no peft LoRA layers"):
+    with pytest.raises(ValueError, match="has no LoRA layers"):
         CovarianceCollector(nn.Sequential(nn.Linear(3, 3)))
 
 

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from folora_ds.method.eigensolve import GeneralizedEigenResult, solve_generalized_eigenproblem
 from folora_ds.method.gated_adamw import GatedAdamW, folora_param_groups
 from folora_ds.method.peft_layers import lora_a_weight, lora_b_weight, lora_layers
-from folora_ds.method.projector import Projector, build_projector
+from folora_ds.method.projector import Projector, build_projector, projector_shard
 from folora_ds.method.spectral import effective_tau, gate_values
 from folora_ds.training.models import build_tiny_llama
 
@@ -607,3 +607,41 @@ def test_add_param_group_validates_gated_groups_like_the_constructor():
     (bias,) = _params([(10,)], seed=94)
     with pytest.raises(ValueError, match="2-D"):
         optimizer.add_param_group({"params": [bias], "gated": True})
+
+
+# ------------------------------------------------------------------------ a LoRA-A split along d_in (TP row layer)
+def test_a_column_block_gated_with_the_other_blocks_coordinates_equals_the_whole_gate():
+    """The left 7 of 12 columns of A, stepped alone with a projector shard, whose r x k partial coordinates are
+    completed by the right block's (computed here from the same Adam formula): the whole A's gated step, columns
+    0:7, over 3 steps; one sum per step."""
+    r, d, left = 4, 12, 7
+    lr, (beta1, beta2), eps = 0.05, (0.9, 0.99), 1e-8
+    (whole,) = _params([(r, d)], seed=20)
+    projector = _gated_projector(d, seed=21, k=5)
+    block = torch.nn.Parameter(whole.detach()[:, :left].clone())
+    reference = GatedAdamW([{"params": [whole], "gated": True}], lr=lr, betas=(beta1, beta2), eps=eps)
+    reference.set_projector(whole, projector)
+    m, v, sums = torch.zeros(r, d, dtype=F64), torch.zeros(r, d, dtype=F64), []
+
+    def with_right_block(partial: torch.Tensor) -> torch.Tensor:
+        sums.append(tuple(partial.shape))
+        u = (m / (1 - beta1 ** len(sums))) / ((v / (1 - beta2 ** len(sums))).sqrt() + eps)
+        return partial + u[:, left:] @ projector.c_tilde_v[left:]
+
+    optimizer = GatedAdamW([{"params": [block], "gated": True}], lr=lr, betas=(beta1, beta2), eps=eps)
+    optimizer.set_projector(block, projector_shard(projector, 0, left), sum_over_shards=with_right_block)
+    for (grad,) in _grads([(r, d)], steps=3, seed=22):
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * grad**2
+        _run(reference, [whole], [grad])
+        _run(optimizer, [block], [grad[:, :left]])
+        torch.testing.assert_close(block.detach(), whole.detach()[:, :left], rtol=1e-10, atol=1e-12)
+    assert sums == [(r, 5)] * 3 and optimizer.gated_step_counts() == {"group 0 param 0": 3}
+
+
+@pytest.mark.parametrize("options", [{"variant": "B"}, {"cap_update_norm": True}])
+def test_a_column_block_needs_variant_a_without_the_cap(options):
+    (block,) = _params([(4, 7)], seed=23)
+    optimizer = GatedAdamW([{"params": [block], "gated": True}], **options)
+    with pytest.raises(ValueError, match="is split along d_in; its gate supports variant='A' without cap"):
+        optimizer.set_projector(block, _gated_projector(7, seed=24), sum_over_shards=lambda partial: partial)

@@ -1,0 +1,68 @@
+"""FoLoRA trained under Megatron tensor parallelism equals one process at TP = 1 (``tests/testing/megatron.py``):
+TP = 2 x DP = 1 on 2 gloo ranks and TP = 2 x DP = 2 on 4, with gradient accumulation, clipping, a refresh during
+training and a k that truncates. Statistics (raw token counts included: column inputs counted once per replica),
+gates, forgetting and LoRA weights agree; whole-A copies stay bit-identical across TP ranks; the row-parallel gate
+costs one r x k all-reduce per LoRA-A and step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional megatron extra)")
+
+from tests.testing.megatron import FOLORA, LORA_RANK, STEPS, train  # noqa: E402
+from tests.testing.ranks import run_ranks  # noqa: E402
+
+ROW_LAYERS = ("o_proj", "down_proj")
+
+
+def _train(rank: int, world: int, tp_size: int) -> dict:
+    return train(tp_size)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return run_ranks(1, _train, 1)[0]
+
+
+def _union(results: list[dict], field: str) -> dict:
+    """A per-owner field (statistics, gates) joined over the ranks; each key appears on exactly one."""
+    joined = {}
+    for result in results:
+        assert not set(joined) & set(result[field]), f"{field}: a key held by two ranks"
+        joined.update(result[field])
+    return joined
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2-dp1", "tp2-dp2"])
+def test_tensor_parallel_training_equals_one_process(world, reference):
+    results = run_ranks(world, _train, 2)
+    assert reference["layout"] == 1 and all(result["layout"] == 2 for result in results)
+    assert reference["refreshes"] == STEPS // FOLORA["refresh_interval"] == 1
+    for rank, result in enumerate(results):
+        assert result["steps"] == STEPS and result["refreshes"] == reference["refreshes"], f"rank {rank}"
+        assert set(result["gated"]) == {STEPS}, f"rank {rank}: gated steps {result['gated']}"
+        for name, expected in reference["weights"].items():
+            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6,
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
+        assert result["forgetting"] == pytest.approx(reference["forgetting"], rel=1e-6)
+        # one r x k all-reduce per row-parallel LoRA-A per step, nothing else over TP in the gate
+        assert result["reduces"] == [(LORA_RANK, FOLORA["k"])] * (len(ROW_LAYERS) * STEPS), f"rank {rank}"
+    pre, gates, window = (_union(results, field) for field in ("pre", "gates", "window"))
+    assert set(pre) == set(reference["pre"]) == set(gates) and set(window) == set(reference["window"])
+    for key, expected in reference["pre"].items():
+        torch.testing.assert_close(pre[key], expected, rtol=0, atol=1e-6, msg=lambda m, k=key: f"C_pre {k}: {m}")
+        torch.testing.assert_close(gates[key], reference["gates"][key], rtol=0, atol=1e-6)
+    for key, (tokens, sums) in reference["window"].items():
+        # raw sums, not covariances: counting a column input on both TP ranks would double tokens and sum alike
+        assert window[key][0] == tokens, f"{key}: {window[key][0]} tokens counted, one process counted {tokens}"
+        torch.testing.assert_close(window[key][1] / tokens, sums / tokens, rtol=0, atol=1e-6)
+    # whole copies of A (column layers) bit-identical across the TP ranks of a replica after every step
+    for first, second in zip(results[::2], results[1::2]):
+        assert (first["replica"], first["tp_rank"], second["tp_rank"]) == (second["replica"], 0, 1)
+        for name, tensor in first["local_a"].items():
+            if name.rsplit(".", 1)[-1] in ROW_LAYERS:
+                assert tensor.shape != second["local_a"][name].shape or not torch.equal(tensor, second["local_a"][name])
+            else:
+                assert torch.equal(tensor, second["local_a"][name]), f"{name}: the TP copies of A differ"
