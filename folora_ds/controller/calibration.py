@@ -133,8 +133,8 @@ def training_forward(collector: CovarianceCollector, batch: Mapping[str, torch.T
 
     The tokens are drawn with a CPU generator seeded by ``config.proxy.seed``, the replica and ``forward``, so
     replicas draw differently, the TP ranks of one replica draw the same (their row-parallel inputs are column
-    blocks of the same tokens), and a resumed run (which restores the forward count) draws the same. Collective on N ranks
-    when counted (each input's token rows go to its owner) and on the first forward (the labels check).
+    blocks of the same tokens), and a resumed run (which restores the forward count) draws the same. Collective on
+    N ranks when counted (each input's token rows go to its owner) and on the first forward (the labels check).
 
     Args:
         batch: ``attention_mask`` and, under ``task_token_mask="labels"``, ``labels`` (batch, seq); checked with

@@ -43,8 +43,7 @@ from folora_ds.controller.forgetting import WholeWeights, adapter_penalty_per_mo
 from folora_ds.controller.initialization import write_initial_lora_a
 from folora_ds.controller.owned_statistics import load_owned_statistics, owned_covariances, save_owned_statistics
 from folora_ds.controller.reporting import LayerSummary, merge_summaries, refresh_metrics, summarize, write_events
-from folora_ds.controller.tensor_parallel import (input_kinds, needed_rows, parallel_layout,
-                                                  refuse_unsupported_zero)
+from folora_ds.controller.tensor_parallel import input_kinds, needed_rows, parallel_layout, refuse_unsupported_zero
 from folora_ds.distributed import comm
 from folora_ds.distributed.ownership import assign_owners
 from folora_ds.distributed.statistics import OwnerRowExchange, agree_on_inputs, deliver_projectors, raise_if_any

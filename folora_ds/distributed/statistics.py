@@ -18,8 +18,8 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from folora_ds.distributed import comm
-from folora_ds.method.covariance import CovarianceCollector
 from folora_ds.distributed.tensor_parallel import TensorParallelLayout, chunk_bounds
+from folora_ds.method.covariance import CovarianceCollector
 from folora_ds.method.projector import Projector, projector_shard
 
 

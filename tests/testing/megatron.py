@@ -105,8 +105,9 @@ def batch(seed: int) -> dict[str, torch.Tensor]:
 
 def calibration(replica: int, replicas: int, count: int = 4) -> tuple[list, list]:
     """This replica's proxy (no labels) and task calibration batches."""
-    proxy = [{k: v for k, v in batch(1000 + i).items() if k != "labels"} for i in range(count) if i % replicas == replica]
-    task = [batch(i) for i in range(count) if i % replicas == replica]
+    mine = [i for i in range(count) if i % replicas == replica]
+    proxy = [{k: v for k, v in batch(1000 + i).items() if k != "labels"} for i in mine]
+    task = [batch(i) for i in mine]
     return proxy, task
 
 
@@ -193,7 +194,8 @@ def train(tp_size: int, *, folora: dict | None = None) -> dict:
                 "pre": dict(controller.pre_covariances), "window": window,
                 "gates": {key: projector.gates.clone() for key, projector in controller.owned_projectors.items()},
                 "local_a": {name: layer.lora_a.detach().clone() for name, layer in lora_layers(model).items()},
-                "reduces": controller.layout.reduces, "tp_rank": state.get_tensor_model_parallel_rank(), "replica": replica,
+                "reduces": controller.layout.reduces, "tp_rank": state.get_tensor_model_parallel_rank(),
+                "replica": replica,
                 "forgetting": controller.measured_forgetting(), "layout": controller.layout.tp_size}
     finally:
         state.destroy_model_parallel()

@@ -9,8 +9,15 @@ from torch import nn
 
 from folora_ds.controller.tensor_parallel import input_kinds, needed_rows, parallel_layout, refuse_unsupported_zero
 from folora_ds.distributed.tensor_parallel import TensorParallelLayout
-from folora_ds.method.peft_layers import (TensorParallelLoRA, lora_a_weight, lora_b_weight, lora_layers, lora_scaling,
-                                          split_dimension, tensor_parallel_kind)
+from folora_ds.method.peft_layers import (
+    TensorParallelLoRA,
+    lora_a_weight,
+    lora_b_weight,
+    lora_layers,
+    lora_scaling,
+    split_dimension,
+    tensor_parallel_kind,
+)
 
 
 class StandIn(TensorParallelLoRA):
