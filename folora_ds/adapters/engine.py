@@ -28,16 +28,18 @@ from torch import nn
 
 from folora_ds.adapters.checkpoint import check_deepspeed_files, load_engine_checkpoint, refuse_world_size_change
 from folora_ds.adapters.ds_config import PreparedConfig, prepare_ds_config
+from folora_ds.adapters.megatron.mpu import check_mpu
 from folora_ds.controller import FoLoRAController
 from folora_ds.controller.checkpoint import read_folora_state, resolve_tag
 from folora_ds.controller.proxy import calibration_batches, proxy_samples_for_this_rank
+from folora_ds.controller.tensor_parallel import refuse_unsupported_zero
 from folora_ds.distributed import comm
 from folora_ds.method.gated_adamw import GatedAdamW, folora_param_groups
 
 
 def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | PreparedConfig, *, proxy_batches=None,
                task_batches=None, tokenizer=None, resume_from: str | Path | None = None, tag: str | None = None,
-               lr_scheduler=None, progress: bool = False) -> tuple[Any, FoLoRAController]:
+               lr_scheduler=None, mpu=None, progress: bool = False) -> tuple[Any, FoLoRAController]:
     """Build a DeepSpeed engine that trains ``model`` (a peft LoRA model) with FoLoRA's gated AdamW.
 
     Args:
@@ -54,6 +56,9 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
             weights, optimizer and FoLoRA state are restored (any world size for FoLoRA's own state).
         tag: checkpoint tag (``latest``, or ``latest_universal`` with ``checkpoint.load_universal``, when None).
         lr_scheduler: passed to ``deepspeed.initialize``.
+        mpu: Megatron's model-parallel unit (``folora_ds.adapters.megatron.MegatronMpu()``), required when the
+            model's LoRA layers are tensor-parallel; DeepSpeed then reduces and partitions over the data-parallel
+            group, and each TP group's ranks share one calibration shard. ZeRO stage 0 only, for now.
 
     Returns:
         ``(engine, controller)``.
@@ -78,13 +83,19 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
     import deepspeed
 
     controller = FoLoRAController(model, prepared.folora)
+    layout = controller.layout
+    check_mpu(mpu, layout.tp_size)
+    refuse_unsupported_zero(layout, int((prepared.ds_config.get("zero_optimization") or {}).get("stage", 0)))
+    if folder is None and proxy_batches is None and layout.tp_size > 1 and prepared.folora.proxy.path is None:
+        raise ValueError("a tensor-parallel model cannot sample its proxy set here (generation needs whole layers): "
+                         "set proxy.path to a proxy set or a {\"text\": ...} corpus, or pass proxy_batches")
     if folder is None and proxy_batches is None:  # generation needs the whole model on each rank
         if any(hasattr(param, "ds_id") for param in model.parameters()) and prepared.folora.proxy.path is None:
             raise ValueError("the model is already partitioned (built under deepspeed.zero.Init), so this rank cannot "
                              "sample the proxy set from it: set proxy.path to a proxy set (folora-ds sample-proxy on "
                              "a node that holds the model, or a {\"text\": ...} corpus) or pass proxy_batches")
-        samples = proxy_samples_for_this_rank(model, tokenizer, prepared.folora,
-                                              progress=progress and comm.rank() == 0)
+        samples = proxy_samples_for_this_rank(model, tokenizer, prepared.folora, replica=layout.dp_rank,
+                                              replicas=layout.dp_size, progress=progress and comm.rank() == 0)
         proxy_batches = calibration_batches(samples, tokenizer, prepared.folora)
     state = None
     if folder is not None:  # FoLoRA's config and every file are checked before DeepSpeed touches the checkpoint
@@ -95,7 +106,7 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
     optimizer = GatedAdamW(folora_param_groups(model, weight_decay=arguments.pop("weight_decay")), **arguments,
                            variant=prepared.folora.variant, cap_update_norm=prepared.folora.cap_update_norm)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=prepared.ds_config,
-                                           lr_scheduler=lr_scheduler)
+                                           lr_scheduler=lr_scheduler, mpu=mpu)
     client = engine.optimizer if engine.zero_optimization_stage() == 0 else engine.optimizer.optimizer
     if client is not optimizer:
         raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__}; FoLoRA cannot "

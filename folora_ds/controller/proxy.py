@@ -225,12 +225,18 @@ def proxy_batches(samples: Sequence[ProxySample], *, batch_size: int,
                                               dtype=torch.long)}
 
 
-def proxy_samples_for_this_rank(model: nn.Module, tokenizer, folora: FoLoRAConfig, *, progress: bool = False
-                                ) -> list[ProxySample]:
+def proxy_samples_for_this_rank(model: nn.Module, tokenizer, folora: FoLoRAConfig, *, progress: bool = False,
+                                replica: int | None = None, replicas: int | None = None) -> list[ProxySample]:
     """This rank's share of the proxy calibration set: of ``proxy.path`` (a saved proxy set or a ``{"text": ...}``
     corpus) when set, else sampled from ``model`` with the ``proxy`` settings (distinct seeds per rank). Empty when
-    this rank gets no sample (calibration then stops every rank, naming it)."""
-    rank, world = comm.rank(), comm.world_size()
+    this rank gets no sample (calibration then stops every rank, naming it).
+
+    Args:
+        replica, replicas: this rank's data-parallel replica and how many there are (default: the rank and the
+            world); under tensor parallelism the TP ranks of a replica share one shard.
+    """
+    rank = comm.rank() if replica is None else replica
+    world = comm.world_size() if replicas is None else replicas
     if folora.proxy.path is not None:
         samples = load_proxy_jsonl(folora.proxy.path, tokenizer=tokenizer, max_length=folora.max_seq_len)
         return [sample for index, sample in enumerate(samples) if index % world == rank]

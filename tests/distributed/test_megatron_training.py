@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional megatron extra)")
 
-from tests.testing.megatron import FOLORA, LORA_RANK, STEPS, train  # noqa: E402
+from tests.testing.megatron import FOLORA, LORA_RANK, STEPS, train, train_with_engine  # noqa: E402
 from tests.testing.ranks import run_ranks  # noqa: E402
 
 ROW_LAYERS = ("o_proj", "down_proj")
@@ -66,3 +66,20 @@ def test_tensor_parallel_training_equals_one_process(world, reference):
                 assert tensor.shape != second["local_a"][name].shape or not torch.equal(tensor, second["local_a"][name])
             else:
                 assert torch.equal(tensor, second["local_a"][name]), f"{name}: the TP copies of A differ"
+
+
+def _train_with_engine(rank: int, world: int, tp_size: int) -> dict:
+    return train_with_engine(tp_size)
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2-dp1", "tp2-dp2"])
+def test_deepspeed_with_the_megatron_mpu_equals_one_process(world, reference):
+    """folora_ds.initialize(..., mpu=MegatronMpu()) at ZeRO 0: DeepSpeed accumulates, reduces over DP only and
+    clips with the TP-aware norm; the result is the one-process TP = 1 run's."""
+    for rank, result in enumerate(run_ranks(world, _train_with_engine, 2)):
+        assert result["dp"] == (world // 2, world // 2), f"rank {rank}: DeepSpeed's data-parallel size"
+        assert result["steps"] == STEPS and result["refreshes"] == reference["refreshes"]
+        assert set(result["gated"]) == {STEPS}, f"rank {rank}: gated steps {result['gated']}"
+        for name, expected in reference["weights"].items():
+            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6,
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")

@@ -154,6 +154,44 @@ def whole_lora_weights(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
     return weights
 
 
+def ds_config(replicas: int, stage: int = 0) -> dict:
+    """The DeepSpeed config of ``train_with_engine``: MICRO_BATCHES micro-batches of 2 per step over the replicas
+    (accumulated), clipping at CLIP, AdamW with ADAMW, FOLORA."""
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES // replicas,
+            "gradient_clipping": CLIP, "zero_optimization": {"stage": stage},
+            "optimizer": {"type": "AdamW", "params": {**ADAMW, "betas": list(ADAMW["betas"])}}, "folora": FOLORA}
+
+
+def train_with_engine(tp_size: int, stage: int = 0) -> dict:
+    """``train``'s run through ``folora_ds.initialize(..., mpu=MegatronMpu())``: DeepSpeed reduces over the
+    data-parallel group, accumulates and clips (its norm reads the tensor-parallel attributes)."""
+    import folora_ds
+    from folora_ds.adapters.megatron import MegatronMpu
+
+    state = parallel_state()
+    state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    try:
+        replica, replicas = state.get_data_parallel_rank(), state.get_data_parallel_world_size()
+        proxy, task = calibration(replica, replicas)
+        engine, controller = folora_ds.initialize(TinyParallelLM(tp_size), ds_config(replicas, stage),
+                                                  proxy_batches=proxy, task_batches=task, mpu=MegatronMpu())
+        engine.train()
+        for step in range(STEPS):
+            for micro in range(replica, MICRO_BATCHES, replicas):
+                data = batch(10_000 + step * MICRO_BATCHES + micro)
+                with controller.track_task(data):
+                    loss = engine(**data).loss
+                engine.backward(loss)
+                engine.step()
+                controller.after_step()
+        controller.check_gating()
+        return {"weights": whole_lora_weights(engine.module, state.get_tensor_model_parallel_group()),
+                "gated": controller.gated_step_counts(), "steps": controller.optimizer_steps,
+                "refreshes": controller.refreshes, "dp": (engine.dp_world_size, replicas)}
+    finally:
+        state.destroy_model_parallel()
+
+
 def train(tp_size: int, *, folora: dict | None = None) -> dict:
     """Build the model at TP = ``tp_size`` over this world, calibrate, solve, initialize, and train STEPS steps of
     MICRO_BATCHES micro-batches shared out over the replicas (gradients summed over DP, clipped over the whole

@@ -78,3 +78,37 @@ class MegatronMpu:
 
     def get_pipeline_model_parallel_rank(self) -> int:
         return 0
+
+
+MPU_METHODS = tuple(f"get_{kind}_parallel_{what}" for kind in ("model", "data") for what in ("rank", "group",
+                                                                                             "world_size"))
+"""What DeepSpeed calls on an ``mpu`` for ZeRO over the data-parallel group and the model-parallel gradient norm."""
+
+
+def check_mpu(mpu, tp_size: int) -> None:
+    """Before DeepSpeed starts: ``mpu`` fits a model whose LoRA layers are split over ``tp_size`` TP ranks.
+
+    Raises:
+        ValueError: a tensor-parallel model without an mpu (DeepSpeed would average the gradients of different
+            shards as if they were replicas), an mpu missing one of ``MPU_METHODS`` (named), sequence
+            parallelism, or a model-parallel size that is not the model's TP size.
+    """
+    if mpu is None:
+        if tp_size > 1:
+            raise ValueError(f"the model's LoRA layers are split over {tp_size} tensor-parallel ranks: pass "
+                             "mpu=folora_ds.adapters.megatron.MegatronMpu() so that DeepSpeed reduces and partitions "
+                             "over the data-parallel group only")
+        return
+    missing = [name for name in MPU_METHODS if not callable(getattr(mpu, name, None))]
+    if missing:
+        raise ValueError(f"the mpu {type(mpu).__name__} lacks {', '.join(missing)}, which DeepSpeed calls; use "
+                         "folora_ds.adapters.megatron.MegatronMpu()")
+    sequence = getattr(mpu, "get_sequence_parallel_world_size", None)
+    if callable(sequence) and sequence() > 1:
+        raise ValueError(f"sequence parallelism of size {sequence()} is not supported by FoLoRA's statistics (each "
+                         "rank would see a share of the tokens); use tensor and data parallelism only")
+    size = mpu.get_model_parallel_world_size()
+    if size != tp_size:
+        raise ValueError(f"the mpu's model-parallel size is {size} but the model's LoRA layers are split over "
+                         f"{tp_size} tensor-parallel rank(s); adapt every parallel linear with LoRAParallelLinear "
+                         "under the same parallel_state")

@@ -9,7 +9,14 @@ import sys
 import pytest
 from torch import nn
 
-from folora_ds.adapters.megatron import MEGATRON_CORE_REQUIREMENT, LoRAParallelLinear, MegatronMpu, parallel_state
+from folora_ds.adapters.megatron import (
+    MEGATRON_CORE_REQUIREMENT,
+    MPU_METHODS,
+    LoRAParallelLinear,
+    MegatronMpu,
+    check_mpu,
+    parallel_state,
+)
 
 
 def test_importing_folora_ds_does_not_import_megatron():
@@ -38,3 +45,40 @@ def test_lora_parallel_linear_wraps_only_megatron_parallel_linears_with_a_valid_
         LoRAParallelLinear(nn.Linear(4, 4), rank=2, alpha=4.0)
     with pytest.raises(ValueError, match="rank=0 is invalid"):
         LoRAParallelLinear(nn.Linear(4, 4), rank=0, alpha=4.0)
+
+
+class _Mpu:
+    """An mpu answering DeepSpeed's queries with fixed sizes (``drop``: a method it lacks)."""
+
+    def __init__(self, model_parallel: int = 2, sequence_parallel: int | None = None, drop: str = "") -> None:
+        self.model_parallel, self.sequence_parallel, self.drop = model_parallel, sequence_parallel, drop
+
+    def __getattr__(self, name):
+        if name == self.drop or not name.startswith("get_"):
+            raise AttributeError(name)
+        if name == "get_sequence_parallel_world_size":
+            if self.sequence_parallel is None:
+                raise AttributeError(name)
+            return lambda: self.sequence_parallel
+        return lambda: self.model_parallel if name == "get_model_parallel_world_size" else 0
+
+
+def test_an_mpu_that_fits_the_model_passes():
+    check_mpu(_Mpu(2), 2)
+    check_mpu(_Mpu(2, sequence_parallel=1), 2)
+    check_mpu(None, 1)  # no tensor-parallel layers: DeepSpeed's own data parallelism
+    check_mpu(_Mpu(1), 1)
+
+
+@pytest.mark.parametrize(("mpu", "tp_size", "message"), [
+    (None, 2, r"split over 2 tensor-parallel ranks: pass mpu=folora_ds\.adapters\.megatron\.MegatronMpu\(\)"),
+    (_Mpu(2, drop="get_data_parallel_group"), 2, "_Mpu lacks get_data_parallel_group, which DeepSpeed calls"),
+    (_Mpu(2, sequence_parallel=2), 2, "sequence parallelism of size 2 is not supported"),
+    (_Mpu(4), 2, "model-parallel size is 4 but the model's LoRA layers are split over 2"),
+    (_Mpu(2), 1, "model-parallel size is 2 but the model's LoRA layers are split over 1"),
+])
+def test_an_mpu_that_does_not_fit_is_refused_by_name(mpu, tp_size, message):
+    with pytest.raises(ValueError, match=message):
+        check_mpu(mpu, tp_size)
+    assert set(MPU_METHODS) == {f"get_{k}_parallel_{w}" for k in ("model", "data") for w in ("rank", "group",
+                                                                                              "world_size")}
