@@ -244,8 +244,10 @@ class FoLoRAController:
         if engine is not None:
             self._last_global_steps = engine.global_steps
             lora_a_names = {id(lora_a_weight(layer)): name for name, layer in self.layers.items()}
+            split = frozenset(name for name, layer in self.layers.items() if tensor_parallel_kind(layer) == "row")
             self.layouts = register_zero_partitions(
-                engine, optimizer, lora_a_names, lambda name: self.projector_rank(self.collector.key_of(name)))
+                engine, optimizer, lora_a_names, lambda name: self.projector_rank(self.collector.key_of(name)),
+                split_names=split, sum_over_shards=self.layout.sum_over_tp())
         self._deliver()
         for layout in self.layouts:  # gated steps before a resume were checked when the checkpoint was taken
             layout.gated_steps = self.optimizer_steps

@@ -80,7 +80,7 @@ def _zero3_fragments(zero_optimizer, sub_group_index: int, names: Mapping[int, s
 
 
 def _register_zero3(zero_optimizer, optimizer: GatedAdamW, lora_a_names: Mapping[int, str],
-                    projector_rank: Callable[[str], int]) -> list[FlatPartitionLayout]:
+                    projector_rank: Callable[[str], int], split: dict) -> list[FlatPartitionLayout]:
     gated_groups = {index for index, group in enumerate(optimizer.param_groups) if group["gated"]}
     layouts = []
     for sub_group_index, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
@@ -95,18 +95,18 @@ def _register_zero3(zero_optimizer, optimizer: GatedAdamW, lora_a_names: Mapping
                                      comm.rank(process_group))
         if fragments and fragments[-1].offset + fragments[-1].numel > flat.numel():
             raise RuntimeError(f"ZeRO-3 sub-group {sub_group_index}: LoRA-A pieces run past the flat partition")
-        layouts.append(_register_layout(optimizer, flat, fragments, projector_rank, process_group))
+        layouts.append(_register_layout(optimizer, flat, fragments, projector_rank, process_group, split))
     if not layouts:
         raise RuntimeError("ZeRO-3 engine has no sub-group of the gated LoRA-A param group; nothing would be gated")
     return layouts
 
 
 def _register_layout(optimizer: GatedAdamW, flat: torch.Tensor, fragments: list[Fragment],
-                     projector_rank: Callable[[str], int], process_group) -> FlatPartitionLayout:
+                     projector_rank: Callable[[str], int], process_group, split: dict) -> FlatPartitionLayout:
     """Collective: agree on the cut rows over ``process_group`` and register ``flat``'s layout with the optimizer."""
     layout = FlatPartitionLayout(
         fragments=fragments, cut_rows=_global_cut_rows(fragments, projector_rank, process_group),
-        sum_across_ranks=lambda tensor: comm.all_reduce_sum(tensor, process_group))
+        sum_across_ranks=lambda tensor: comm.all_reduce_sum(tensor, process_group), **split)
     optimizer.register_flat_partition(flat, layout)
     return layout
 
@@ -119,13 +119,17 @@ def _global_cut_rows(fragments: list[Fragment], rank_of_name: Callable[[str], in
 
 
 def register_zero_partitions(engine, optimizer: GatedAdamW, lora_a_names: Mapping[int, str],
-                             projector_rank: Callable[[str], int]) -> list[FlatPartitionLayout]:
+                             projector_rank: Callable[[str], int], *, split_names: frozenset[str] = frozenset(),
+                             sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None
+                             ) -> list[FlatPartitionLayout]:
     """Register every gated flat partition of ``engine`` with ``optimizer``; returns the layouts (empty at ZeRO 0).
 
     Args:
         engine: a DeepSpeed engine whose client optimizer is ``optimizer``.
         lora_a_names: ``id(param) → name`` of every LoRA-A weight.
         projector_rank: k of the projector a LoRA-A name will carry (must be the same on every rank).
+        split_names, sum_over_shards: LoRA-A weights split along d_in over tensor-parallel ranks and the sum over
+            their TP group (``flat_partitions.gate_flat_update``); ZeRO partitions over the data-parallel group.
 
     Raises:
         ValueError: ``round_robin_gradients`` is on (it reorders the flat partitions).
@@ -134,9 +138,10 @@ def register_zero_partitions(engine, optimizer: GatedAdamW, lora_a_names: Mappin
     stage = engine.zero_optimization_stage()
     if stage == 0:
         return []
+    split = {"split_names": frozenset(split_names), "sum_over_shards": sum_over_shards}
     zero_optimizer = engine.optimizer
     if stage == 3:
-        return _register_zero3(zero_optimizer, optimizer, lora_a_names, projector_rank)
+        return _register_zero3(zero_optimizer, optimizer, lora_a_names, projector_rank, split)
     if getattr(zero_optimizer, "round_robin_gradients", False):
         raise ValueError('zero_optimization.round_robin_gradients=true reorders ZeRO partitions; set it to false '
                          "for FoLoRA")
@@ -150,5 +155,5 @@ def register_zero_partitions(engine, optimizer: GatedAdamW, lora_a_names: Mappin
                                "DeepSpeed's layout changed")
         process_group = zero_optimizer.real_dp_process_group[group_index]
         fragments = _zero12_fragments(zero_optimizer, group_index, lora_a_names)
-        layouts.append(_register_layout(optimizer, flat, fragments, projector_rank, process_group))
+        layouts.append(_register_layout(optimizer, flat, fragments, projector_rank, process_group, split))
     return layouts

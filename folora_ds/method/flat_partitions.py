@@ -86,6 +86,9 @@ def gate_flat_update(
     projectors: Mapping[str, Projector],
     cut_rows: Sequence[CutRow],
     sum_across_ranks: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    split_names: frozenset[str] = frozenset(),
+    sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Gate, in place, the LoRA-A parts of a flat Adam update.
 
@@ -97,8 +100,17 @@ def gate_flat_update(
             rank of the group.
         sum_across_ranks: sums a (Σ k,) float tensor over the ranks of the group (called only when
             ``cut_rows`` is non-empty, and then on every rank — also ranks holding no piece of a cut row).
+        split_names: LoRA-A weights that are themselves column blocks of a wider A (a row-parallel layer under
+            tensor parallelism; their projectors are the matching ``projector_shard``): every row's coordinates,
+            whole or cut, are partial and summed over the blocks with ``sum_over_shards`` — one call per partition
+            and step, made when this partition holds a piece of such a weight or a cut row of one (the ranks
+            holding the other blocks have the same partition layout, so they call it alike).
     """
+    if split_names and sum_over_shards is None:
+        raise ValueError(f"LoRA-A weights {sorted(split_names)[:2]} are split along d_in but no sum over their "
+                         "blocks was given")
     partial: list[tuple[torch.Tensor, Projector, int, int, int]] = []  # (piece view, projector, c0, c1, slot)
+    split_blocks: list[tuple[torch.Tensor, Projector]] = []  # whole rows of split weights: gated after the sum
     slot_of: dict[RowKey, int] = {}
     width_of = {(name, row): rank_k for name, row, rank_k in cut_rows}
     width = 0
@@ -115,7 +127,10 @@ def gate_flat_update(
         first, end, offset = fragment.full_rows()
         if end > first:
             block = update[offset:offset + (end - first) * fragment.cols].view(end - first, fragment.cols)
-            block.copy_(apply_projector(block, projector))
+            if fragment.name in split_names:
+                split_blocks.append((block, projector))
+            else:
+                block.copy_(apply_projector(block, projector))
         for row, col_start, col_end, piece_offset in fragment.partial_rows():
             key = (fragment.name, row)
             if key not in slot_of:
@@ -126,12 +141,38 @@ def gate_flat_update(
                 raise RuntimeError(f"cut row {key} declared with k={width_of[key]} but its projector has "
                                    f"k={projector.rank}")
             partial.append((piece, projector, col_start, col_end, slot_of[key]))
-    if not cut_rows:
-        return
     coordinates = torch.zeros(width, dtype=update.dtype, device=update.device)
-    for piece, projector, col_start, col_end, slot in partial:
-        coordinates[slot:slot + projector.rank] += piece @ projector.c_tilde_v[col_start:col_end]
-    coordinates = sum_across_ranks(coordinates)
+    if cut_rows:
+        for piece, projector, col_start, col_end, slot in partial:
+            coordinates[slot:slot + projector.rank] += piece @ projector.c_tilde_v[col_start:col_end]
+        coordinates = sum_across_ranks(coordinates)
+    block_coordinates = _sum_split_coordinates(split_blocks, coordinates, cut_rows, slot_of, split_names,
+                                               sum_over_shards)
+    for (block, projector), block_coordinate in zip(split_blocks, block_coordinates):
+        block.copy_(gate_with_coordinates(block, block_coordinate, projector))
     for piece, projector, col_start, col_end, slot in partial:  # u_piece·base + (c ⊙ (g − base))·V[cols]ᵀ
         piece.copy_(gate_with_coordinates(piece, coordinates[slot:slot + projector.rank],
                                           projector_shard(projector, col_start, col_end)))
+
+
+def _sum_split_coordinates(split_blocks: list[tuple[torch.Tensor, Projector]], coordinates: torch.Tensor,
+                           cut_rows: Sequence[CutRow], slot_of: Mapping[RowKey, int], split_names: frozenset[str],
+                           sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None) -> list[torch.Tensor]:
+    """The whole coordinates of the split weights' rows: their partial coordinates (whole rows here, then the cut
+    rows' coordinates already summed over the partition's ranks) in one tensor, summed over the blocks once; the
+    cut rows' slots of ``coordinates`` are overwritten with the sums. Returns the whole rows' (rows, k) sums."""
+    block_partials = [block @ projector.c_tilde_v for block, projector in split_blocks]
+    split_cut = [(slot_of[(name, row)], rank_k) for name, row, rank_k in cut_rows if name in split_names]
+    if not block_partials and not split_cut:
+        return []
+    flat = torch.cat([*(partial.flatten() for partial in block_partials),
+                      *(coordinates[slot:slot + rank_k] for slot, rank_k in split_cut)])
+    flat = sum_over_shards(flat)
+    sums, start = [], 0
+    for partial in block_partials:
+        sums.append(flat[start:start + partial.numel()].view_as(partial))
+        start += partial.numel()
+    for slot, rank_k in split_cut:
+        coordinates[slot:slot + rank_k] = flat[start:start + rank_k]
+        start += rank_k
+    return sums

@@ -38,12 +38,16 @@ class FlatPartitionLayout:
         cut_rows: the rows cut by any rank's partition boundary, identical on every rank of the group.
         sum_across_ranks: all-reduce (sum) over the group, supplied by ``folora_ds.distributed``.
         gated_steps: steps on which this partition's gate ran (counted on every rank, pieces or not).
+        split_names: LoRA-A weights split along d_in over tensor-parallel ranks (``gate_flat_update``).
+        sum_over_shards: all-reduce (sum) over the tensor-parallel group, for ``split_names``' coordinates.
     """
 
     fragments: Sequence[Fragment]
     cut_rows: Sequence[CutRow]
     sum_across_ranks: Callable[[torch.Tensor], torch.Tensor]
     gated_steps: int = 0
+    split_names: frozenset[str] = frozenset()
+    sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class GatedAdamW(torch.optim.Optimizer):
@@ -303,7 +307,8 @@ class GatedAdamW(torch.optim.Optimizer):
             if projector is None:
                 raise RuntimeError(f"no projector for {fragment.name!r} on this rank; its update would go ungated")
             projectors[fragment.name] = projector.to(device=flat.device, dtype=flat.dtype)
-        gate_flat_update(update, layout.fragments, projectors, layout.cut_rows, layout.sum_across_ranks)
+        gate_flat_update(update, layout.fragments, projectors, layout.cut_rows, layout.sum_across_ranks,
+                         split_names=layout.split_names, sum_over_shards=layout.sum_over_shards)
         flat.add_(update, alpha=-lr)
         layout.gated_steps += 1
 

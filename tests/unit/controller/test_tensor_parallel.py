@@ -78,7 +78,8 @@ def test_tensor_parallel_layers_on_two_groups_are_refused():
 
 def test_zero_partitions_under_tensor_parallelism_are_refused_by_stage():
     tp2 = TensorParallelLayout(2, (0, 1), (0, 0), None)
-    refuse_unsupported_zero(tp2, 0)
+    for stage in (0, 1, 2):
+        refuse_unsupported_zero(tp2, stage)
     refuse_unsupported_zero(TensorParallelLayout(1, (0,), (0,), None), 3)
-    with pytest.raises(ValueError, match="ZeRO stage 2 with tensor-parallel LoRA layers"):
-        refuse_unsupported_zero(tp2, 2)
+    with pytest.raises(ValueError, match="ZeRO stage 3 with tensor-parallel LoRA layers"):
+        refuse_unsupported_zero(tp2, 3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from folora_ds.method.flat_partitions import Fragment, gate_flat_update, local_cut_rows
-from folora_ds.method.projector import Projector, apply_projector
+from folora_ds.method.projector import Projector, apply_projector, projector_shard
 
 
 def _projector(d: int, k: int, seed: int, base: float = 1.0) -> Projector:
@@ -135,3 +135,57 @@ def test_fragment_row_decomposition(start, numel, full, partial):
 def test_fragment_that_does_not_fit_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         Fragment(name="a", rows=2, cols=4, start=6, numel=4, offset=0)
+
+
+@pytest.mark.parametrize("dp", [1, 2, 3])
+def test_a_weight_split_over_tensor_parallel_ranks_is_gated_as_the_whole_weight(dp):
+    """TP = 2 x DP = ``dp`` threads: "a" (3, 8) is whole on both TP ranks, "b" (5, 14) is split along d_in into
+    7 | 7 column blocks (a row-parallel LoRA-A); each TP rank's flat partitions over DP cut rows of both. Every
+    piece equals the same piece of the whole gated update; the sum over TP runs once per partition and step."""
+    tp, d_b = 2, 14
+    generator = torch.Generator().manual_seed(dp)
+    whole = {"a": torch.randn(3, 8, generator=generator, dtype=torch.float64),
+             "b": torch.randn(5, d_b, generator=generator, dtype=torch.float64)}
+    projectors = {"a": _projector(8, 3, 1), "b": _projector(d_b, 4, 2, base=0.5)}
+    expected = {name: apply_projector(update, projectors[name]) for name, update in whole.items()}
+    blocks = [(0, 7), (7, d_b)]
+    per_tp = [{"a": whole["a"], "b": whole["b"][:, lo:hi]} for lo, hi in blocks]
+    shards, fragments, cut = {}, {}, {}
+    for t in range(tp):
+        shard_list, fragment_list, _ = _partition(per_tp[t], dp)
+        for rank in range(dp):
+            shards[t, rank], fragments[t, rank] = shard_list[rank], fragment_list[rank]
+        cut[t] = sorted({(name, row, projectors[name].rank) for rank_fragments in fragment_list
+                         for name, row in local_cut_rows(rank_fragments)})
+    over_dp = {t: _ThreadAllReduce(dp) for t in range(tp)}
+    over_tp = {rank: _ThreadAllReduce(tp) for rank in range(dp)}
+    errors = []
+
+    def run(t: int, rank: int) -> None:
+        shard_projectors = {"a": projectors["a"], "b": projector_shard(projectors["b"], *blocks[t])}
+        try:
+            gate_flat_update(shards[t, rank], fragments[t, rank], shard_projectors, cut[t],
+                             over_dp[t].for_rank(rank), split_names=frozenset({"b"}),
+                             sum_over_shards=over_tp[rank].for_rank(t))
+        except Exception as error:  # surfaced below
+            errors.append(error)
+            for reducer in (*over_dp.values(), *over_tp.values()):
+                reducer.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(t, rank)) for t in range(tp) for rank in range(dp)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for t, (lo, hi) in enumerate(blocks):
+        gathered = torch.cat([shards[t, rank] for rank in range(dp)])
+        torch.testing.assert_close(gathered[:24].view(3, 8), expected["a"], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gathered[24:24 + 35].view(5, 7), expected["b"][:, lo:hi], rtol=1e-12, atol=1e-12)
+    assert dp == 1 or any(name == "b" for name, _, _ in cut[0]), "a row of b must be cut, or this could not fail"
+    assert all(len(reducer.elements) == 1 for reducer in over_tp.values())  # one TP sum per partition and step
+
+
+def test_split_weights_without_a_sum_over_their_blocks_are_refused():
+    with pytest.raises(ValueError, match=r"\['b'\] are split along d_in but no sum over their blocks"):
+        gate_flat_update(torch.zeros(4), [], {}, [], lambda tensor: tensor, split_names=frozenset({"b"}))
