@@ -7,6 +7,7 @@ holds what depends on DeepSpeed's own files and loaders.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,9 @@ def refuse_world_size_change(folder: Path, stage: int, world_size: int, universa
     ZeRO 1/2/3 (or the reverse) is refused: DeepSpeed would restart the Adam moments with only a log line."""
     if universal:
         return
-    saved_ranks = len(list(folder.glob("*zero_pp_rank_*optim_states.pt")))
+    # zero_pp_rank_<dp>_mp_rank_<tp>_optim_states.pt: one file per data-parallel rank and tensor-parallel rank
+    saved_ranks = len({re.search(r"zero_pp_rank_(\d+)", path.name).group(1)
+                       for path in folder.glob("*zero_pp_rank_*optim_states.pt")})
     if (stage == 0) != (saved_ranks == 0):  # DeepSpeed would silently start the optimizer state from scratch
         saved = "stage 0" if saved_ranks == 0 else "a ZeRO stage 1-3"
         raise ValueError(f"checkpoint {str(folder)!r} was written at {saved}, this run uses ZeRO stage {stage}: "

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from folora_ds.controller.calibration import discover_inputs, run_forwards, training_forward
 from folora_ds.controller.checkpoint import save_checkpoint
-from folora_ds.controller.export import save_adapter
+from folora_ds.controller.export import export_adapter
 from folora_ds.controller.forgetting import WholeWeights, adapter_penalty_per_module, base_energy_per_module
 from folora_ds.controller.initialization import write_initial_lora_a
 from folora_ds.controller.owned_statistics import load_owned_statistics, owned_covariances, save_owned_statistics
@@ -385,6 +385,7 @@ class FoLoRAController:
         any world size can load; at world size 1 the part is the whole. Like ``nn.Module.state_dict``, CPU
         tensors are the live ones, not copies (save before training on; at 70B a copy would be gigabytes)."""
         return {"version": STATE_VERSION, "part": (comm.rank(self.group), comm.world_size(self.group)),
+                "tensor_parallel": self.layout.tp_size,
                 "config": self.config.to_dict(), "dims": dict(self.dims), "members": self.collector.members(),
                 "optimizer_steps": self.optimizer_steps, "task_forwards": self.task_forwards,
                 "refreshes": self.refreshes,
@@ -425,7 +426,8 @@ class FoLoRAController:
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Raise ValueError unless ``state`` fits this controller (``state.check_state_fits``); cheap, so a resume
         can check before any engine or weights exist."""
-        check_state_fits(state, self.config, set(self.layers), has_budget=self.budget is not None)
+        check_state_fits(state, self.config, set(self.layers), has_budget=self.budget is not None,
+                         tensor_parallel=self.layout.tp_size)
 
     def save_checkpoint(self, directory: str | Path, tag: str | None = None) -> Path:
         """Collective: the engine's checkpoint plus FoLoRA's state (``folora_ds.controller.checkpoint``); returns
@@ -437,8 +439,9 @@ class FoLoRAController:
 
     def export_adapter(self, directory: str | Path) -> None:
         """Collective: write a standard peft adapter directory (rank 0 writes; every rank waits for it).
-        ZeRO-3-partitioned adapter weights are gathered for it; the folder appears complete or not at all."""
-        save_adapter(self.model, Path(directory))
+        ZeRO-3-partitioned adapter weights are gathered for it; the folder appears complete or not at all. A
+        tensor-parallel model's is its unsharded twin's adapter, the TP shards joined (``export``)."""
+        export_adapter(self.model, self.layers, self.layout, Path(directory), self.group)
 
     def remove(self) -> None:
         """Remove the statistics hooks from the model."""

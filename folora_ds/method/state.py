@@ -53,10 +53,11 @@ def merge_state_parts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def check_state_fits(state: Mapping[str, Any], config: FoLoRAConfig, module_names: set[str], *,
-                     has_budget: bool) -> None:
+                     has_budget: bool, tensor_parallel: int = 1) -> None:
     """Raise ValueError unless ``state`` can be resumed with ``config`` on a model whose LoRA modules are
-    ``module_names`` (version, the structural config fields, the modules, and a budget's state where one is
-    configured)."""
+    ``module_names`` split over ``tensor_parallel`` TP ranks (version, the structural config fields, the modules,
+    the TP size, and a budget's state where one is configured). FoLoRA's own statistics and bases are whole,
+    TP-independent; the TP size is checked because the engine's weights and optimizer are saved per TP rank."""
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"FoLoRA state version {state.get('version')!r} is not supported (expected "
                          f"{STATE_VERSION})")
@@ -70,6 +71,11 @@ def check_state_fits(state: Mapping[str, Any], config: FoLoRAConfig, module_name
     if saved_modules != module_names:
         extra = sorted(saved_modules ^ module_names)[:3]
         raise ValueError(f"the checkpoint's LoRA modules differ from this model's (e.g. {extra})")
+    saved_tp = int(state.get("tensor_parallel", 1))
+    if saved_tp != tensor_parallel:
+        raise ValueError(f"the checkpoint was written at tensor-parallel size {saved_tp}, this run has "
+                         f"{tensor_parallel}: the engine's weights and optimizer are saved per TP rank, so resume at "
+                         f"TP = {saved_tp}")
     if has_budget and state.get("budget") is None:
         raise ValueError("the checkpoint was written without a forgetting_budget; resume without one or start "
                          "a new run")

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import PeftModel
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional megatron extra)")
 
-from tests.testing.megatron import FOLORA, LORA_RANK, STEPS, train, train_with_engine  # noqa: E402
+from tests.testing.megatron import (  # noqa: E402
+    FOLORA,
+    LORA_RANK,
+    STEPS,
+    TinyLM,
+    batch,
+    resume_error,
+    train,
+    train_with_engine,
+)
 from tests.testing.ranks import run_ranks  # noqa: E402
 
 ROW_LAYERS = ("o_proj", "down_proj")
@@ -85,3 +95,42 @@ def test_deepspeed_with_the_megatron_mpu_equals_one_process(world, stage, refere
         for name, expected in reference["weights"].items():
             torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6,
                                        msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
+
+
+def _first_half(rank: int, world: int, folder: str) -> dict:
+    return train_with_engine(2, 2, first=0, last=STEPS // 2, save_to=folder)
+
+
+def _second_half(rank: int, world: int, folder: str, adapter: str) -> dict:
+    return train_with_engine(2, 2, first=STEPS // 2, last=STEPS, resume_from=folder, export_to=adapter)
+
+
+def _resume_at_tp1(rank: int, world: int, folder: str) -> str:
+    return resume_error(1, folder)
+
+
+def test_checkpoint_resume_at_the_same_tp_and_the_exported_adapter_equal_one_process(tmp_path, reference):
+    """TP = 2 x DP = 2 at ZeRO 2: 3 steps, checkpoint, 3 more steps in new processes from it (the refresh falls in
+    the second half) equal the uninterrupted one-process run; the exported adapter (TP shards joined) loads with
+    plain PeftModel.from_pretrained on the unsharded twin and computes the TP = 1 run's logits. Resuming at
+    TP = 1 is refused before any engine starts."""
+    folder, adapter = str(tmp_path / "checkpoint"), str(tmp_path / "adapter")
+    run_ranks(4, _first_half, folder)
+    for rank, result in enumerate(run_ranks(4, _second_half, folder, adapter)):
+        assert result["steps"] == STEPS and result["refreshes"] == reference["refreshes"], f"rank {rank}"
+        assert set(result["gated"]) == {STEPS}, f"rank {rank}: gated steps {result['gated']}"
+        for name, expected in reference["weights"].items():
+            torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6,
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
+    twin = TinyLM()
+    twin.load_state_dict(reference["twin"])
+    adapted = PeftModel.from_pretrained(twin, adapter).eval()
+    with torch.no_grad():
+        logits = adapted(**batch(99)).logits
+    torch.testing.assert_close(logits, reference["probe_logits"], rtol=0, atol=1e-5)
+    base = TinyLM()
+    base.load_state_dict(reference["twin"])
+    with torch.no_grad():  # the adapter matters: without it the logits are far from these
+        assert float((base(**batch(99)).logits - logits).abs().max()) > 1e-2
+    for message in run_ranks(2, _resume_at_tp1, folder):
+        assert "written at tensor-parallel size 2, this run has 1" in message

@@ -37,12 +37,57 @@ def _rms(hidden: torch.Tensor) -> torch.Tensor:
     return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-class TinyParallelLM(nn.Module):
-    """``forward(input_ids, attention_mask=None, labels=None)`` → ``.loss`` (next-token cross-entropy over the
-    tokens with a label) and ``.logits``, as the controller's calibration and the training loop call it."""
+def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projection's output: megatron's parallel linears return ``(output, bias)``, torch's a tensor."""
+    output = layer(x)
+    return output[0] if isinstance(output, tuple) else output
+
+
+class TinyLM(nn.Module):
+    """The unsharded twin: the same module tree with ``nn.Linear`` projections (``PROJECTIONS``), on which the
+    exported adapter loads with ``PeftModel.from_pretrained``; weights come from ``whole_base_weights``.
+
+    ``forward(input_ids, attention_mask=None, labels=None)`` → ``.loss`` (next-token cross-entropy over the tokens
+    with a label) and ``.logits``, as the controller's calibration and the training loop call it."""
+
+    def __init__(self, num_layers: int = 1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.blocks = nn.ModuleList(nn.ModuleDict({name: nn.Linear(d_in, d_out, bias=False)
+                                                   for name, (d_in, d_out, _) in PROJECTIONS.items()})
+                                    for _ in range(num_layers))
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        hidden = self.embed(input_ids)  # (batch, seq, HIDDEN)
+        positions = torch.arange(1, input_ids.shape[1] + 1, dtype=hidden.dtype).view(1, -1, 1)
+        for block in self.blocks:
+            x = _rms(hidden)
+            q, k, v = (_project(block[name], x) for name in ("q_proj", "k_proj", "v_proj"))  # (.., HIDDEN / TP)
+            mixed = (torch.tanh(q) * k).cumsum(dim=1) / positions + v  # causal, column by column
+            hidden = hidden + _project(block["o_proj"], mixed)
+            x = _rms(hidden)
+            gated = nn.functional.silu(_project(block["gate_proj"], x)) * _project(block["up_proj"], x)
+            hidden = hidden + _project(block["down_proj"], gated)
+        logits = self.head(_rms(hidden))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+PROJECTIONS = {"q_proj": (HIDDEN, HIDDEN, "column"), "k_proj": (HIDDEN, HIDDEN, "column"),
+               "v_proj": (HIDDEN, HIDDEN, "column"), "o_proj": (HIDDEN, HIDDEN, "row"),
+               "gate_proj": (HIDDEN, FFN, "column"), "up_proj": (HIDDEN, FFN, "column"),
+               "down_proj": (FFN, HIDDEN, "row")}
+
+
+class TinyParallelLM(TinyLM):
+    """``TinyLM`` with megatron-core's Column/RowParallelLinear projections, each adapted by ``LoRAParallelLinear``."""
 
     def __init__(self, tp_size: int, *, num_layers: int = 1, seed: int = 3) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         tensor_parallel = importlib.import_module("megatron.core.tensor_parallel")
         config = importlib.import_module("megatron.core").ModelParallelConfig(
             tensor_model_parallel_size=tp_size, use_cpu_initialization=True)
@@ -51,46 +96,32 @@ class TinyParallelLM(nn.Module):
         def init(weight):
             return nn.init.normal_(weight, std=0.2)
 
-        def column(d_in, d_out, lora_seed):
-            return LoRAParallelLinear(tensor_parallel.ColumnParallelLinear(
-                d_in, d_out, config=config, init_method=init, bias=False, gather_output=False),
-                LORA_RANK, LORA_ALPHA, seed=lora_seed)
-
-        def row(d_in, d_out, lora_seed):
-            return LoRAParallelLinear(tensor_parallel.RowParallelLinear(
-                d_in, d_out, config=config, init_method=init, bias=False, input_is_parallel=True,
-                skip_bias_add=False), LORA_RANK, LORA_ALPHA, seed=lora_seed)
+        def projection(d_in, d_out, kind, lora_seed):
+            base = (tensor_parallel.ColumnParallelLinear(d_in, d_out, config=config, init_method=init, bias=False,
+                                                         gather_output=False) if kind == "column" else
+                    tensor_parallel.RowParallelLinear(d_in, d_out, config=config, init_method=init, bias=False,
+                                                      input_is_parallel=True, skip_bias_add=False))
+            return LoRAParallelLinear(base, LORA_RANK, LORA_ALPHA, seed=lora_seed)
 
         self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.blocks = nn.ModuleList()
-        for index in range(num_layers):
-            seed_base = 100 * index
-            self.blocks.append(nn.ModuleDict({
-                "q_proj": column(HIDDEN, HIDDEN, seed_base + 1), "k_proj": column(HIDDEN, HIDDEN, seed_base + 2),
-                "v_proj": column(HIDDEN, HIDDEN, seed_base + 3), "o_proj": row(HIDDEN, HIDDEN, seed_base + 4),
-                "gate_proj": column(HIDDEN, FFN, seed_base + 5), "up_proj": column(HIDDEN, FFN, seed_base + 6),
-                "down_proj": row(FFN, HIDDEN, seed_base + 7)}))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({name: projection(d_in, d_out, kind, 100 * index + number)
+                           for number, (name, (d_in, d_out, kind)) in enumerate(PROJECTIONS.items(), start=1)})
+            for index in range(num_layers))
         self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
         for param in (*self.embed.parameters(), *self.head.parameters()):
             param.requires_grad_(False)
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        hidden = self.embed(input_ids)  # (batch, seq, HIDDEN)
-        positions = torch.arange(1, input_ids.shape[1] + 1, dtype=hidden.dtype).view(1, -1, 1)
-        for block in self.blocks:
-            x = _rms(hidden)
-            q, k, v = (block[name](x)[0] for name in ("q_proj", "k_proj", "v_proj"))  # (batch, seq, HIDDEN / TP)
-            mixed = (torch.tanh(q) * k).cumsum(dim=1) / positions + v  # causal, column by column
-            hidden = hidden + block["o_proj"](mixed)[0]
-            x = _rms(hidden)
-            gated = nn.functional.silu(block["gate_proj"](x)[0]) * block["up_proj"](x)[0]
-            hidden = hidden + block["down_proj"](gated)[0]
-        logits = self.head(_rms(hidden))
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
-                                               ignore_index=-100)
-        return SimpleNamespace(loss=loss, logits=logits)
+
+def whole_base_weights(model: TinyParallelLM, tp_group) -> dict[str, torch.Tensor]:
+    """``model``'s frozen weights as ``TinyLM``'s state dict (the TP shards joined; collective over TP)."""
+    state = {"embed.weight": model.embed.weight.detach().clone(), "head.weight": model.head.weight.detach().clone()}
+    for index, block in enumerate(model.blocks):
+        for name, layer in block.items():
+            dim = split_dimension(layer, "base")
+            state[f"blocks.{index}.{name}.weight"] = torch.cat(
+                comm.all_gather_objects(layer.base.weight.detach().clone(), tp_group), dim=dim)
+    return state
 
 
 # ---------------------------------------------------------------------- data
@@ -162,9 +193,11 @@ def ds_config(replicas: int, stage: int = 0) -> dict:
             "optimizer": {"type": "AdamW", "params": {**ADAMW, "betas": list(ADAMW["betas"])}}, "folora": FOLORA}
 
 
-def train_with_engine(tp_size: int, stage: int = 0) -> dict:
-    """``train``'s run through ``folora_ds.initialize(..., mpu=MegatronMpu())``: DeepSpeed reduces over the
-    data-parallel group, accumulates and clips (its norm reads the tensor-parallel attributes)."""
+def train_with_engine(tp_size: int, stage: int = 0, *, first: int = 0, last: int = STEPS, save_to=None,
+                      resume_from=None, export_to=None) -> dict:
+    """``train``'s run (steps ``first``..``last`` − 1) through ``folora_ds.initialize(..., mpu=MegatronMpu())``:
+    DeepSpeed reduces over the data-parallel group, accumulates and clips (its norm reads the tensor-parallel
+    attributes). Optionally resumes from / saves a checkpoint and exports the adapter at the end."""
     import folora_ds
     from folora_ds.adapters.megatron import MegatronMpu
 
@@ -172,11 +205,15 @@ def train_with_engine(tp_size: int, stage: int = 0) -> dict:
     state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
     try:
         replica, replicas = state.get_data_parallel_rank(), state.get_data_parallel_world_size()
-        proxy, task = calibration(replica, replicas)
-        engine, controller = folora_ds.initialize(TinyParallelLM(tp_size), ds_config(replicas, stage),
-                                                  proxy_batches=proxy, task_batches=task, mpu=MegatronMpu())
+        model, config = TinyParallelLM(tp_size), ds_config(replicas, stage)
+        if resume_from is None:
+            proxy, task = calibration(replica, replicas)
+            engine, controller = folora_ds.initialize(model, config, proxy_batches=proxy, task_batches=task,
+                                                      mpu=MegatronMpu())
+        else:
+            engine, controller = folora_ds.initialize(model, config, resume_from=resume_from, mpu=MegatronMpu())
         engine.train()
-        for step in range(STEPS):
+        for step in range(first, last):
             for micro in range(replica, MICRO_BATCHES, replicas):
                 data = batch(10_000 + step * MICRO_BATCHES + micro)
                 with controller.track_task(data):
@@ -185,11 +222,24 @@ def train_with_engine(tp_size: int, stage: int = 0) -> dict:
                 engine.step()
                 controller.after_step()
         controller.check_gating()
+        if save_to is not None:
+            controller.save_checkpoint(save_to)
+        if export_to is not None:
+            controller.export_adapter(export_to)
         return {"weights": whole_lora_weights(engine.module, state.get_tensor_model_parallel_group()),
                 "gated": controller.gated_step_counts(), "steps": controller.optimizer_steps,
                 "refreshes": controller.refreshes, "dp": (engine.dp_world_size, replicas)}
     finally:
         state.destroy_model_parallel()
+
+
+def resume_error(tp_size: int, folder) -> str:
+    """What ``folora_ds.initialize`` says when resuming ``folder`` at TP = ``tp_size`` (before any engine)."""
+    try:
+        train_with_engine(tp_size, resume_from=folder, first=0, last=0)
+    except ValueError as error:
+        return str(error)
+    return "not refused"
 
 
 def train(tp_size: int, *, folora: dict | None = None) -> dict:
@@ -234,6 +284,7 @@ def train(tp_size: int, *, folora: dict | None = None) -> dict:
                 "local_a": {name: layer.lora_a.detach().clone() for name, layer in lora_layers(model).items()},
                 "reduces": controller.layout.reduces, "tp_rank": state.get_tensor_model_parallel_rank(),
                 "replica": replica,
-                "forgetting": controller.measured_forgetting(), "layout": controller.layout.tp_size}
+                "forgetting": controller.measured_forgetting(), "layout": controller.layout.tp_size,
+                "twin": whole_base_weights(model, tp_group), "probe_logits": model(**batch(99)).logits.detach()}
     finally:
         state.destroy_model_parallel()

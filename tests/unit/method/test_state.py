@@ -57,3 +57,16 @@ def test_a_state_that_does_not_fit_is_refused_naming_why(state_changes, config, 
 def test_settings_a_resume_may_change_are_not_structural():
     state = _part(0, 1, ["attn", "down"], config=FoLoRAConfig(tau=3.0, refresh_interval=7).to_dict())
     check_state_fits(state, FoLoRAConfig(), MODULES, has_budget=False)
+
+
+def test_the_tensor_parallel_size_must_be_the_one_written():
+    """States before tensor parallelism carry no size: TP = 1. The engine's shards are per TP rank."""
+    check_state_fits(_part(0, 1, ["attn", "down"]), FoLoRAConfig(), MODULES, has_budget=False)
+    check_state_fits(_part(0, 1, ["attn", "down"], tensor_parallel=2), FoLoRAConfig(), MODULES, has_budget=False,
+                     tensor_parallel=2)
+    with pytest.raises(ValueError, match="written at tensor-parallel size 2, this run has 4.*resume at TP = 2"):
+        check_state_fits(_part(0, 1, ["attn", "down"], tensor_parallel=2), FoLoRAConfig(), MODULES,
+                         has_budget=False, tensor_parallel=4)
+    with pytest.raises(ValueError, match="written at tensor-parallel size 1, this run has 2"):
+        check_state_fits(_part(0, 1, ["attn", "down"]), FoLoRAConfig(), MODULES, has_budget=False,
+                         tensor_parallel=2)
