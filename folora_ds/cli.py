@@ -3,7 +3,7 @@
     folora-ds train [--config ds.json] [--set tau=2.0 --set proxy.seed=3] [--model DIR] [--data FILE] ...
     deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json ...    (the same command per rank)
     folora-ds sample-proxy --model DIR --output proxy.jsonl [--config ds.json] [--set ...]
-    folora-ds plan --model-config llama-3-70b --world 64 --nodes 8 [--config ds.json] [--set k=64] [--json]
+    folora-ds plan --model-config llama-3-70b --world 64 --nodes 8 [--tp 8] [--config ds.json] [--set k=64] [--json]
     folora-ds evaluate --model smollm2-135m-instruct --adapter folora=out/folora_adapter --adapter adamw=...
     folora-ds grid smollm2 --output runs/grid [--only "plain LoRA"] [--report-only | --lost-questions]
 
@@ -164,8 +164,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                     "config.json (no weights)")
     plan.add_argument("--model-config", required=True, metavar="CONFIG",
                       help="a HF config.json, a model folder, or a shipped name: llama-2-7b, llama-3-8b, llama-3-70b")
-    plan.add_argument("--world", type=int, required=True, help="data-parallel ranks")
+    plan.add_argument("--world", type=int, required=True, help="ranks in all (tensor x data parallel)")
     plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size (divides --world)")
     plan.add_argument("--config", "--deepspeed", dest="config", metavar="CONFIG",
                       help='DeepSpeed JSON with a "folora" block: stage, micro-batch, accumulation, bf16 and FoLoRA '
                            "settings come from it")
@@ -258,7 +259,7 @@ def _plan(args: argparse.Namespace) -> int:
     zero = ds_config.get("zero_optimization") or {}
     bf16 = bool((ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled", args.config is None))
     settings = PlanSettings(
-        world_size=args.world, nodes=args.nodes,
+        world_size=args.world, nodes=args.nodes, tensor_parallel=args.tp,
         zero_stage=args.stage if args.stage is not None else int(zero.get("stage", 3 if args.config is None else 0)),
         model_dtype=args.dtype or ("bfloat16" if bf16 else "float32"),
         micro_batch=args.micro_batch or int(ds_config.get("train_micro_batch_size_per_gpu", 1)),

@@ -22,6 +22,11 @@ What each figure counts (bytes per rank, B = bytes per element):
 - solve workspace: the owner's largest input in the solve dtype: 5 (d, d) matrices besides the inputs (Cholesky
   factor, whitened matrix, Q and ``eigh``'s 2·d² workspace; the inputs are cast one at a time inside that peak;
   ``benchmarks/eigensolve.py`` measures 3.6–4.8 at d = 2048–4096 from float32 statistics).
+- tensor parallelism (``tensor_parallel`` = TP > 1; the rest of the ranks, world / TP, are data-parallel and ZeRO
+  partitions over them): base weights / TP; per LoRA module on a column-parallel base (q/k/v, gate/up) A whole and
+  B / TP, on a row-parallel base (o, down; ``ROW_PARALLEL_MODULES``) A / TP and B whole; projectors of row-parallel
+  inputs d / TP rows; token rows sent to owners / TP (each TP rank sends its share of a column input and its column
+  block of a row input); the gate's all-reduce of r × k coordinates per row-parallel LoRA-A and step over TP.
 - activations (an estimate, the same with and without FoLoRA, not in ``peak``): per token and block of a Llama-style
   model, about 10·hidden + 4·d_ff saved elements in the model dtype (norm inputs and outputs, q/k/v/attention
   output with a fused attention kernel, gate/up/SiLU/product of the MLP), plus the logits in the model dtype and
@@ -47,10 +52,13 @@ from folora_ds.distributed.statistics import rows_per_gather
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.method.covariance import CovarianceCollector
 from folora_ds.method.eigensolve import solve_generalized_eigenproblem
+from folora_ds.method.peft_layers import lora_layers
 
 MODEL_CONFIGS = Path(__file__).parent.parent / "model_configs"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 SOLVE_WORKSPACE_MATRICES = 5
+ROW_PARALLEL_MODULES = frozenset({"o_proj", "down_proj", "out_proj", "dense_4h_to_h", "fc2", "w2", "c_proj"})
+"""Module names Megatron splits along d_in (row-parallel; the rest of a block's linears are column-parallel)."""
 
 
 @dataclass(frozen=True)
@@ -61,12 +69,16 @@ class ModelShape:
         base_parameters: frozen parameters. lora_parameters: trainable LoRA parameters (A and B).
         inputs: width d of every LoRA input key (modules sharing an input share a key), in forward order.
         hidden_size, intermediate_size, layers, vocab_size: from the config, for the activation estimate.
+        lora_modules: (d_in, d_out) of every LoRA module; row_parallel_inputs: the input keys of row-parallel
+            modules (``ROW_PARALLEL_MODULES``), for tensor parallelism.
     """
 
     name: str
     base_parameters: int
     lora_parameters: int
     inputs: dict[str, int]
+    lora_modules: dict[str, tuple[int, int]] = field(default_factory=dict)
+    row_parallel_inputs: frozenset[str] = frozenset()
     hidden_size: int = 0
     intermediate_size: int = 0
     layers: int = 0
@@ -79,6 +91,7 @@ class PlanSettings:
 
     world_size: int
     nodes: int = 1
+    tensor_parallel: int = 1
     zero_stage: int = 3
     model_dtype: str = "bfloat16"
     micro_batch: int = 1
@@ -92,8 +105,14 @@ class PlanSettings:
         if not (isinstance(self.nodes, int) and 1 <= self.nodes <= self.world_size
                 and self.world_size % self.nodes == 0):
             raise ValueError(f"nodes={self.nodes!r} must divide world_size={self.world_size}")
+        if not (isinstance(self.tensor_parallel, int) and self.tensor_parallel >= 1
+                and self.world_size % self.tensor_parallel == 0):
+            raise ValueError(f"tensor_parallel={self.tensor_parallel!r} must be an integer >= 1 dividing "
+                             f"world_size={self.world_size}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
+        if self.tensor_parallel > 1 and self.zero_stage == 3:
+            raise ValueError("ZeRO stage 3 with tensor parallelism is not supported yet; plan --stage 0, 1 or 2")
         if self.model_dtype not in DTYPE_BYTES:
             raise ValueError(f"model_dtype={self.model_dtype!r}; allowed: {sorted(DTYPE_BYTES)}")
         for name in ("micro_batch", "seq_len", "gradient_accumulation"):
@@ -140,12 +159,15 @@ class Plan:
     bytes_per_calibration_micro_batch: int
     lora_gradient_bytes_per_step: int
     zero3_parameter_bytes_per_micro_batch: int
+    tensor_parallel_gate_bytes_per_step: int
     collecting_micro_batches_per_step: float
     solve_seconds_per_gflop: float
     owners: dict[str, int] = field(repr=False)
 
     def to_dict(self) -> dict:
-        return {"model": asdict(self.model) | {"inputs": len(self.model.inputs)}, "settings": asdict(self.settings),
+        model = asdict(self.model) | {"inputs": len(self.model.inputs), "lora_modules": len(self.model.lora_modules),
+                                      "row_parallel_inputs": sorted(self.model.row_parallel_inputs)}
+        return {"model": model, "settings": asdict(self.settings),
                 "folora": self.folora.to_dict(), "ranks": [asdict(r) | {"peak": r.peak} for r in self.ranks],
                 "replicated_statistics": self.replicated_statistics,
                 "bytes_per_collecting_micro_batch": self.bytes_per_collecting_micro_batch,
@@ -153,6 +175,7 @@ class Plan:
                 "bytes_per_calibration_micro_batch": self.bytes_per_calibration_micro_batch,
                 "lora_gradient_bytes_per_step": self.lora_gradient_bytes_per_step,
                 "zero3_parameter_bytes_per_micro_batch": self.zero3_parameter_bytes_per_micro_batch,
+                "tensor_parallel_gate_bytes_per_step": self.tensor_parallel_gate_bytes_per_step,
                 "solve_seconds_per_gflop": self.solve_seconds_per_gflop, "owners": self.owners}
 
 
@@ -197,8 +220,10 @@ def model_shape(config, folora: FoLoRAConfig, name: str = "model") -> ModelShape
     collector.remove()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    modules = {name: (layer.in_features, layer.out_features) for name, layer in lora_layers(model).items()}
+    rows = frozenset(collector.key_of(name) for name in modules if name.rsplit(".", 1)[-1] in ROW_PARALLEL_MODULES)
     return ModelShape(name=name, base_parameters=frozen, lora_parameters=trainable,
-                      inputs=collector.input_dims(),
+                      inputs=collector.input_dims(), lora_modules=modules, row_parallel_inputs=rows,
                       hidden_size=int(getattr(config, "hidden_size", 0) or 0),
                       intermediate_size=int(getattr(config, "intermediate_size", 0) or 0),
                       layers=int(getattr(config, "num_hidden_layers", 0) or 0),
@@ -222,13 +247,14 @@ def measure_solve_rate(dim: int = 768, repeats: int = 3, dtype: str = "float64")
 
 def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -> Plan:
     """Per-rank memory, communication and solve time of ``folora`` on ``shape`` with ``settings``."""
-    world, stage = settings.world_size, settings.zero_stage
+    world, stage, tp = settings.world_size, settings.zero_stage, settings.tensor_parallel
+    dp = world // tp  # ZeRO partitions and reduces over the data-parallel ranks
     model_bytes = DTYPE_BYTES[settings.model_dtype]
     statistics_bytes = getattr(torch, folora.statistics_dtype).itemsize
     rate = settings.solve_seconds_per_gflop or measure_solve_rate(dtype=folora.solve_dtype)
     solve_bytes = getattr(torch, folora.solve_dtype).itemsize
     owners = assign_owners(shape.inputs, world)
-    lora = shape.lora_parameters
+    lora = shape.lora_parameters if tp == 1 else lora_parameters_per_tp_rank(shape, folora.lora_rank, tp)
     master = 0 if stage == 0 else 4
     gradient_bytes = 4 if stage == 0 else model_bytes
 
@@ -244,11 +270,14 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
         block = min(rows, rows_per_gather(world, widest, model_bytes))
         return rows * widest * model_bytes + world * block * widest * model_bytes + block * widest * statistics_bytes
 
-    def projector_bytes(dim: int, element_bytes: int = 4) -> int:
+    def projector_bytes(dim: int, element_bytes: int = 4, rows: int | None = None) -> int:
         k = dim if folora.k is None else min(folora.k, dim)
-        return (2 * dim * k + k) * element_bytes
+        return (2 * (dim if rows is None else rows) * k + k) * element_bytes
 
-    all_projectors = sum(projector_bytes(d) for d in shape.inputs.values())
+    def rows_here(key: str) -> int:  # projector rows a rank's optimizer needs: d / TP for a row-parallel input
+        return shape.inputs[key] // tp if key in shape.row_parallel_inputs else shape.inputs[key]
+
+    all_projectors = sum(projector_bytes(d, rows=rows_here(key)) for key, d in shape.inputs.items())
     per_block = (10 * shape.hidden_size + 4 * shape.intermediate_size) * model_bytes
     logits = tokens * shape.vocab_size * (model_bytes + 4 + 4)
     activations = tokens * shape.layers * per_block + logits
@@ -260,21 +289,24 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
         widest_owned = max((shape.inputs[key] for key in owned), default=0)
         ranks.append(RankPlan(
             rank=rank, inputs_owned=len(owned),
-            base_weights=shape.base_parameters * model_bytes // (world if stage == 3 else 1),
-            lora_parameters=lora * model_bytes // (world if stage == 3 else 1),
-            lora_gradients=lora * gradient_bytes // (world if stage >= 2 else 1),
-            lora_optimizer=lora * (8 + master) // (world if stage >= 1 else 1),
+            base_weights=shape.base_parameters * model_bytes // tp // (dp if stage == 3 else 1),
+            lora_parameters=lora * model_bytes // (dp if stage == 3 else 1),
+            lora_gradients=lora * gradient_bytes // (dp if stage >= 2 else 1),
+            lora_optimizer=lora * (8 + master) // (dp if stage >= 1 else 1),
             statistics_calibration=2 * squares * statistics_bytes,
             statistics_training=3 * squares * statistics_bytes,
             exchange_buffers=max(exchange_buffer(collected), exchange_buffer(calibration_tokens)),
-            projectors=all_projectors if stage in (0, 3) else math.ceil(all_projectors / world),
+            projectors=all_projectors if stage in (0, 3) else math.ceil(all_projectors / dp),
             solver_projectors=sum(projector_bytes(shape.inputs[key], solve_bytes) for key in owned),
             solve_workspace=SOLVE_WORKSPACE_MATRICES * widest_owned ** 2 * solve_bytes,
             solve_seconds=sum(shape.inputs[key] ** 3 for key in owned) / 1e9 * rate,
             activations=activations, activations_checkpointed=checkpointed))
     leaving = (world - 1) / world
-    row_width = sum(shape.inputs.values())
-    per_refresh = sum(projector_bytes(shape.inputs[key]) for key in owners) * (
+    row_width = sum(shape.inputs.values()) / tp  # each TP rank sends 1/TP of a replica's rows (module docstring)
+    row_a_rows = sum(folora.lora_rank for name in shape.lora_modules if name.rsplit(".", 1)[-1] in ROW_PARALLEL_MODULES)
+    gate_coordinates = row_a_rows * (folora.k or max(shape.inputs.values()))
+    gate_bytes = 0 if tp == 1 else round(gate_coordinates * 4 * 2 * (tp - 1) / tp / (dp if stage in (1, 2) else 1))
+    per_refresh = sum(projector_bytes(shape.inputs[key], rows=rows_here(key)) for key in owners) * (
         (world - 1) if stage in (0, 3) else 1) // world
     return Plan(
         model=shape, settings=settings, folora=folora, ranks=ranks, owners=owners,
@@ -282,11 +314,22 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
         bytes_per_collecting_micro_batch=round(collected * row_width * model_bytes * leaving),
         bytes_per_refresh=per_refresh,
         bytes_per_calibration_micro_batch=round(calibration_tokens * row_width * model_bytes * leaving),
-        lora_gradient_bytes_per_step=round(2 * leaving * lora * model_bytes),
-        zero3_parameter_bytes_per_micro_batch=round(2 * leaving * shape.base_parameters * model_bytes)
+        lora_gradient_bytes_per_step=round(2 * (dp - 1) / dp * lora * model_bytes),
+        tensor_parallel_gate_bytes_per_step=gate_bytes,
+        zero3_parameter_bytes_per_micro_batch=round(2 * (dp - 1) / dp * shape.base_parameters / tp * model_bytes)
         if stage == 3 else 0,
         collecting_micro_batches_per_step=settings.gradient_accumulation / folora.statistics_every,
         solve_seconds_per_gflop=rate)
+
+
+def lora_parameters_per_tp_rank(shape: ModelShape, lora_rank: int, tp: int) -> int:
+    """LoRA parameters one TP rank holds: on a column-parallel base A (r, d_in) whole and B (d_out / TP, r), on a
+    row-parallel base (``ROW_PARALLEL_MODULES``) A (r, d_in / TP) and B (d_out, r) whole."""
+    total = 0
+    for name, (d_in, d_out) in shape.lora_modules.items():
+        row = name.rsplit(".", 1)[-1] in ROW_PARALLEL_MODULES
+        total += lora_rank * (d_in // tp if row else d_in) + (d_out if row else d_out // tp) * lora_rank
+    return total
 
 
 def _size(value: float) -> str:
@@ -305,7 +348,9 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"{m.name}: {m.base_parameters / 1e9:.2f} B frozen + {m.lora_parameters / 1e6:.1f} M LoRA parameters "
         f"(r={f.lora_rank}, {len(m.inputs)} inputs, widths {sorted(set(m.inputs.values()))})",
-        f"{s.world_size} ranks on {s.nodes} node(s), ZeRO-{s.zero_stage}, {s.model_dtype} model, {f.statistics_dtype} "
+        f"{s.world_size} ranks on {s.nodes} node(s)"
+        + (f" (TP {s.tensor_parallel} x DP {s.world_size // s.tensor_parallel})" if s.tensor_parallel > 1 else "")
+        + f", ZeRO-{s.zero_stage}, {s.model_dtype} model, {f.statistics_dtype} "
         f"statistics, k={f.k}, micro-batch {s.micro_batch}×{s.seq_len}, statistics_tokens={f.statistics_tokens}, "
         f"statistics_every={f.statistics_every}, refresh every {f.refresh_interval} steps",
         "",
@@ -335,6 +380,9 @@ def format_plan(plan: Plan) -> str:
         f"({plan.collecting_micro_batches_per_step:g} per optimizer step)",
         f"  token rows per calibration micro-batch (exact): {_size(plan.bytes_per_calibration_micro_batch)}",
         f"  projectors received per refresh: {_size(plan.bytes_per_refresh)}",
+        *([f"  gate coordinates all-reduced over TP per optimizer step: "
+           f"{_size(plan.tensor_parallel_gate_bytes_per_step)} (r x k per row-parallel LoRA-A)"]
+          if s.tensor_parallel > 1 else []),
         f"  for scale — LoRA gradient reduction per step: {_size(plan.lora_gradient_bytes_per_step)}"
         + (f"; ZeRO-3 parameter gathers per micro-batch: {_size(plan.zero3_parameter_bytes_per_micro_batch)}"
            if plan.zero3_parameter_bytes_per_micro_batch else ""),

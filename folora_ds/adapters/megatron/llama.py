@@ -106,8 +106,9 @@ class ParallelLlamaForCausalLM(nn.Module):
         def projection(name: str, lora_seed: int) -> nn.Module:
             d_in, d_out = widths[name]
             if name in ROW_PARALLEL:
-                base = tensor_parallel.RowParallelLinear(d_in, d_out, config=parallel_config, init_method=nn.init.zeros_,
-                                                         bias=False, input_is_parallel=True, skip_bias_add=False)
+                base = tensor_parallel.RowParallelLinear(d_in, d_out, config=parallel_config, bias=False,
+                                                         init_method=nn.init.zeros_, input_is_parallel=True,
+                                                         skip_bias_add=False)
             else:
                 base = tensor_parallel.ColumnParallelLinear(d_in, d_out, config=parallel_config, bias=False,
                                                             init_method=nn.init.zeros_, gather_output=False)

@@ -13,7 +13,14 @@ from folora_ds.cli import main
 from folora_ds.controller import FoLoRAController
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.training.models import build_tiny_llama
-from folora_ds.training.plan import PlanSettings, load_model_config, make_plan, model_shape, plan_from_files
+from folora_ds.training.plan import (
+    PlanSettings,
+    load_model_config,
+    lora_parameters_per_tp_rank,
+    make_plan,
+    model_shape,
+    plan_from_files,
+)
 
 FOLORA = FoLoRAConfig(lora_rank=4, k=6)
 
@@ -99,6 +106,10 @@ def test_plan_reads_the_stage_as_deepspeed_does(tiny_config, tmp_path, capsys):
     (["--model-config", "llama-3-8b", "--world", "6", "--nodes", "4"], "nodes=4 must divide world_size=6"),
     (["--model-config", "llama-3-8b", "--world", "2", "--stage", "4"], "zero_stage=4"),
     (["--model-config", "llama-3-8b", "--world", "2", "--set", "kk=3"], "kk"),
+    (["--model-config", "llama-3-8b", "--world", "6", "--tp", "4"], "tensor_parallel=4 must be an integer >= 1 "
+                                                                     "dividing world_size=6"),
+    (["--model-config", "llama-3-8b", "--world", "4", "--tp", "2", "--stage", "3"], "ZeRO stage 3 with tensor "
+                                                                                     "parallelism is not supported"),
 ])
 def test_plan_command_names_bad_input(arguments, message, capsys):
     assert main(["plan", *arguments, "--solve-rate", "1.0"]) == 2
@@ -108,3 +119,30 @@ def test_plan_command_names_bad_input(arguments, message, capsys):
 def test_plan_from_files_accepts_a_model_folder(tiny_config):
     plan = plan_from_files(tiny_config.parent, PlanSettings(world_size=2, solve_seconds_per_gflop=1.0), FOLORA)
     assert plan.model.name == tiny_config.parent.name and len(plan.ranks) == 2
+
+
+def test_tensor_parallelism_splits_weights_lora_projector_rows_and_traffic(tiny_config, capsys):
+    """TP = 2 x DP = 2 against TP = 1 x DP = 4 at ZeRO 1: base weights halve; LoRA per rank follows the Megatron
+    layout (column: A whole, B / TP; row: A / TP, B whole) and ZeRO partitions it over DP only; row-parallel
+    inputs' projectors hold d / 2 rows; token rows sent halve; the gate all-reduces r x k per row-parallel A."""
+    shape = model_shape(load_model_config(tiny_config), FOLORA)
+    settings = {"world_size": 4, "zero_stage": 1, "model_dtype": "float32", "solve_seconds_per_gflop": 1.0}
+    flat, split = (make_plan(shape, PlanSettings(**settings, tensor_parallel=tp), FOLORA) for tp in (1, 2))
+    assert split.ranks[0].base_weights * 2 == flat.ranks[0].base_weights
+    r, hidden, ffn = 4, 32, 48  # q/k/v/gate/up column, o/down row; k/v are 16 wide (2 of 4 heads' widths)
+    per_layer = (r * hidden + hidden // 2 * r) + 2 * (r * hidden + 16 // 2 * r) + (r * hidden // 2 + hidden * r) \
+        + 2 * (r * hidden + ffn // 2 * r) + (r * ffn // 2 + hidden * r)
+    assert lora_parameters_per_tp_rank(shape, r, 2) == 2 * per_layer
+    assert split.ranks[0].lora_optimizer == 2 * per_layer * 12 // 2  # fp32 master + m + v over DP = 2
+    assert split.bytes_per_collecting_micro_batch * 2 == pytest.approx(flat.bytes_per_collecting_micro_batch, abs=1)
+    row_inputs = {key for key in shape.inputs if key.endswith(("o_proj", "down_proj"))}
+    assert split.model.row_parallel_inputs == row_inputs and len(row_inputs) == 4
+    k = FOLORA.k
+    rows = sum(shape.inputs[key] // 2 if key in row_inputs else shape.inputs[key] for key in shape.inputs)
+    assert split.ranks[0].projectors == -(-(2 * rows * k + k * len(shape.inputs)) * 4 // 2)  # / DP at ZeRO 1
+    assert split.tensor_parallel_gate_bytes_per_step == 4 * r * k * 4 * 2 * 1 // 2 // 2  # ring, / DP at ZeRO 1
+    assert flat.tensor_parallel_gate_bytes_per_step == 0
+    assert main(["plan", "--model-config", str(tiny_config), "--world", "4", "--tp", "2", "--stage", "1",
+                 "--solve-rate", "1.0"]) == 0
+    text = capsys.readouterr().out
+    assert "(TP 2 x DP 2)" in text and "gate coordinates all-reduced over TP per optimizer step" in text
