@@ -32,7 +32,6 @@ from folora_ds.adapters.megatron.mpu import check_mpu
 from folora_ds.controller import FoLoRAController
 from folora_ds.controller.checkpoint import read_folora_state, resolve_tag
 from folora_ds.controller.proxy import calibration_batches, proxy_samples_for_this_rank
-from folora_ds.controller.tensor_parallel import refuse_unsupported_zero
 from folora_ds.distributed import comm
 from folora_ds.method.gated_adamw import GatedAdamW, folora_param_groups
 
@@ -58,7 +57,7 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
         lr_scheduler: passed to ``deepspeed.initialize``.
         mpu: Megatron's model-parallel unit (``folora_ds.adapters.megatron.MegatronMpu()``), required when the
             model's LoRA layers are tensor-parallel; DeepSpeed then reduces and partitions over the data-parallel
-            group, and each TP group's ranks share one calibration shard. ZeRO stage 0 only, for now.
+            group, and each TP group's ranks share one calibration shard.
 
     Returns:
         ``(engine, controller)``.
@@ -85,7 +84,6 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
     controller = FoLoRAController(model, prepared.folora)
     layout = controller.layout
     check_mpu(mpu, layout.tp_size)
-    refuse_unsupported_zero(layout, int((prepared.ds_config.get("zero_optimization") or {}).get("stage", 0)))
     if folder is None and proxy_batches is None and layout.tp_size > 1 and prepared.folora.proxy.path is None:
         raise ValueError("a tensor-parallel model cannot sample its proxy set here (generation needs whole layers): "
                          "set proxy.path to a proxy set or a {\"text\": ...} corpus, or pass proxy_batches")

@@ -43,7 +43,7 @@ from folora_ds.controller.forgetting import WholeWeights, adapter_penalty_per_mo
 from folora_ds.controller.initialization import write_initial_lora_a
 from folora_ds.controller.owned_statistics import load_owned_statistics, owned_covariances, save_owned_statistics
 from folora_ds.controller.reporting import LayerSummary, merge_summaries, refresh_metrics, summarize, write_events
-from folora_ds.controller.tensor_parallel import input_kinds, needed_rows, parallel_layout, refuse_unsupported_zero
+from folora_ds.controller.tensor_parallel import input_kinds, needed_rows, parallel_layout
 from folora_ds.distributed import comm
 from folora_ds.distributed.ownership import assign_owners
 from folora_ds.distributed.statistics import OwnerRowExchange, agree_on_inputs, deliver_projectors, raise_if_any
@@ -239,8 +239,6 @@ class FoLoRAController:
         """Collective: install the projectors on ``optimizer``. With a DeepSpeed ``engine`` (whose client
         optimizer is ``optimizer``), map its ZeRO partitions first and count optimizer steps by the engine."""
         self.optimizer, self.engine = optimizer, engine
-        if engine is not None:
-            refuse_unsupported_zero(self.layout, engine.zero_optimization_stage())
         if engine is not None:
             self._last_global_steps = engine.global_steps
             lora_a_names = {id(lora_a_weight(layer)): name for name, layer in self.layers.items()}

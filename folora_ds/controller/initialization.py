@@ -6,8 +6,8 @@ receives them::
     module q_proj, input owned by rank 1:
       every rank:  A (r, d_in) ─ gathered (ZeRO-3) ─► rank 1: A ← rows(A, P) ─► broadcast ─► every rank copies it
 
-Under ZeRO-3 the broadcast is DeepSpeed's (``GatheredParameters(modifier_rank=owner)`` partitions the owner's
-change back on exit); otherwise it is ``comm.broadcast``. A row-parallel A (split along d_in over TP) is first
+The owner's rows reach every rank by ``comm.broadcast``; under ZeRO-3 each rank writes them into the gathered
+weight and DeepSpeed partitions them back on exit. A row-parallel A (split along d_in over TP) is first
 joined on the owner from its replica's TP ranks; every rank keeps its columns of the broadcast rows. B is zero at
 this point, so the model's output does not change.
 """
@@ -47,20 +47,19 @@ def write_initial_lora_a(layers: Mapping[str, nn.Module], key_of: Callable[[str]
     with torch.no_grad():
         for name, layer in layers.items():
             key, weight = key_of(name), lora_a_weight(layer)
-            partitioned = hasattr(weight, "ds_id")  # ZeRO-3: the owner's change is broadcast on exit
             split = split_dimension(layer, "lora_a")
-            if split is not None and (layout is None or partitioned):
-                raise ValueError(f"{name!r}: a LoRA-A split over tensor-parallel ranks needs the TP layout and is "
-                                 "not supported under ZeRO-3 yet")
-            with comm.gathered([weight], modifier_rank=owners[key]):  # (the world group's rank)
+            if split is not None and layout is None:
+                raise ValueError(f"{name!r}: a LoRA-A split over tensor-parallel ranks needs the TP layout")
+            # ZeRO-3: every rank writes the same rows, so the data-parallel group's rank 0 (modifier_rank is a rank
+            # of the parameter's group, which under TP is not the world) partitions them back on exit
+            with comm.gathered([weight], modifier_rank=0):
                 value = weight.detach().clone().float()
                 if split is not None:  # (r, d_in / TP) → the owner joins its replica's blocks into (r, d_in)
                     joined = join_on_owner(value, split, owners[key], layout, group)
                     value = joined if joined is not None else value.new_empty(value.shape[0], layer.in_features)
                 if owners[key] == me:
                     value = rows(value, projectors[key].to(value.device))
-                if not partitioned:
-                    value = comm.broadcast(value, owners[key], group)
+                value = comm.broadcast(value, owners[key], group)
                 if split is not None:
                     value = value[:, layer.local_columns[0]:layer.local_columns[1]]
                 weight.copy_(value)

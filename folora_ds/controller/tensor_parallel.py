@@ -68,11 +68,3 @@ def needed_rows(layers: Mapping[str, nn.Module], names: Iterable[str], key_of: C
         key, layer = key_of(name), layers[name]
         needed[key] = (tuple(layer.local_columns) if tensor_parallel_kind(layer) == "row" else (0, dims[key]))
     return needed
-
-
-def refuse_unsupported_zero(layout: TensorParallelLayout, zero_stage: int) -> None:
-    """Raise ValueError for ZeRO stage 3 under tensor parallelism (not built yet: its gathers of a row-parallel A
-    and the owner's broadcast of the initial rows would cross data-parallel groups); stages 0-2 are supported."""
-    if layout.tp_size > 1 and zero_stage > 2:
-        raise ValueError(f"ZeRO stage {zero_stage} with tensor-parallel LoRA layers (TP = {layout.tp_size}) is not "
-                         "supported yet; use ZeRO stage 0, 1 or 2 under tensor parallelism")

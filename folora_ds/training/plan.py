@@ -111,8 +111,6 @@ class PlanSettings:
                              f"world_size={self.world_size}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
-        if self.tensor_parallel > 1 and self.zero_stage == 3:
-            raise ValueError("ZeRO stage 3 with tensor parallelism is not supported yet; plan --stage 0, 1 or 2")
         if self.model_dtype not in DTYPE_BYTES:
             raise ValueError(f"model_dtype={self.model_dtype!r}; allowed: {sorted(DTYPE_BYTES)}")
         for name in ("micro_batch", "seq_len", "gradient_accumulation"):

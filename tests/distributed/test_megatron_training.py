@@ -82,10 +82,10 @@ def _train_with_engine(rank: int, world: int, tp_size: int, stage: int) -> dict:
     return train_with_engine(tp_size, stage)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2-dp1", "tp2-dp2"])
 def test_deepspeed_with_the_megatron_mpu_equals_one_process(world, stage, reference):
-    """folora_ds.initialize(..., mpu=MegatronMpu()) at ZeRO 0-2: DeepSpeed accumulates, reduces and partitions
+    """folora_ds.initialize(..., mpu=MegatronMpu()) at ZeRO 0-3: DeepSpeed accumulates, reduces and partitions
     over DP only and clips with the TP-aware norm; a row-parallel A's rows cut by a ZeRO partition get their
     coordinates summed over DP, then every row of it over TP. The result is the one-process TP = 1 run's."""
     for rank, result in enumerate(run_ranks(world, _train_with_engine, 2, stage)):

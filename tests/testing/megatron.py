@@ -173,12 +173,13 @@ def clip_gradients(model: nn.Module, max_norm: float, tp_group) -> None:
 
 
 def whole_lora_weights(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
-    """Every LoRA weight joined over TP (collective over ``tp_group``)."""
+    """Every LoRA weight gathered over DP (ZeRO-3) and joined over TP (collective)."""
     weights = {}
     for name, layer in lora_layers(model).items():
         for part, tensor in (("lora_a", layer.lora_a), ("lora_b", layer.lora_b)):
             dim = split_dimension(layer, part)
-            value = tensor.detach().clone()
+            with comm.gathered([tensor]):  # ZeRO-3 partitions over DP
+                value = tensor.detach().clone()
             if dim is not None:
                 value = torch.cat(comm.all_gather_objects(value, tp_group), dim=dim)
             weights[f"{name}.{part}"] = value

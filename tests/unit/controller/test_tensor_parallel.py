@@ -7,8 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from folora_ds.controller.tensor_parallel import input_kinds, needed_rows, parallel_layout, refuse_unsupported_zero
-from folora_ds.distributed.tensor_parallel import TensorParallelLayout
+from folora_ds.controller.tensor_parallel import input_kinds, needed_rows, parallel_layout
 from folora_ds.method.peft_layers import (
     TensorParallelLoRA,
     lora_a_weight,
@@ -74,12 +73,3 @@ def test_tensor_parallel_layers_on_two_groups_are_refused():
     model = nn.ModuleDict({"q": StandIn("column", group="a"), "o": StandIn("row", group="b")})
     with pytest.raises(ValueError, match="2 different process groups"):
         parallel_layout(lora_layers(model))
-
-
-def test_zero_partitions_under_tensor_parallelism_are_refused_by_stage():
-    tp2 = TensorParallelLayout(2, (0, 1), (0, 0), None)
-    for stage in (0, 1, 2):
-        refuse_unsupported_zero(tp2, stage)
-    refuse_unsupported_zero(TensorParallelLayout(1, (0,), (0,), None), 3)
-    with pytest.raises(ValueError, match="ZeRO stage 3 with tensor-parallel LoRA layers"):
-        refuse_unsupported_zero(tp2, 3)
