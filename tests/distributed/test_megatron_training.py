@@ -45,6 +45,22 @@ def _union(results: list[dict], field: str) -> dict:
     return joined
 
 
+def _assert_statistics_and_copies(results: list[dict], reference: dict) -> None:
+    """C_pre and the gates (each on its owner) equal one process's; whole copies of A (column layers) are
+    bit-identical across the TP ranks of each replica."""
+    pre, gates = _union(results, "pre"), _union(results, "gates")
+    assert set(pre) == set(reference["pre"]) == set(gates)
+    for key, expected in reference["pre"].items():
+        torch.testing.assert_close(pre[key], expected, rtol=0, atol=1e-6, msg=lambda m, k=key: f"C_pre {k}: {m}")
+        torch.testing.assert_close(gates[key], reference["gates"][key], rtol=0, atol=1e-6,
+                                   msg=lambda m, k=key: f"gates {k}: {m}")
+    for first, second in zip(results[::2], results[1::2]):
+        assert (first["replica"], first["tp_rank"], second["tp_rank"]) == (second["replica"], 0, 1)
+        for name, tensor in first["local_a"].items():
+            if name.rsplit(".", 1)[-1] not in ROW_LAYERS:
+                assert torch.equal(tensor, second["local_a"][name]), f"{name}: the TP copies of A differ"
+
+
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2-dp1", "tp2-dp2"])
 def test_tensor_parallel_training_equals_one_process(world, reference):
     results = run_ranks(world, _train, 2)
@@ -68,14 +84,7 @@ def test_tensor_parallel_training_equals_one_process(world, reference):
         # raw sums, not covariances: counting a column input on both TP ranks would double tokens and sum alike
         assert window[key][0] == tokens, f"{key}: {window[key][0]} tokens counted, one process counted {tokens}"
         torch.testing.assert_close(window[key][1] / tokens, sums / tokens, rtol=0, atol=1e-6)
-    # whole copies of A (column layers) bit-identical across the TP ranks of a replica after every step
-    for first, second in zip(results[::2], results[1::2]):
-        assert (first["replica"], first["tp_rank"], second["tp_rank"]) == (second["replica"], 0, 1)
-        for name, tensor in first["local_a"].items():
-            if name.rsplit(".", 1)[-1] in ROW_LAYERS:
-                assert tensor.shape != second["local_a"][name].shape or not torch.equal(tensor, second["local_a"][name])
-            else:
-                assert torch.equal(tensor, second["local_a"][name]), f"{name}: the TP copies of A differ"
+    _assert_statistics_and_copies(results, reference)
 
 
 def _train_with_engine(rank: int, world: int, tp_size: int, stage: int) -> dict:
@@ -88,7 +97,9 @@ def test_deepspeed_with_the_megatron_mpu_equals_one_process(world, stage, refere
     """folora_ds.initialize(..., mpu=MegatronMpu()) at ZeRO 0-3: DeepSpeed accumulates, reduces and partitions
     over DP only and clips with the TP-aware norm; a row-parallel A's rows cut by a ZeRO partition get their
     coordinates summed over DP, then every row of it over TP. The result is the one-process TP = 1 run's."""
-    for rank, result in enumerate(run_ranks(world, _train_with_engine, 2, stage)):
+    results = run_ranks(world, _train_with_engine, 2, stage)
+    _assert_statistics_and_copies(results, reference)
+    for rank, result in enumerate(results):
         assert result["dp"] == (world // 2, world // 2), f"rank {rank}: DeepSpeed's data-parallel size"
         assert result["steps"] == STEPS and result["refreshes"] == reference["refreshes"]
         assert set(result["gated"]) == {STEPS}, f"rank {rank}: gated steps {result['gated']}"

@@ -227,9 +227,16 @@ def train_with_engine(tp_size: int, stage: int = 0, *, first: int = 0, last: int
             controller.save_checkpoint(save_to)
         if export_to is not None:
             controller.export_adapter(export_to)
+        local_a = {}
+        for name, layer in lora_layers(engine.module).items():
+            with comm.gathered([layer.lora_a]):  # ZeRO-3 partitions over DP
+                local_a[name] = layer.lora_a.detach().clone()
         return {"weights": whole_lora_weights(engine.module, state.get_tensor_model_parallel_group()),
                 "gated": controller.gated_step_counts(), "steps": controller.optimizer_steps,
-                "refreshes": controller.refreshes, "dp": (engine.dp_world_size, replicas)}
+                "refreshes": controller.refreshes, "dp": (engine.dp_world_size, replicas),
+                "pre": dict(controller.pre_covariances), "local_a": local_a, "replica": replica,
+                "tp_rank": state.get_tensor_model_parallel_rank(),
+                "gates": {key: projector.gates.clone() for key, projector in controller.owned_projectors.items()}}
     finally:
         state.destroy_model_parallel()
 

@@ -71,9 +71,14 @@ def _entry(rank: int, world: int, port: int, function, args: tuple, out_dir: str
 
 
 def run_ranks(world: int, function, *args) -> list:
-    """Run ``function(rank, world, *args)`` on ``world`` processes; returns each rank's result (rank order)."""
+    """Run ``function(rank, world, *args)`` on ``world`` processes; returns each rank's result (rank order).
+
+    The ranks are forked from the test process, so torch, DeepSpeed and the test's modules are already imported
+    (a spawned rank spent ~4 s importing them, most of a small test's time); each rank sets one thread before its
+    first torch operation (``setup_rank``) and starts its own process group."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world, free_port(), function, args, out_dir), nprocs=world, join=True)
+        mp.start_processes(_entry, args=(world, free_port(), function, args, out_dir), nprocs=world, join=True,
+                           start_method="fork")
         return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
