@@ -332,6 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as error:
         print(f"folora-ds: {_rank_label()}error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as error:  # a file the user named or pointed us at: read-only, full, no permission
+        if error.filename is None:
+            raise
+        print(f"folora-ds: {_rank_label()}error: cannot write or read {str(error.filename)!r}: "
+              f"{error.strerror or error}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def _rank_label() -> str:

@@ -9,15 +9,26 @@ to it; every setting that would bypass or break the gate is refused here, by nam
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
+import importlib
+import importlib.util
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from folora_ds.common.checks import require_int
+from folora_ds.common.checks import require, require_int, require_real
 from folora_ds.common.files import read_json_file
 from folora_ds.method.config import FoLoRAConfig
 
+_CONSTANT = re.compile(r"""^\s*[A-Z][A-Z0-9_]*\s*=\s*["']([a-z][a-z0-9_]*)["']""", re.M)
+_READ_KEY = re.compile(r"""(?:param_dict|config_dict|ds_config)(?:\.get\(|\[)\s*["']([a-z][a-z0-9_]*)["']""")
+_LITERAL = re.compile(r"""["']([a-z][a-z0-9_]*)["']""")
+_CONFIG_READERS = ("runtime/config.py", "monitor/config.py")  # every literal here may be a top-level key
+_SCHEDULER_KEYS = ("type", "params")
+_OPTIMIZER_KEYS = ("type", "params", "legacy_fusion")
 _ADAMW_TYPES = ("adamw", "adam")
 _ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -64,6 +75,7 @@ def prepare_ds_config(config: str | Path | Mapping[str, Any] | PreparedConfig) -
     if isinstance(config, PreparedConfig):
         return config
     ds_config = load_ds_config(config)
+    check_known_keys(ds_config)
     folora = FoLoRAConfig.from_deepspeed_config(ds_config)
     stage = refuse_unsupported(ds_config, folora)
     _check_batch_values(ds_config)
@@ -107,6 +119,9 @@ def resolve_batch_sizes(ds_config: Mapping[str, Any], world_size: int) -> tuple[
 def _check_batch_values(ds_config: Mapping[str, Any]) -> None:
     for key in _BATCH_KEYS:
         require_int(key, ds_config.get(key), optional=True, where="DeepSpeed config: ")
+    if ds_config.get("gradient_clipping") is not None:
+        require_real("gradient_clipping", ds_config["gradient_clipping"], low=0.0, low_open=False,
+                     where="DeepSpeed config: ")
 
 
 def refuse_unsupported(ds_config: Mapping[str, Any], folora: FoLoRAConfig) -> int:
@@ -171,7 +186,72 @@ def _optimizer_arguments(block: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError("optimizer.params.adam_w_mode=false (Adam with L2 regularisation) is not what GatedAdamW "
                          "does (decoupled weight decay, AdamW); remove it")
     arguments = {key: params[key] for key in _ADAMW_PARAMS if key in params}
+    for key in ("lr", "eps", "weight_decay"):  # named here, not minutes later inside the optimizer
+        if key in arguments:
+            require_real(f"optimizer.params.{key}", arguments[key], low=0.0, low_open=False)
     if "betas" in arguments:
-        arguments["betas"] = tuple(arguments["betas"])
+        betas = arguments["betas"]
+        valid = isinstance(betas, (list, tuple)) and len(betas) == 2
+        require(valid, "optimizer.params.betas", betas, "two numbers in [0, 1)")
+        for index, beta in enumerate(betas):
+            require_real(f"optimizer.params.betas[{index}]", beta, low=0.0, high=1.0, low_open=False,
+                         high_open=True)
+        arguments["betas"] = tuple(betas)
     arguments.setdefault("weight_decay", 0.0)
     return arguments
+
+
+@functools.cache
+def deepspeed_config_keys() -> frozenset[str]:
+    """Every name DeepSpeed's sources define as a string constant or read from its config dict (without importing
+    DeepSpeed): the top-level keys DeepSpeed knows, with room to spare (a misspelling is in none of them)."""
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    names: set[str] = set()
+    for root in spec.submodule_search_locations:
+        for path in Path(root).rglob("*.py"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            names.update(_CONSTANT.findall(text))
+            names.update(_READ_KEY.findall(text))
+            if path.relative_to(root).as_posix() in _CONFIG_READERS:  # incl. the keys of removed features,
+                names.update(_LITERAL.findall(text))                  # which DeepSpeed itself refuses by name
+    return frozenset(names)
+
+
+def _unknown(keys, known, where: str) -> None:
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"DeepSpeed config: unknown key {where}{key!r}{hint} (DeepSpeed would ignore it)")
+
+
+def check_known_keys(ds_config: Mapping[str, Any]) -> None:
+    """Raise ValueError, with the closest valid name, for a top-level key DeepSpeed does not know and for an unknown
+    key inside the blocks folora_ds reads (``zero_optimization``, ``optimizer``, ``scheduler``, whose ``type``
+    must be one of DeepSpeed's schedules); keys DeepSpeed knows are passed on untouched.
+
+    DeepSpeed silently ignores an unknown top-level key: ``"gradient_acumulation_steps": 2`` trained with
+    accumulation 1. Skipped when DeepSpeed's sources cannot be read (no known keys).
+    """
+    known = deepspeed_config_keys()
+    if not known:
+        return
+    _unknown([key for key in ds_config if key != "folora"], known, "")
+    zero = ds_config.get("zero_optimization")
+    if isinstance(zero, Mapping):
+        zero_config = importlib.import_module("deepspeed.runtime.zero.config").DeepSpeedZeroConfig
+        fields = {alias for name, info in zero_config.model_fields.items() for alias in (name, info.alias) if alias}
+        _unknown(list(zero), fields, "zero_optimization.")
+    for block, allowed in (("optimizer", _OPTIMIZER_KEYS), ("scheduler", _SCHEDULER_KEYS)):
+        if isinstance(ds_config.get(block), Mapping):
+            _unknown(list(ds_config[block]), allowed, f"{block}.")
+    scheduler = ds_config.get("scheduler")
+    if isinstance(scheduler, Mapping):
+        schedules = importlib.import_module("deepspeed.runtime.lr_schedules").VALID_LR_SCHEDULES
+        if scheduler.get("type") not in schedules:
+            close = difflib.get_close_matches(str(scheduler.get("type")), schedules, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"DeepSpeed config: scheduler.type={scheduler.get('type')!r} is not a DeepSpeed schedule"
+                             f"{hint} (allowed: {', '.join(schedules)})")

@@ -43,10 +43,16 @@ def read_jsonl_objects(path: Path, *, what: str) -> Iterator[tuple[int, dict]]:
     """Yield (1-based line number, object) for every non-blank line of ``path``.
 
     Raises:
-        ValueError: ``"{what} '{path}' line N: ..."`` for a line that is not valid JSON or not a JSON object.
+        ValueError: ``"{what} '{path}' line N: ..."`` for a line that is not UTF-8, not valid JSON or not a JSON
+            object.
     """
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{what} {str(path)!r} line {number}: not UTF-8 text (byte {raw[error.start]:#04x} "
+                                 f"at column {error.start + 1}); save the file as UTF-8") from error
             if not line.strip():
                 continue
             try:
@@ -146,3 +152,27 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def check_safetensors(path: Path, *, what: str) -> None:
+    """Raise ValueError naming ``path`` when it is not a complete safetensors file: its header must parse and
+    every tensor's bytes must lie inside the file (a copy cut short fails here, in milliseconds, not minutes later
+    inside the loader)."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            header_bytes = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_bytes <= 0 or 8 + header_bytes > size:
+                raise ValueError("the header runs past the end of the file")
+            header = json.loads(handle.read(header_bytes))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {str(path)!r} is not a safetensors file (its header is not JSON); the file is "
+                         "damaged") from error
+    except ValueError as error:
+        raise ValueError(f"{what} {str(path)!r} is damaged or truncated ({error}; {size} bytes)") from error
+    data = size - 8 - header_bytes
+    for name, entry in header.items():
+        if name != "__metadata__" and int(entry["data_offsets"][1]) > data:
+            raise ValueError(f"{what} {str(path)!r} is truncated: tensor {name!r} ends at byte "
+                             f"{int(entry['data_offsets'][1])} of its data, the file holds {data}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from folora_ds.common.checks import require_int
-from folora_ds.common.files import read_jsonl_objects
+from folora_ds.common.files import check_safetensors, read_json_file, read_jsonl_objects
 from folora_ds.toolkit.measures import (
     QUESTIONS_FILE,
     BaseLogitsCache,
@@ -146,9 +146,17 @@ def evaluate_adapters(model_name: str, adapters: dict[str, str | Path], settings
     for name, path in adapters.items():
         if not (Path(path) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter {name!r}: {str(path)!r} has no adapter_config.json")
+        read_json_file(Path(path) / "adapter_config.json", what=f"adapter {name!r} config")
+        for weights in Path(path).glob("*.safetensors"):
+            check_safetensors(weights, what=f"adapter {name!r} weights")
     suite = EvaluationSuite.load(settings)
     base, tokenizer = load_model(model_name, dtype=dtype)
     base.to(device)
+    for name, path in adapters.items():  # every adapter opened on the model (names, shapes) before any forward
+        try:
+            base = PeftModel.from_pretrained(base, str(path)).unload()
+        except (RuntimeError, ValueError, KeyError, OSError) as error:
+            raise ValueError(f"adapter {name!r} ({str(path)!r}) does not load on {model_name!r}: {error}") from error
     base_result = measure_base(base, tokenizer, suite, progress=progress)
     results = {"base": {key: value for key, value in base_result.items() if key != "correct"}}
     base_cache = BaseLogitsCache() if len(adapters) > 1 else None

@@ -8,6 +8,7 @@ labels are -100 on every token before the final assistant response, so the loss 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +50,20 @@ def load_task_dataset(path: str | Path, *, split: str = "train") -> datasets.Dat
             )
         if path.stat().st_size == 0:  # the json builder fails on a zero-byte file with a bare StopIteration
             raise ValueError(f"task data {str(path)!r} has no records")
-        if path.suffix.lower() == ".jsonl":  # datasets would report a bad line as a generic generation error
-            for _ in read_jsonl_objects(path, what="task data"):
-                pass
-        try:
-            loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except ValueError as error:
-            # datasets reports a file that yields no rows ("[]", blank lines, a zero-row parquet) as an empty split.
-            if "corresponds to no data" not in str(error):
-                raise
-            raise ValueError(f"task data {str(path)!r} has no records") from error
+        if builder == "json":  # our reader: text stays text (pyarrow would read "2019-02-01" as a timestamp)
+            records = _json_records(path)
+            if not records:
+                raise ValueError(f"task data {str(path)!r} has no records")
+            loaded = datasets.Dataset.from_list(records)
+        else:
+            try:
+                loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
+            except ValueError as error:
+                # datasets reports a file that yields no rows (a zero-row parquet) as an empty split.
+                if "corresponds to no data" not in str(error):
+                    raise
+                raise ValueError(f"task data {str(path)!r} has no records") from error
+            _check_text_columns(loaded, path)
     if len(loaded) == 0:
         raise ValueError(f"task data {str(path)!r} has no records")
     return loaded
@@ -201,3 +206,51 @@ class TaskCollator:
             batch["attention_mask"].append(list(feature["attention_mask"]) + [0] * pad)
             batch["labels"].append(list(feature["labels"]) + [-100] * pad)
         return {name: torch.tensor(rows, dtype=torch.long) for name, rows in batch.items()}
+
+
+TEXT_FIELDS = ("prompt", "response", "system")
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+
+
+def _json_records(path: Path) -> list[dict]:
+    """The records of a JSON Lines file, or of a ``.json`` file holding one array of objects (else JSON Lines),
+    each checked by ``_check_text_fields``."""
+    if path.suffix.lower() == ".json":
+        try:
+            whole = json.loads(path.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            whole = None  # JSON Lines under a .json name: read line by line below, errors with line numbers
+        if isinstance(whole, list):
+            for index, record in enumerate(whole):
+                if not isinstance(record, dict):
+                    raise ValueError(f"task data {str(path)!r} record {index}: expected a JSON object, got "
+                                     f"{_JSON_TYPES.get(type(record), type(record).__name__)}")
+                _check_text_fields(record, f"task data {str(path)!r} record {index}")
+            return whole
+    records = []
+    for number, record in read_jsonl_objects(path, what="task data"):
+        _check_text_fields(record, f"task data {str(path)!r} line {number}")
+        records.append(record)
+    return records
+
+
+def _check_text_fields(record: Mapping, where: str) -> None:
+    """Raise ValueError naming the field and its JSON type when a text field of ``record`` is not a string."""
+    fields = [(name, record[name]) for name in TEXT_FIELDS if record.get(name) is not None]
+    messages = record.get("messages")
+    if isinstance(messages, list):
+        fields += [(f"messages[{i}].{key}", message[key]) for i, message in enumerate(messages)
+                   if isinstance(message, Mapping) for key in ("role", "content") if message.get(key) is not None]
+    for name, value in fields:
+        if not isinstance(value, str):
+            kind = _JSON_TYPES.get(type(value), type(value).__name__)
+            raise ValueError(f"{where}: '{name}' is a JSON {kind} ({json.dumps(value)[:40]}), expected a string; "
+                             "quote it")
+
+
+def _check_text_columns(dataset: datasets.Dataset, path: Path) -> None:
+    """Raise ValueError naming the column and its type when a text column of a typed file (parquet) is not text."""
+    for name in TEXT_FIELDS:
+        feature = dataset.features.get(name)
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string", "null"):
+            raise ValueError(f"task data {str(path)!r}: column {name!r} has type {feature!r}, expected strings")

@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from folora_ds.common.files import replace_atomically
+from folora_ds.common.files import check_safetensors, replace_atomically
 
 _log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def load_model(
 
     Raises:
         FileNotFoundError: the path does not exist or lacks ``config.json``, weights or tokenizer files.
-        ValueError: a weight holds NaN or Inf.
+        ValueError: a weight holds NaN or Inf, or a safetensors file is damaged or truncated (named).
     """
     if name_or_path == TINY_MODEL_NAME:
         tokenizer = build_byte_tokenizer()
@@ -178,6 +178,8 @@ def load_model(
         raise FileNotFoundError(f"model {str(path)!r} has config.json but no weights ({', '.join(_WEIGHT_FILES)})")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(f"model {str(path)!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights, what="model weights")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

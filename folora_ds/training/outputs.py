@@ -1,12 +1,20 @@
-"""Output directories that never mix two runs.
+"""Output directories that never mix two runs, and never lose the previous one to a run that fails.
 
 A non-empty output directory is refused unless the user asks to overwrite it: a new run's ``proxy.jsonl`` beside
-an earlier run's adapters and summary would pass for one run. (Files appear complete or not at all:
-``folora_ds.common.files.replace_atomically``.)
+an earlier run's adapters and summary would pass for one run. With ``--overwrite`` the previous run is moved aside
+(``previous_run_kept``) and deleted only once the new run has finished; a run that fails puts it back::
+
+    out/a (previous run) ──move──► out/.a.previous-<pid> ──(new run succeeds)──► deleted
+                                                        └─(new run fails)────► moved back to out/a
+
+(Files appear complete or not at all: ``folora_ds.common.files.replace_atomically``.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from folora_ds.common.files import remove_path
@@ -37,9 +45,29 @@ def refuse_other_runs(directory: Path, *, overwrite: bool, inputs: tuple[str | P
                 f"{', ...' if len(found) > 4 else ''}); pass --overwrite to replace it or choose another --output-dir")
 
 
-def clear_output_directory(directory: Path) -> None:
-    """Create ``directory`` empty (its earlier content removed). Call on one rank only."""
-    if directory.is_dir():
-        for entry in directory.iterdir():
-            remove_path(entry)
+@contextlib.contextmanager
+def previous_run_kept(directory: Path, *, active: bool = True) -> Iterator[None]:
+    """Run the body in an empty ``directory``: a previous run's files are moved aside to a hidden sibling first,
+    deleted when the body finishes, and moved back (the new run's partial files removed) when it raises — an
+    exception, Ctrl-C or SIGTERM turned into one. Only the rank with ``active`` moves files (call it on every
+    rank; the others just run the body). A ``kill -9`` leaves the previous run in the sibling, named in no
+    message but ``.<name>.previous-<pid>``.
+    """
+    if not active:
+        yield
+        return
+    aside = directory.with_name(f".{directory.name}.previous-{os.getpid()}")
+    moved = directory.is_dir() and any(directory.iterdir())
+    if moved:
+        remove_path(aside)
+        directory.rename(aside)
     directory.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if moved:
+            remove_path(directory)
+            aside.rename(directory)
+        raise
+    if moved:
+        remove_path(aside)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from folora_ds.common.checks import require_int
+from folora_ds.common.checks import require_int, require_real
 from folora_ds.common.files import read_json_file
 from folora_ds.distributed.ownership import assign_owners
 from folora_ds.distributed.statistics import rows_per_gather
@@ -115,6 +115,9 @@ class PlanSettings:
             raise ValueError(f"model_dtype={self.model_dtype!r}; allowed: {sorted(DTYPE_BYTES)}")
         for name in ("micro_batch", "seq_len", "gradient_accumulation"):
             require_int(name, getattr(self, name))
+        if self.solve_seconds_per_gflop is not None:  # 0 or less would print a solve time of 0 or below
+            require_real("solve_seconds_per_gflop (--solve-rate)", self.solve_seconds_per_gflop, low=0.0,
+                         high=math.inf, high_open=True)
 
 
 @dataclass
@@ -194,8 +197,11 @@ def load_model_config(name_or_path: str | Path):
         raise FileNotFoundError(f"model config {str(name_or_path)!r} not found: give a config.json, a model folder "
                                 f"or one of {known}")
     values = read_json_file(path, what="model config")
-    if "model_type" not in values:
+    if not isinstance(values, dict) or "model_type" not in values:
         raise ValueError(f"{path}: no 'model_type'; is this a Hugging Face config.json?")
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+        if key in values:
+            require_int(key, values[key], where=f"model config {str(path)!r}: ")
     model_type = values.pop("model_type")
     return AutoConfig.for_model(model_type, **values)
 
@@ -249,7 +255,8 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
     dp = world // tp  # ZeRO partitions and reduces over the data-parallel ranks
     model_bytes = DTYPE_BYTES[settings.model_dtype]
     statistics_bytes = getattr(torch, folora.statistics_dtype).itemsize
-    rate = settings.solve_seconds_per_gflop or measure_solve_rate(dtype=folora.solve_dtype)
+    rate = (measure_solve_rate(dtype=folora.solve_dtype) if settings.solve_seconds_per_gflop is None
+            else settings.solve_seconds_per_gflop)
     solve_bytes = getattr(torch, folora.solve_dtype).itemsize
     owners = assign_owners(shape.inputs, world)
     lora = shape.lora_parameters if tp == 1 else lora_parameters_per_tp_rank(shape, folora.lora_rank, tp)

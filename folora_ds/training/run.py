@@ -38,7 +38,7 @@ from folora_ds.method.budget import relative_forgetting
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.training.data import DEFAULT_TASK_FILE, TaskCollator, build_task_dataset, split_train_eval
 from folora_ds.training.models import TINY_MODEL_NAME, load_model
-from folora_ds.training.outputs import clear_output_directory, refuse_other_runs
+from folora_ds.training.outputs import previous_run_kept, refuse_other_runs
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0},
@@ -144,15 +144,31 @@ def _eval_loss(engine, dataset, collate: TaskCollator, batch_size: int) -> float
     return float(totals[0] / totals[1])
 
 
+def check_targets(model: torch.nn.Module, targets: list[str] | str, name: str) -> None:
+    """Raise ValueError naming the ``target_modules`` that match no linear layer of ``model`` (peft's rule: the
+    module's name, or its last dotted parts, equals the target), with the names that would; "all-linear" passes."""
+    if isinstance(targets, str):
+        return
+    linear = sorted({module_name.rsplit(".", 1)[-1] for module_name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
+    names = [module_name for module_name, _ in model.named_modules()]
+    missing = [target for target in targets
+               if not any(module_name == target or module_name.endswith("." + target) for module_name in names)]
+    if missing:
+        raise ValueError(f"target_modules {missing} match no module of {name!r}; its linear layers are named "
+                         f"{', '.join(linear[:12])}")
+
+
 def _peft_model(name: str, folora: FoLoRAConfig, seed: int):
     """The base model on this rank's accelerator, its tokenizer, and the LoRA config of ``folora.target_modules``
     (``torch.manual_seed(seed)`` is set last, so ``get_peft_model`` draws the same LoRA init for the same seed)."""
     from deepspeed.accelerator import get_accelerator
 
     model, tokenizer = load_model(name, seed=seed)
+    targets = folora.target_modules if isinstance(folora.target_modules, str) else list(folora.target_modules)
+    check_targets(model, targets, name)  # before minutes of proxy sampling, not after
     model.to(get_accelerator().current_device_name())
     torch.manual_seed(seed)
-    targets = folora.target_modules if isinstance(folora.target_modules, str) else list(folora.target_modules)
     return model, tokenizer, LoraConfig(r=folora.lora_rank, lora_alpha=folora.lora_alpha,
                                         lora_dropout=folora.lora_dropout, target_modules=targets)
 
@@ -171,7 +187,9 @@ def run(settings: RunSettings, ds_config: Mapping[str, Any] | str | Path) -> dic
     refuse_other_runs(output_dir, overwrite=settings.overwrite, inputs=(settings.data, prepared.folora.proxy.path))
     started_group = comm.init_distributed(timeout_seconds=settings.collective_timeout_seconds)
     try:
-        return _run(settings, prepared, output_dir, started)
+        resolve_batch_sizes(prepared.ds_config, comm.world_size())  # needs the world size; before any file moves
+        with previous_run_kept(output_dir, active=comm.rank() == 0):  # --overwrite: deleted once this run finished
+            return _run(settings, prepared, output_dir, started)
     finally:
         if started_group:
             comm.shutdown()
@@ -189,9 +207,7 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
     if not progress:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    if rank == 0:
-        clear_output_directory(output_dir)
-    comm.barrier()
+    comm.barrier()  # rank 0 has emptied the output directory
 
     model, tokenizer, lora = _peft_model(settings.model, folora, settings.seed)
     dataset = build_task_dataset(settings.data, tokenizer, max_length=folora.max_seq_len)
@@ -212,7 +228,7 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
     calibration = [batch for step in range(min(settings.calibration_steps, settings.steps)) for batch in batches(step)]
     engine, controller = initialize(model, prepared, proxy_batches=calibration_batches(samples, tokenizer, folora),
                                     task_batches=calibration, progress=progress)
-    engine_settings = _engine_settings(engine, controller.optimizer)
+    engine_settings = _engine_settings(engine, controller.optimizer, prepared.ds_config)
     base_eval_loss = _eval_loss(engine, eval_set, collate, micro)
     folora_losses = train_steps(engine, batches, settings.steps, controller=controller,
                                 description=f"FoLoRA, ZeRO-{prepared.stage} ×{world}", progress=progress)
@@ -261,14 +277,24 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
     return summary
 
 
-def _engine_settings(engine, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """What the engine and the optimizer really run with (read back from them, not from the config)."""
+SCHEDULE_PEAKS = ("warmup_max_lr", "cycle_max_lr")
+"""The scheduler parameters that set the peak learning rate (DeepSpeed's WarmupLR / WarmupDecayLR, OneCycle)."""
+
+
+def _engine_settings(engine, optimizer: torch.optim.Optimizer, ds_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the engine and the optimizer really run with (read back from them, not from the config), and the
+    configured learning rate: the schedule's peak where a DeepSpeed scheduler sets one (the rate in the optimizer
+    at the start of a warm-up is its floor, often 0), else the optimizer's; the schedule as configured."""
     group = optimizer.param_groups[0]
+    scheduler = ds_config.get("scheduler") or None
+    params = (scheduler or {}).get("params") or {}
+    peak = next((params[key] for key in SCHEDULE_PEAKS if key in params), optimizer.defaults["lr"])
     return {"micro_batch": engine.train_micro_batch_size_per_gpu(),
             "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
             "gradient_clipping": engine.gradient_clipping(), "bf16": engine.bfloat16_enabled(),
-            "optimizer": {"lr": group["lr"], "betas": list(group["betas"]), "eps": group["eps"],
-                          "weight_decay": group["weight_decay"]}}
+            "optimizer": {"lr": peak, "betas": list(group["betas"]), "eps": group["eps"],
+                          "weight_decay": group["weight_decay"],
+                          "schedule": None if scheduler is None else {"type": scheduler.get("type"), **params}}}
 
 
 def _mean_last(losses: list[float], count: int = 10) -> float:

@@ -5,6 +5,7 @@ bad specs are named before any work."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -276,3 +277,38 @@ def test_a_best_rate_entry_runs_as_soon_as_its_sweep_is_finished(tmp_path, monke
                         real_train(run, *a, **k))
     run_grid(spec, tmp_path, progress=False)
     assert order == [("plain LoRA", 0), ("plain LoRA", 0), ("plain LoRA", 1), ("late", 0)]
+
+
+@pytest.mark.parametrize("bad", ["data", "test_data", "questions"])
+def test_bad_input_files_stop_the_grid_before_any_work_and_leave_no_fingerprint(tmp_path, monkeypatch, bad):
+    """Once the task data was checked after sampling the proxy set and measuring the base model, and the bad file's
+    fingerprint then refused the folder after the fix. Now nothing is sampled, measured or recorded first."""
+    from folora_ds.toolkit.evaluation import TEST_FILE
+    from folora_ds.toolkit.grid.artifacts import SharedArtifacts
+    from folora_ds.toolkit.measures import QUESTIONS_FILE
+    from folora_ds.training.data import DEFAULT_TASK_FILE
+
+    def never(*args, **kwargs):
+        raise AssertionError("the grid started work before its inputs were checked")
+
+    monkeypatch.setattr(SharedArtifacts, "ensure_proxy", never)
+    broken = tmp_path / f"{bad}.jsonl"
+    first = ('{"prompt": "a", "answers": ["b"], "kind": "fact"}' if bad == "questions" else
+             '{"prompt": "a", "response": "b"}')
+    second = '{"prompt": 7, "response": "b"}' if bad == "data" else '{"prompt": "c"'
+    broken.write_text(f"{first}\n{second}\n")
+    entry = [{"label": "plain LoRA", "method": "lora", "lrs": [2e-3], "seeds": [0], "steps": [2]}]
+    settings = {"data": str(broken)} if bad == "data" else {
+        "evaluation": {**SETTINGS["evaluation"], bad: str(broken)}}
+    with pytest.raises(ValueError, match=f"{bad}.jsonl' line 2"):
+        run_grid(load_spec(_spec(entry, **settings)), tmp_path / "grid", progress=False)
+    assert not (tmp_path / "grid" / "shared" / "settings.json").exists()
+    fixed = {"data": DEFAULT_TASK_FILE, "test_data": TEST_FILE, "questions": QUESTIONS_FILE}[bad]
+    broken.write_text(Path(fixed).read_text())
+
+    def reached(self):
+        raise StopIteration("past the checks and the fingerprint")
+
+    monkeypatch.setattr(SharedArtifacts, "ensure_proxy", reached)
+    with pytest.raises(StopIteration):  # the fixed file in the same folder is accepted
+        run_grid(load_spec(_spec(entry, **settings)), tmp_path / "grid", progress=False)

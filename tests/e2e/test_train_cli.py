@@ -78,6 +78,20 @@ def test_every_setting_of_the_config_file_is_honoured(tmp_path):
     assert (summary["micro_batch"], summary["gradient_accumulation_steps"]) == (2, 2)
     assert summary["gradient_clipping"] == 0.5
     assert summary["optimizer"]["lr"] == 1e-5 and summary["optimizer"]["weight_decay"] == 0.01
+    assert summary["optimizer"]["schedule"] is None
+
+
+def test_the_summary_records_a_schedules_peak_rate_and_the_schedule(tmp_path):
+    """Under WarmupLR the optimizer's rate at the start is the warm-up's floor (0 here); the summary once said lr 0."""
+    schedule = {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3, "warmup_num_steps": 2}
+    config = {"train_micro_batch_size_per_gpu": 2, "scheduler": {"type": "WarmupLR", "params": schedule},
+              "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}}, "folora": {}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    assert main(["train", "--config", str(path), "--steps", "2", "--calibration-steps", "1", "--no-baseline",
+                 "--output-dir", str(tmp_path / "run"), *SMALL]) == 0
+    optimizer = _summary(tmp_path / "run")["optimizer"]
+    assert optimizer["lr"] == 3e-3 and optimizer["schedule"] == {"type": "WarmupLR", **schedule}
 
 
 def test_a_flag_that_disagrees_with_the_config_file_is_an_error(tmp_path, capsys):
@@ -103,6 +117,14 @@ BAD_CONFIGS = [
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2, "round_robin_gradients": True}},
      "round_robin_gradients"),
     ({"gradient_accumulation_steps": 2}, "train_micro_batch_size_per_gpu"),
+    ({"train_micro_batch_size_per_gpu": 2, "gradient_acumulation_steps": 2},
+     "did you mean 'gradient_accumulation_steps'"),
+    ({"train_micro_batch_size_per_gpu": 2, "scheduler": {"type": "WarmupLr"}}, "scheduler.type='WarmupLr'"),
+    ({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": "fast"}}},
+     "optimizer.params.lr='fast' is invalid"),
+    ({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"betas": [0.9]}}},
+     "optimizer.params.betas=[0.9] is invalid"),
+    ({"train_micro_batch_size_per_gpu": 2, "gradient_clipping": "abc"}, "gradient_clipping='abc' is invalid"),
 ]
 
 
@@ -116,6 +138,25 @@ def test_config_errors_are_named_before_any_model_is_loaded(tmp_path, capsys, co
     line = _one_line_error(capsys)
     assert message in line and "no-model" not in line
     assert not (tmp_path / "x").exists()
+
+
+def test_a_negative_learning_rate_flag_is_named_before_any_model_is_loaded(tmp_path, capsys):
+    assert main(["train", "--lr", "-1", "--model", str(tmp_path / "no-model"),
+                 "--output-dir", str(tmp_path / "x")]) == 2
+    assert "optimizer.params.lr=-1.0 is invalid" in _one_line_error(capsys)
+
+
+def test_target_modules_that_match_nothing_stop_before_the_proxy_is_sampled(tmp_path, capsys, monkeypatch):
+    import folora_ds.training.run
+
+    def never(*args, **kwargs):
+        raise AssertionError("the proxy set was sampled before target_modules were checked")
+
+    monkeypatch.setattr(folora_ds.training.run, "proxy_samples_for_this_rank", never)
+    assert main(["train", "--set", "target_modules=[\"q_proj\",\"qkv_proj\"]", "--output-dir", str(tmp_path / "x"),
+                 *SMALL]) == 2
+    line = _one_line_error(capsys)
+    assert "target_modules ['qkv_proj'] match no module of 'tiny-llama'" in line and "q_proj" in line
 
 
 def test_config_errors_stop_before_any_work(tmp_path, capsys):
@@ -185,11 +226,34 @@ def test_a_non_empty_output_directory_is_refused_unless_overwritten(tmp_path, ca
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
     monkeypatch.setattr(folora_ds.training.run, "train_steps", interrupted)  # a run killed mid-training
     with pytest.raises(KeyboardInterrupt):
         main([*arguments, "--overwrite"])
-    left = sorted(path.name for path in out.iterdir())
-    assert left == ["proxy.jsonl"], f"an interrupted run must not sit beside an earlier run's outputs: {left}"
+    # the interrupted run's partial files are gone and the earlier run is back, whole
+    after = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert after == before and (out / "folora_adapter").is_dir()
+    assert [path.name for path in tmp_path.iterdir()] == ["run"], "nothing may be left aside"
+
+
+def test_overwrite_with_bad_data_keeps_the_previous_run(tmp_path, capsys):
+    """The new run's data is checked after the model loads; until it has finished, the old run stays."""
+    out = tmp_path / "run"
+    arguments = ["train", "--steps", "2", "--calibration-steps", "1", "--no-baseline", "--output-dir", str(out), *SMALL]
+    assert main(arguments) == 0
+    before = sorted(path.name for path in out.iterdir())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"\n')
+    assert main([*arguments, "--data", str(bad), "--overwrite"]) == 2
+    assert "not valid JSON" in _one_line_error(capsys)
+    assert sorted(path.name for path in out.iterdir()) == before and (out / "summary.json").is_file()
+
+
+def test_an_output_directory_that_cannot_be_written_is_one_named_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    out = tmp_path / "file" / "run"
+    assert main(["train", "--steps", "2", "--output-dir", str(out), *SMALL]) == 2
+    assert f"cannot write or read {str(out)!r}" in _one_line_error(capsys)
 
 
 def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path, capsys):

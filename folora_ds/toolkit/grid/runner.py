@@ -32,7 +32,7 @@ from folora_ds.controller.proxy import calibration_batches, load_proxy_jsonl
 from folora_ds.distributed import comm
 from folora_ds.method.budget import base_energy
 from folora_ds.method.peft_layers import active_adapter, base_weight_matrix, lora_layers
-from folora_ds.toolkit.evaluation import measure_adapted
+from folora_ds.toolkit.evaluation import EvaluationSuite, measure_adapted
 from folora_ds.toolkit.grid.artifacts import SharedArtifacts, TrainingData
 from folora_ds.toolkit.grid.rows import collect_rows, is_complete
 from folora_ds.toolkit.grid.spec import GridRun, GridSettings, GridSpec, changed_settings, resolved_settings
@@ -43,6 +43,7 @@ from folora_ds.toolkit.methods import (
     save_initial_adapter,
     save_trained_adapter,
 )
+from folora_ds.training.data import load_task_dataset, record_to_messages
 from folora_ds.training.run import train_steps
 
 _log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
     try:
         if comm.world_size() != 1:
             raise ValueError("folora-ds grid runs in one process; launch it without deepspeed/torchrun")
+        check_grid_inputs(spec.settings)  # before the proxy set, the base model and any recorded fingerprint
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "spec.json", {"settings": spec.settings.to_dict(),
                                               "runs": [run.identity(spec.settings) | {"label": run.label}
@@ -119,6 +121,20 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
     finally:
         if started_group:
             comm.shutdown()
+
+
+def check_grid_inputs(settings: GridSettings) -> None:
+    """Load and check every input file of the grid (task data and each record's shape, test records, retention
+    questions) before anything is sampled, measured or recorded, so a bad file costs seconds and leaves no
+    fingerprint behind that would block the output folder once the file is fixed.
+
+    Raises:
+        ValueError / FileNotFoundError: naming the file and, where there is one, the record or line.
+    """
+    dataset = load_task_dataset(settings.data)
+    for index, record in enumerate(dataset):
+        record_to_messages(record, index=index)
+    EvaluationSuite.load(settings.evaluation)
 
 
 def _run_claimed(run: GridRun, settings: GridSettings, shared: SharedArtifacts, output_dir: Path,

@@ -9,6 +9,7 @@ import pytest
 
 from folora_ds.adapters.ds_config import (
     _optimizer_arguments,
+    deepspeed_config_keys,
     load_ds_config,
     prepare_ds_config,
     refuse_unsupported,
@@ -157,3 +158,53 @@ def test_initialize_refuses_arguments_it_would_ignore(tmp_path):
         folora_ds.initialize(None, {"folora": {}}, resume_from=tmp_path, task_batches=[])
     with pytest.raises(ValueError, match="pass resume_from too"):
         folora_ds.initialize(None, {"folora": {}}, task_batches=[], proxy_batches=[], tag="global_step4")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"gradient_acumulation_steps": 2}, r"unknown key 'gradient_acumulation_steps'; did you mean "
+                                        r"'gradient_accumulation_steps'\?"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, r"unknown key zero_optimization\.'overlap_com'; "
+                                                               r"did you mean 'overlap_comm'\?"),
+    ({"optimizer": {"type": "AdamW", "param": {"lr": 1e-3}}}, r"unknown key optimizer\.'param'; did you mean "
+                                                              r"'params'\?"),
+    ({"scheduler": {"type": "WarmupLr", "params": {}}}, r"scheduler\.type='WarmupLr' is not a DeepSpeed schedule; "
+                                                        r"did you mean 'WarmupLR'\?"),
+    ({"scheduler": {"type": "Cosine"}}, r"scheduler\.type='Cosine' is not a DeepSpeed schedule.*\(allowed: "
+                                        r"LRRangeTest, OneCycle, WarmupLR"),
+    ({"totally_unknown_block": {}}, r"unknown key 'totally_unknown_block' \(DeepSpeed would ignore it\)"),
+])
+def test_a_key_deepspeed_would_ignore_is_named_with_the_closest_valid_one(extra, message):
+    """DeepSpeed ignores unknown top-level keys: a misspelt accumulation once trained with accumulation 1."""
+    with pytest.raises(ValueError, match=message):
+        prepare_ds_config({"train_micro_batch_size_per_gpu": 1, "folora": {}, **extra})
+
+
+def test_keys_deepspeed_knows_but_folora_does_not_read_are_passed_on():
+    config = {"train_micro_batch_size_per_gpu": 1, "folora": {}, "steps_per_print": 5, "wall_clock_breakdown": True,
+              "tensorboard": {"enabled": False}, "flops_profiler": {"enabled": False},
+              "activation_checkpointing": {"partition_activations": False}, "communication_data_type": "fp32",
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": True},
+              "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 1e-3}}}
+    prepared = prepare_ds_config(config)
+    assert prepared.ds_config["tensorboard"] == {"enabled": False} and prepared.ds_config["steps_per_print"] == 5
+    assert "gradient_accumulation_steps" in deepspeed_config_keys() and "tensorboard" in deepspeed_config_keys()
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"lr": "fast"}, r"optimizer\.params\.lr='fast' is invalid"),
+    ({"lr": -1e-3}, r"optimizer\.params\.lr=-0\.001 is invalid"),
+    ({"betas": [0.9]}, r"optimizer\.params\.betas=\[0\.9\] is invalid; allowed: two numbers in \[0, 1\)"),
+    ({"betas": [0.9, 1.0]}, r"optimizer\.params\.betas\[1\]=1\.0 is invalid"),
+    ({"eps": None}, r"optimizer\.params\.eps=None is invalid"),
+    ({"weight_decay": "0.1"}, r"optimizer\.params\.weight_decay='0\.1' is invalid"),
+])
+def test_optimizer_values_of_the_wrong_type_are_named_when_the_config_is_read(params, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_ds_config({"train_micro_batch_size_per_gpu": 1, "folora": {},
+                           "optimizer": {"type": "AdamW", "params": params}})
+
+
+@pytest.mark.parametrize("value", ["abc", -1.0, True])
+def test_a_gradient_clipping_that_is_not_a_number_is_named(value):
+    with pytest.raises(ValueError, match=r"gradient_clipping=.* is invalid"):
+        prepare_ds_config({"train_micro_batch_size_per_gpu": 1, "folora": {}, "gradient_clipping": value})

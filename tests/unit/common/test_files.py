@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from folora_ds.common.files import claimed, read_json_file, read_jsonl_objects, replace_atomically, write_json
+from folora_ds.common.files import (
+    check_safetensors,
+    claimed,
+    read_json_file,
+    read_jsonl_objects,
+    replace_atomically,
+    write_json,
+)
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_scratch(tmp_path):
@@ -153,3 +160,22 @@ def test_read_jsonl_objects_skips_blank_lines_and_names_the_bad_line(tmp_path):
     assert next(rows) == (1, {"a": 1}) and next(rows) == (3, {"a": 2})
     with pytest.raises(ValueError, match=r"^task data '.*data\.jsonl' line 4: expected a JSON object, got list$"):
         next(rows)
+
+
+def test_a_truncated_or_damaged_safetensors_file_is_named(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(16, 16), "b": torch.ones(8)}, str(path))
+    check_safetensors(path, what="model weights")  # whole: fine
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-40])
+    with pytest.raises(ValueError, match=r"model weights '.*model\.safetensors' is truncated: tensor '.*' ends at"):
+        check_safetensors(path, what="model weights")
+    path.write_bytes(whole[:20])
+    with pytest.raises(ValueError, match=r"is damaged or truncated \(the header runs past the end"):
+        check_safetensors(path, what="model weights")
+    path.write_bytes((8).to_bytes(8, "little") + b"not json")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        check_safetensors(path, what="model weights")

@@ -73,3 +73,28 @@ def test_evaluate_command_runs_in_the_dtype_asked_for(tmp_path, monkeypatch, cap
                  "--heldout", "2", "--dtype", "bfloat16", "--device", "cpu", "--no-progress"]) == 0
     assert seen == [(torch.bfloat16, "cpu")]
     assert "| still |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_model"])
+def test_every_adapter_is_opened_before_the_base_is_measured(tmp_path, monkeypatch, damage):
+    """A truncated adapter was found only after minutes of measuring the base model."""
+    def never(*args, **kwargs):
+        raise AssertionError("the base model was measured before every adapter was opened")
+
+    monkeypatch.setattr(evaluation, "measure_base", never)
+    good = _saved_adapter(tmp_path / "good", moved=True)
+    bad = tmp_path / "bad"
+    if damage == "truncated":
+        _saved_adapter(bad, moved=True)
+        weights = bad / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        message = r"adapter 'bad' weights '.*adapter_model\.safetensors' is truncated"
+    else:  # an adapter of a wider model: the shapes do not fit this one
+        from folora_ds.training.models import build_byte_tokenizer, build_tiny_llama
+
+        wide = build_tiny_llama(len(build_byte_tokenizer()), hidden_size=96, intermediate_size=160, num_layers=2)
+        get_peft_model(wide, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(bad))
+        message = r"adapter 'bad' \('.*bad'\) does not load on 'tiny-llama'"
+    settings = evaluation.EvaluationSettings(test_records=1, question_records=1, heldout_passages=1)
+    with pytest.raises(ValueError, match=message):
+        evaluation.evaluate_adapters("tiny-llama", {"good": good, "bad": str(bad)}, settings)

@@ -122,6 +122,47 @@ def test_load_empty_parquet_has_no_records(tmp_path) -> None:
         load_task_dataset(path)
 
 
+@pytest.mark.parametrize("first", [0, 300], ids=["dates-first", "text-first"])
+def test_date_like_text_stays_text(tmp_path, first: int) -> None:
+    """ISO dates once became a pyarrow timestamp column: refused with a self-contradicting message when they filled
+    the file, a raw ArrowInvalid when text followed them."""
+    dates = [{"prompt": f"When was release {i}?", "response": f"2019-02-{i % 28 + 1:02d}"} for i in range(400)]
+    records = dates[:first] + [{"prompt": "Spell 7.", "response": "seven"}] + dates[first:]
+    path = _write_jsonl(tmp_path / "dates.jsonl", records)
+    loaded = load_task_dataset(path)
+    assert loaded[0]["response"] == records[0]["response"] and isinstance(loaded[len(records) - 1]["response"], str)
+    assert loaded.features["response"].dtype == "string"
+    array = tmp_path / "dates.json"
+    array.write_text(json.dumps(records), encoding="utf-8")
+    assert load_task_dataset(array)["response"] == [record["response"] for record in records]
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"prompt": "a", "response": 2019}, r"line 2: 'response' is a JSON number \(2019\), expected a string"),
+    ({"prompt": ["a"], "response": "b"}, r"line 2: 'prompt' is a JSON array"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": True}]},
+     r"line 2: 'messages\[1\]\.content' is a JSON boolean"),
+])
+def test_a_value_that_is_not_text_is_named_with_its_record_field_and_type(tmp_path, record, message) -> None:
+    path = _write_jsonl(tmp_path / "task.jsonl", [{"prompt": "x", "response": "y"}, record])
+    with pytest.raises(ValueError, match=message):
+        load_task_dataset(path)
+
+
+def test_non_utf8_bytes_are_named_with_file_and_line(tmp_path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl' line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_task_dataset(path)
+
+
+def test_a_parquet_text_column_of_another_type_is_named(tmp_path) -> None:
+    path = tmp_path / "numbers.parquet"
+    datasets.Dataset.from_dict({"prompt": ["a", "b"], "response": [1, 2]}).to_parquet(str(path))
+    with pytest.raises(ValueError, match="numbers.parquet': column 'response' has type"):
+        load_task_dataset(path)
+
+
 # --- record shapes ---------------------------------------------------------------------------------------------
 
 

@@ -106,11 +106,17 @@ def test_plan_reads_the_stage_as_deepspeed_does(tiny_config, tmp_path, capsys):
     (["--model-config", "llama-3-8b", "--world", "6", "--nodes", "4"], "nodes=4 must divide world_size=6"),
     (["--model-config", "llama-3-8b", "--world", "2", "--stage", "4"], "zero_stage=4"),
     (["--model-config", "llama-3-8b", "--world", "2", "--set", "kk=3"], "kk"),
+    (["--model-config", "llama-3-8b", "--world", "2", "--solve-rate", "-1"], "solve_seconds_per_gflop (--solve-rate)"
+                                                                               "=-1.0 is invalid"),
+    (["--model-config", "llama-3-8b", "--world", "2", "--solve-rate", "0"], "solve_seconds_per_gflop (--solve-rate)"
+                                                                              "=0.0 is invalid"),
+    (["--model-config", "llama-3-8b", "--world", "2", "--solve-rate", "nan"], "(--solve-rate)=nan is invalid"),
     (["--model-config", "llama-3-8b", "--world", "6", "--tp", "4"], "tensor_parallel=4 must be an integer >= 1 "
                                                                      "dividing world_size=6"),
 ])
 def test_plan_command_names_bad_input(arguments, message, capsys):
-    assert main(["plan", *arguments, "--solve-rate", "1.0"]) == 2
+    rate = [] if "--solve-rate" in arguments else ["--solve-rate", "1.0"]
+    assert main(["plan", *arguments, *rate]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -144,3 +150,17 @@ def test_tensor_parallelism_splits_weights_lora_projector_rows_and_traffic(tiny_
                  "--solve-rate", "1.0"]) == 0
     text = capsys.readouterr().out
     assert "(TP 2 x DP 2)" in text and "gate coordinates all-reduced over TP per optimizer step" in text
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_hidden_layers": 0}, "num_hidden_layers=0 is invalid"),
+    ({"hidden_size": -64}, "hidden_size=-64 is invalid"),
+    ({"intermediate_size": "wide"}, "intermediate_size='wide' is invalid"),
+])
+def test_a_model_config_with_impossible_sizes_is_named(tiny_config, tmp_path, capsys, change, message):
+    values = {**json.loads(tiny_config.read_text()), **change}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    assert main(["plan", "--model-config", str(path), "--world", "2", "--solve-rate", "1.0"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "config.json" in error and len(error.strip().splitlines()) == 1
