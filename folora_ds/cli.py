@@ -33,6 +33,7 @@ import torch
 from folora_ds.adapters.ds_config import load_ds_config
 from folora_ds.common.files import write_json
 from folora_ds.controller.proxy import sample_proxy, save_proxy_jsonl
+from folora_ds.distributed.phases import CollectiveTimeoutError
 from folora_ds.method.config import FoLoRAConfig, MissingFoloraBlockError
 from folora_ds.toolkit.evaluation import EvaluationSettings, evaluate_adapters, format_evaluation
 from folora_ds.toolkit.grid import collect_rows, load_spec, lost_questions, run_grid
@@ -332,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as error:
         print(f"folora-ds: {_rank_label()}error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except CollectiveTimeoutError as error:  # a rank stopped answering: named with its phase, in one line
+        print(f"folora-ds: {_rank_label()}error: {error}", file=sys.stderr)
+        return 1
     except OSError as error:  # a file the user named or pointed us at: read-only, full, no permission
         if error.filename is None:
             raise

@@ -46,6 +46,7 @@ from folora_ds.controller.reporting import LayerSummary, merge_summaries, refres
 from folora_ds.controller.tensor_parallel import input_kinds, needed_rows, parallel_layout
 from folora_ds.distributed import comm
 from folora_ds.distributed.ownership import assign_owners
+from folora_ds.distributed.phases import phase
 from folora_ds.distributed.statistics import OwnerRowExchange, agree_on_inputs, deliver_projectors, raise_if_any
 from folora_ds.distributed.zero_layout import register_zero_partitions
 from folora_ds.method.budget import budget_from_config, relative_forgetting
@@ -126,17 +127,19 @@ class FoLoRAController:
     def calibrate(self, proxy_batches: Iterable[Mapping[str, torch.Tensor]],
                   task_batches: Iterable[Mapping[str, torch.Tensor]], *, progress: bool = False) -> None:
         """Collective: C_pre over this rank's proxy batches and the first C_task over its task batches, each
-        input's token rows sent to its owner, which alone holds that input's (d, d) sums.
-
-        Runs one short forward first to learn the inputs (so owners are chosen before any statistics move).
+        input's token rows sent to its owner, which alone holds that input's (d, d) sums. One short forward
+        first learns the inputs (so owners are chosen before any statistics move).
 
         Raises:
             DistributedStatisticsError: on every rank, when any rank had an empty calibration set, other LoRA
                 inputs, an input with zero unmasked tokens, or non-finite statistics.
         """
+        with phase("calibration"):  # a rank that stops answering is named (distributed.phases)
+            self._calibrate(iter(proxy_batches), iter(task_batches), progress)
+
+    def _calibrate(self, proxy: Iterator, task: Iterator, progress: bool) -> None:
         self.collector.reset("pre")
         self.collector.reset("task")
-        proxy, task = iter(proxy_batches), iter(task_batches)
         first_proxy, first_task = next(proxy, None), next(task, None)
         error = None
         if first_proxy is None:
@@ -300,13 +303,14 @@ class FoLoRAController:
             write_events(self.engine, {"folora/gated_steps": float(min(self.gated_step_counts(), default=0))})
         if not refresh:
             return False
-        self._fold_task_window()
-        if self.budget is not None:
-            self.budget.update(self.measured_forgetting())
-        self.solve()
-        self._deliver()
-        self.refreshes += 1
-        self.log_metrics()
+        with phase(f"refresh at optimizer step {self.optimizer_steps}"):
+            self._fold_task_window()
+            if self.budget is not None:
+                self.budget.update(self.measured_forgetting())
+            self.solve()
+            self._deliver()
+            self.refreshes += 1
+            self.log_metrics()
         return True
 
     def metrics(self) -> dict[str, float]:

@@ -148,6 +148,9 @@ def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = N
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
+_TIMEOUT_SECONDS: list[float] = []
+"""The collective timeout of the group ``init_distributed`` started (empty when the user started it)."""
+
 _SET_BY_US: set[str] = set()
 """Environment variables ``init_distributed`` set for a plain process (removed again by ``shutdown``)."""
 
@@ -180,6 +183,7 @@ def init_distributed(timeout_seconds: float = 600.0) -> bool:
     mpi = "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ
     backend = None if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=timeout_seconds)
+    _TIMEOUT_SECONDS[:] = [timeout_seconds]
     if "RANK" in os.environ or mpi:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, timeout=timeout)
         return True
@@ -199,6 +203,11 @@ def init_distributed(timeout_seconds: float = 600.0) -> bool:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return True
+
+
+def collective_timeout() -> float | None:
+    """Seconds after which a collective gives up, when ``init_distributed`` started the group (else None)."""
+    return _TIMEOUT_SECONDS[0] if _TIMEOUT_SECONDS and is_running() else None
 
 
 def shutdown() -> None:

@@ -34,6 +34,7 @@ from folora_ds.common.plots import plot_gates
 from folora_ds.controller.export import save_adapter
 from folora_ds.controller.proxy import calibration_batches, proxy_samples_for_this_rank, save_proxy_jsonl
 from folora_ds.distributed import comm
+from folora_ds.distributed.phases import phase
 from folora_ds.method.budget import relative_forgetting
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.training.data import DEFAULT_TASK_FILE, TaskCollator, build_task_dataset, split_train_eval
@@ -107,15 +108,16 @@ def train_steps(engine, batches: Callable[[int], Iterator[dict]], steps: int, *,
     losses = torch.zeros(steps, dtype=torch.float64, device=engine.device)
     for step in tqdm(range(steps), desc=description, disable=not progress):
         micro_batches = list(batches(step))
-        for batch in micro_batches:
-            batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
-            with controller.track_task(batch) if controller is not None else contextlib.nullcontext():
-                loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            if controller is not None:
-                controller.after_step()
-            losses[step] += loss.detach().double() / len(micro_batches)  # no host sync per micro-batch
+        with phase(f"{description}: training step {step + 1}"):  # a rank that stops answering is named
+            for batch in micro_batches:
+                batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
+                with controller.track_task(batch) if controller is not None else contextlib.nullcontext():
+                    loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+                if controller is not None:
+                    controller.after_step()
+                losses[step] += loss.detach().double() / len(micro_batches)  # no host sync per micro-batch
     return (comm.all_reduce_sum(losses) / comm.world_size()).tolist()
 
 

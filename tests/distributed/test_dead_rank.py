@@ -69,3 +69,7 @@ def test_a_rank_failing_mid_refresh_stops_the_others_with_an_error(tmp_path, fai
     seconds, outcome = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert outcome != "finished", "the survivor trained on without its peer"
     assert float(seconds) <= TIMEOUT_SECONDS + 10, f"the survivor needed {seconds} s to notice: {outcome}"
+    # the survivor names the rank that stopped answering and where it was (gloo alone says "Timed out ... recv")
+    assert outcome.startswith("CollectiveTimeoutError: rank 1 (last phase 'refresh at optimizer step 2'"), outcome
+    assert "did not reach the collective in 'refresh at optimizer step 2'" in outcome
+    assert "raise --collective-timeout, or the timeout of the process group you start" in outcome, outcome
