@@ -106,6 +106,7 @@ class OwnerRowExchange:
         self.kinds = dict(kinds or {})
         if self.kinds and (layout is None or layout.tp_size == 1):
             raise ValueError("tensor-parallel inputs need a TensorParallelLayout with TP > 1")
+        self._replicas = layout.members() if self.kinds else []  # once: route() runs in every forward hook
         self._counts: list[int] = []
         self.bytes_sent = 0
 
@@ -130,11 +131,11 @@ class OwnerRowExchange:
             self._check_replicas_agree(key)
         for pieces in self._gather_blocks(rows, counts, owner):
             if kind == "row":  # join each replica's column blocks, in TP order, into whole rows
-                pieces = [torch.cat([pieces[rank] for rank in replica], dim=1) for replica in self.layout.members()]
+                pieces = [torch.cat([pieces[rank] for rank in replica], dim=1) for replica in self._replicas]
             yield from (piece for piece in pieces if piece.shape[0])
 
     def _check_replicas_agree(self, key: str) -> None:
-        for replica in self.layout.members():
+        for replica in self._replicas:
             counted = {self._counts[rank] for rank in replica}
             if len(counted) > 1:
                 raise RuntimeError(f"input {key!r} is split over the tensor-parallel ranks {replica}, which counted "

@@ -79,7 +79,7 @@ def gather_layout(tp_group=None, group=None) -> TensorParallelLayout:
     mine = (0, 1, None) if tp_group is None else (comm.rank(tp_group), comm.world_size(tp_group),
                                                   tuple(comm.group_ranks(tp_group)))
     everyone = comm.all_gather_objects(mine, group)
-    world_ranks = comm.group_ranks(group) if comm.is_running() else [0]
+    world_ranks = comm.group_ranks(group)
     sizes = sorted({size for _, size, _ in everyone})
     if len(sizes) != 1:
         raise ValueError(f"tensor-parallel groups of different sizes {sizes}: every rank must use the same TP size")

@@ -151,8 +151,10 @@ def check_targets(model: torch.nn.Module, targets: list[str] | str, name: str) -
     module's name, or its last dotted parts, equals the target), with the names that would; "all-linear" passes."""
     if isinstance(targets, str):
         return
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
     linear = sorted({module_name.rsplit(".", 1)[-1] for module_name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
+                     if isinstance(module, (torch.nn.Linear, Conv1D))})
     names = [module_name for module_name, _ in model.named_modules()]
     missing = [target for target in targets
                if not any(module_name == target or module_name.endswith("." + target) for module_name in names)]
