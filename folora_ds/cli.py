@@ -38,9 +38,11 @@ from folora_ds.method.config import FoLoRAConfig, MissingFoloraBlockError
 from folora_ds.toolkit.evaluation import EvaluationSettings, evaluate_adapters, format_evaluation
 from folora_ds.toolkit.grid import collect_rows, load_spec, lost_questions, run_grid
 from folora_ds.toolkit.report import write_report
+from folora_ds.training.interrupts import RunInterrupted
 from folora_ds.training.models import load_model
 from folora_ds.training.plan import PlanSettings, format_plan, plan_from_files
-from folora_ds.training.run import DEFAULT_DS_CONFIG, RunSettings, format_summary, run
+from folora_ds.training.run import DEFAULT_DS_CONFIG, RunSettings, run
+from folora_ds.training.summary import format_summary
 
 EXIT_USER_ERROR = 2
 _USER_ERRORS = (ValueError, MissingFoloraBlockError, FileNotFoundError)
@@ -150,6 +152,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--collective-timeout", type=float, default=defaults.collective_timeout_seconds,
                        metavar="SECONDS", help="every collective fails after this long instead of hanging when a "
                                                "rank dies or hangs (default 600)")
+    train.add_argument("--save-every", type=int, default=0, metavar="N",
+                       help="checkpoint every N optimizer steps into OUTPUT_DIR/checkpoints (and when SIGTERM/SIGINT "
+                            "stops the run), so --resume can continue it; removed when the run finishes")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the checkpointed run in --output-dir (start it if the directory is empty: a "
+                            "requeued job can run the same command)")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     sample = commands.add_parser("sample-proxy", parents=[verbosity],
@@ -276,7 +284,8 @@ def _train(args: argparse.Namespace) -> int:
     settings = RunSettings(model=args.model, data=args.data, output_dir=args.output_dir, steps=args.steps,
                            eval_fraction=args.eval_fraction, calibration_steps=args.calibration_steps,
                            seed=args.seed, baseline=not args.no_baseline, overwrite=args.overwrite,
-                           progress=not args.no_progress, collective_timeout_seconds=args.collective_timeout)
+                           progress=not args.no_progress, collective_timeout_seconds=args.collective_timeout,
+                           save_every=args.save_every, resume=args.resume)
     ds_config = build_run_config(args.config, args.overrides, {"--lr": args.lr, "--weight-decay": args.weight_decay,
                                                                "--batch-size": args.batch_size})
     summary = run(settings, ds_config)
@@ -336,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CollectiveTimeoutError as error:  # a rank stopped answering: named with its phase, in one line
         print(f"folora-ds: {_rank_label()}error: {error}", file=sys.stderr)
         return 1
+    except RunInterrupted as error:  # SIGTERM / SIGINT: after a checkpoint where one is configured
+        print(f"folora-ds: {_rank_label()}{error}", file=sys.stderr)
+        return error.exit_code
     except OSError as error:  # a file the user named or pointed us at: read-only, full, no permission
         if error.filename is None:
             raise

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic  # DeepSpeed's config classes are pydantic models
+
 from folora_ds.common.checks import require, require_int, require_real
 from folora_ds.common.files import read_json_file
 from folora_ds.method.config import FoLoRAConfig
@@ -32,6 +34,17 @@ _OPTIMIZER_KEYS = ("type", "params", "legacy_fusion")
 _ADAMW_TYPES = ("adamw", "adam")
 _ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_BLOCKS = ("zero_optimization", "optimizer", "scheduler", "bf16", "bfloat16", "fp16", "amp", "checkpoint",
+           "tensorboard", "wandb", "csv_monitor", "comet", "activation_checkpointing", "flops_profiler",
+           "comms_logger", "data_types", "aio", "elasticity", "autotuning")
+"""Top-level keys whose value DeepSpeed reads as a JSON object (a string there fails deep inside it)."""
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "steps_per_print": (int,), "wall_clock_breakdown": (bool,), "memory_breakdown": (bool,),
+    "prescale_gradients": (bool,), "gradient_predivide_factor": (int, float), "sparse_gradients": (bool,),
+    "dump_state": (bool,), "zero_allow_untested_optimizer": (bool,), "zero_force_ds_cpu_optimizer": (bool,)}
+"""Top-level scalars DeepSpeed takes unchecked and uses minutes later (``"steps_per_print": "x"`` ends in a
+TypeError at the first step)."""
+_KIND_NAMES = {(int,): "an integer", (bool,): "true or false", (int, float): "a number"}
 
 
 @dataclass(frozen=True)
@@ -76,9 +89,11 @@ def prepare_ds_config(config: str | Path | Mapping[str, Any] | PreparedConfig) -
         return config
     ds_config = load_ds_config(config)
     check_known_keys(ds_config)
+    check_value_types(ds_config)
     folora = FoLoRAConfig.from_deepspeed_config(ds_config)
     stage = refuse_unsupported(ds_config, folora)
     _check_batch_values(ds_config)
+    check_with_deepspeed(ds_config)
     ds_config.pop("folora")
     arguments = _optimizer_arguments(ds_config.pop("optimizer", None))
     ds_config["zero_allow_untested_optimizer"] = True  # GatedAdamW under ZeRO is what tests/distributed/ checks
@@ -255,3 +270,50 @@ def check_known_keys(ds_config: Mapping[str, Any]) -> None:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"DeepSpeed config: scheduler.type={scheduler.get('type')!r} is not a DeepSpeed schedule"
                              f"{hint} (allowed: {', '.join(schedules)})")
+
+
+def check_value_types(ds_config: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the key when a block (``_BLOCKS``) is not a JSON object, a precision block's
+    ``enabled`` is not true/false, or a top-level scalar of ``_SCALAR_TYPES`` has the wrong type: DeepSpeed would
+    fail on them with a bare TypeError/AttributeError, or (``"enabled": "yes"``) take them as something else."""
+    for key in _BLOCKS:
+        if ds_config.get(key) is not None and not isinstance(ds_config[key], Mapping):
+            raise ValueError(f"DeepSpeed config: {key}={ds_config[key]!r} must be a JSON object")
+    for key in ("bf16", "bfloat16", "fp16", "amp"):
+        enabled = (ds_config.get(key) or {}).get("enabled")
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ValueError(f"DeepSpeed config: {key}.enabled={enabled!r} must be true or false")
+    for key, kinds in _SCALAR_TYPES.items():
+        value = ds_config.get(key)
+        if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise ValueError(f"DeepSpeed config: {key}={value!r} must be {_KIND_NAMES[kinds]}")
+
+
+def check_with_deepspeed(ds_config: Mapping[str, Any]) -> None:
+    """Parse ``ds_config`` with DeepSpeed's own ``DeepSpeedConfig`` now, before any model is loaded, instead of
+    inside ``deepspeed.initialize`` after minutes of proxy sampling; a refusal becomes a ValueError naming the key
+    (``zero_optimization.reduce_bucket_size='big': Input should be a valid integer``).
+
+    The batch keys are replaced by 1s for the parse (``resolve_batch_sizes`` checks them against the real world
+    size, which DeepSpeed would read from a process group that may not exist yet)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parsed = {key: value for key, value in ds_config.items() if key not in (*_BATCH_KEYS, "folora")}
+    parsed.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    try:
+        DeepSpeedConfig(parsed)
+    except pydantic.ValidationError as error:
+        prefix = _PYDANTIC_BLOCKS.get(error.title, "")
+        problems = [f"{prefix}{'.'.join(str(part) for part in problem['loc'])}={problem.get('input')!r}: "
+                    f"{problem['msg']}" for problem in error.errors()]
+        raise ValueError(f"DeepSpeed config: {'; '.join(problems)}") from error
+    except (TypeError, AttributeError, AssertionError, ValueError, KeyError) as error:
+        raise ValueError(f"DeepSpeed config: DeepSpeed refuses it ({type(error).__name__}: {error})") from error
+
+
+_PYDANTIC_BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization.", "DeepSpeedBF16Config": "bf16.",
+                    "DeepSpeedFP16Config": "fp16.", "DeepSpeedMonitorConfig": "", "DeepSpeedCheckpointConfig":
+                    "checkpoint.", "DeepSpeedFlopsProfilerConfig": "flops_profiler.",
+                    "DeepSpeedCommsConfig": "comms_logger.", "DeepSpeedActivationCheckpointingConfig":
+                    "activation_checkpointing."}
+"""Where the fields of DeepSpeed's pydantic config models sit in the JSON (their errors name only the field)."""

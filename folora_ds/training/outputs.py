@@ -4,8 +4,8 @@ A non-empty output directory is refused unless the user asks to overwrite it: a 
 an earlier run's adapters and summary would pass for one run. With ``--overwrite`` the previous run is moved aside
 (``previous_run_kept``) and deleted only once the new run has finished; a run that fails puts it back::
 
-    out/a (previous run) ──move──► out/.a.previous-<pid> ──(new run succeeds)──► deleted
-                                                        └─(new run fails)────► moved back to out/a
+    out/a (previous run) ──move──► out/.a.previous-<pid> ──(new run succeeds, or checkpoints)──► deleted
+                                                        └─(new run fails before that)────────► moved back to out/a
 
 (Files appear complete or not at all: ``folora_ds.common.files.replace_atomically``.)
 """
@@ -45,29 +45,49 @@ def refuse_other_runs(directory: Path, *, overwrite: bool, inputs: tuple[str | P
                 f"{', ...' if len(found) > 4 else ''}); pass --overwrite to replace it or choose another --output-dir")
 
 
+class KeptRun:
+    """What ``previous_run_kept`` yields: ``commit()`` once the new run has something worth keeping (its first
+    checkpoint) deletes the previous run at once, and from then on a failure leaves the directory as it is, so
+    ``--resume`` can continue from the checkpoint."""
+
+    def __init__(self, aside: Path | None) -> None:
+        self.aside = aside
+        self.committed = False
+
+    def commit(self) -> None:
+        if not self.committed and self.aside is not None:
+            remove_path(self.aside)
+        self.committed = True
+
+
 @contextlib.contextmanager
-def previous_run_kept(directory: Path, *, active: bool = True) -> Iterator[None]:
+def previous_run_kept(directory: Path, *, active: bool = True) -> Iterator[KeptRun]:
     """Run the body in an empty ``directory``: a previous run's files are moved aside to a hidden sibling first,
-    deleted when the body finishes, and moved back (the new run's partial files removed) when it raises — an
-    exception, Ctrl-C or SIGTERM turned into one. Only the rank with ``active`` moves files (call it on every
-    rank; the others just run the body). A ``kill -9`` leaves the previous run in the sibling, named in no
-    message but ``.<name>.previous-<pid>``.
+    deleted when the body finishes (or commits), and moved back when it raises before committing — an exception,
+    Ctrl-C or SIGTERM turned into one. The new run's partial files are removed then too: a failed run leaves no
+    half-written output (a directory it created is removed, one that was empty stays empty). Only the rank with
+    ``active`` moves files (call it on every rank; the others just run the body and commit nothing). A
+    ``kill -9`` leaves the previous run in the sibling, named in no message but ``.<name>.previous-<pid>``.
     """
     if not active:
-        yield
+        yield KeptRun(None)
         return
     aside = directory.with_name(f".{directory.name}.previous-{os.getpid()}")
-    moved = directory.is_dir() and any(directory.iterdir())
+    existed = directory.is_dir()
+    moved = existed and any(directory.iterdir())
     if moved:
         remove_path(aside)
         directory.rename(aside)
     directory.mkdir(parents=True, exist_ok=True)
+    kept = KeptRun(aside if moved else None)
     try:
-        yield
+        yield kept
     except BaseException:
-        if moved:
+        if not kept.committed:
             remove_path(directory)
-            aside.rename(directory)
+            if moved:
+                aside.rename(directory)
+            elif existed:
+                directory.mkdir()
         raise
-    if moved:
-        remove_path(aside)
+    kept.commit()

@@ -15,8 +15,10 @@ appears only when complete.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +28,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
+from folora_ds.adapters.checkpoint import check_deepspeed_files, load_engine_checkpoint
 from folora_ds.adapters.ds_config import prepare_ds_config, resolve_batch_sizes
 from folora_ds.adapters.engine import initialize
 from folora_ds.common.checks import require_int
-from folora_ds.common.files import write_json
+from folora_ds.common.files import read_json_file, write_json
 from folora_ds.common.plots import plot_gates
 from folora_ds.controller.export import save_adapter
 from folora_ds.controller.proxy import calibration_batches, proxy_samples_for_this_rank, save_proxy_jsonl
@@ -38,13 +41,18 @@ from folora_ds.distributed.phases import phase
 from folora_ds.method.budget import relative_forgetting
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.training.data import DEFAULT_TASK_FILE, TaskCollator, build_task_dataset, split_train_eval
+from folora_ds.training.interrupts import RunInterrupted, StopSignals, signal_name
 from folora_ds.training.models import TINY_MODEL_NAME, load_model
-from folora_ds.training.outputs import previous_run_kept, refuse_other_runs
+from folora_ds.training.outputs import KeptRun, OutputDirectoryError, previous_run_kept, refuse_other_runs
+from folora_ds.training.run_checkpoints import CHECKPOINTS_DIR, RunCheckpoints
+from folora_ds.training.summary import engine_settings
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0},
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0}}, "folora": {}}
 """The DeepSpeed config of a run given none: one process, ZeRO-0, fp32, micro-batch 8, AdamW lr 1e-3."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -63,6 +71,10 @@ class RunSettings:
         overwrite: replace the content of a non-empty ``output_dir`` (refused otherwise).
         progress: show progress bars (rank 0).
         collective_timeout_seconds: every collective fails after this long when a rank dies or hangs.
+        save_every: checkpoint both runs every this many optimizer steps into ``output_dir/checkpoints`` (and
+            when SIGTERM/SIGINT stops the run); 0: no checkpoints, a signal stops the run at once.
+        resume: continue the checkpointed run in ``output_dir`` (start it when the directory is empty or absent,
+            so a requeued job runs the same command; print the summary when it already finished).
     """
 
     model: str = TINY_MODEL_NAME
@@ -76,10 +88,15 @@ class RunSettings:
     overwrite: bool = False
     progress: bool = True
     collective_timeout_seconds: float = 600.0
+    save_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "calibration_steps"):
             require_int(name, getattr(self, name), where="run settings: ")
+        require_int("--save-every", self.save_every, minimum=0)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it; pass one")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"run settings: eval_fraction={self.eval_fraction!r} must be in (0, 1)")
         if not (math.isfinite(self.collective_timeout_seconds) and self.collective_timeout_seconds > 0):
@@ -102,11 +119,14 @@ def rank_micro_batches(step_indices: list[int], micro: int, accumulation: int, r
 
 
 def train_steps(engine, batches: Callable[[int], Iterator[dict]], steps: int, *, controller, description: str,
-                progress: bool) -> list[float]:
-    """Train ``steps`` optimizer steps; returns each step's mean micro-batch loss over all ranks (collective)."""
+                progress: bool, first: int = 0,
+                after_step: Callable[[int, torch.Tensor], None] | None = None) -> list[float]:
+    """Train optimizer steps ``first`` … ``steps - 1``; returns each one's mean micro-batch loss over all ranks
+    (collective). ``after_step(done, losses)`` runs after each step with the steps done so far and this rank's
+    loss sums of this call's steps (the checkpoint hook)."""
     engine.train()
-    losses = torch.zeros(steps, dtype=torch.float64, device=engine.device)
-    for step in tqdm(range(steps), desc=description, disable=not progress):
+    losses = torch.zeros(steps - first, dtype=torch.float64, device=engine.device)
+    for step in tqdm(range(first, steps), desc=description, disable=not progress, initial=first, total=steps):
         micro_batches = list(batches(step))
         with phase(f"{description}: training step {step + 1}"):  # a rank that stops answering is named
             for batch in micro_batches:
@@ -117,7 +137,9 @@ def train_steps(engine, batches: Callable[[int], Iterator[dict]], steps: int, *,
                 engine.step()
                 if controller is not None:
                     controller.after_step()
-                losses[step] += loss.detach().double() / len(micro_batches)  # no host sync per micro-batch
+                losses[step - first] += loss.detach().double() / len(micro_batches)  # no host sync per micro-batch
+        if after_step is not None:
+            after_step(step + 1, losses)
     return (comm.all_reduce_sum(losses) / comm.world_size()).tolist()
 
 
@@ -177,29 +199,117 @@ def _peft_model(name: str, folora: FoLoRAConfig, seed: int):
                                         lora_dropout=folora.lora_dropout, target_modules=targets)
 
 
+def _with_lora(model: torch.nn.Module, lora: LoraConfig):
+    """``get_peft_model`` without the FutureWarning peft 0.18 triggers in transformers 5 by probing the deprecated
+    ``is_gradient_checkpointing`` (two lines of noise in every run, nothing the user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
+
+
 def run(settings: RunSettings, ds_config: Mapping[str, Any] | str | Path) -> dict | None:
     """Train FoLoRA (and plain AdamW unless ``settings.baseline`` is False) on every rank; returns the summary on
     rank 0 (None elsewhere), which is also written to ``output_dir/summary.json``.
 
     Raises:
         ValueError / KeyError / FileNotFoundError: a bad config, batch sizes, output directory, model or data —
-        each named, and the config ones before any model is loaded.
+            each named, and the config ones before any model is loaded; a resume whose settings differ.
+        RunInterrupted: SIGTERM/SIGINT stopped the run (after saving a checkpoint when ``save_every`` is set).
     """
     started = time.perf_counter()
     prepared = prepare_ds_config(ds_config)
     output_dir = Path(settings.output_dir)
-    refuse_other_runs(output_dir, overwrite=settings.overwrite, inputs=(settings.data, prepared.folora.proxy.path))
+    checkpoints = RunCheckpoints(output_dir / CHECKPOINTS_DIR, every=settings.save_every)
+    finished = settings.resume and (output_dir / "summary.json").is_file()
+    resuming = settings.resume and not finished and checkpoints.started()
+    if settings.resume and not finished and not resuming and output_dir.is_dir() and any(output_dir.iterdir()):
+        raise OutputDirectoryError(f"--resume: {str(output_dir)!r} holds no checkpointed run ({CHECKPOINTS_DIR}/"
+                                   "run.json is missing: was it started with --save-every?)")
+    if not (finished or resuming):
+        refuse_other_runs(output_dir, overwrite=settings.overwrite,
+                          inputs=(settings.data, prepared.folora.proxy.path))
     started_group = comm.init_distributed(timeout_seconds=settings.collective_timeout_seconds)
     try:
         resolve_batch_sizes(prepared.ds_config, comm.world_size())  # needs the world size; before any file moves
-        with previous_run_kept(output_dir, active=comm.rank() == 0):  # --overwrite: deleted once this run finished
-            return _run(settings, prepared, output_dir, started)
+        comm.barrier()  # every rank has looked at the output directory before rank 0 changes it
+        if finished:  # a requeued job whose run had finished: nothing to do
+            logger.info("the run in %s already finished; its summary is printed again", output_dir)
+            if comm.rank() == 0:
+                checkpoints.remove()  # left by a kill between the summary and their removal
+            return read_json_file(output_dir / "summary.json", what="run summary") if comm.rank() == 0 else None
+        identity = _run_identity(settings, prepared, comm.world_size())
+        if resuming:
+            checkpoints.check_identity(identity)
+        kept = KeptRun(None)
+        try:
+            with StopSignals() as signals, previous_run_kept(output_dir, active=comm.rank() == 0 and not resuming
+                                                             ) as kept:  # --overwrite: deleted once it finished
+                session = _Session(checkpoints=checkpoints, identity=identity, resuming=resuming, signals=signals,
+                                   kept=kept)
+                return _run(settings, prepared, output_dir, started, session)
+        except RunInterrupted as stopped:
+            if stopped.checkpointed:
+                raise
+            left = ("its last checkpoint is kept: run the same command with --resume to continue"
+                    if kept.committed or resuming else "nothing was saved and its partial outputs were removed"
+                    + ("" if settings.save_every else " (--save-every N makes a run resumable)"))
+            raise RunInterrupted(f"{stopped} before a checkpoint could be taken; {left}", stopped.signal_number
+                                 ) from None
     finally:
         if started_group:
             comm.shutdown()
 
 
-def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> dict | None:
+@dataclass(frozen=True)
+class _Session:
+    """What a run knows about checkpoints and stop signals (``run`` builds it)."""
+
+    checkpoints: RunCheckpoints
+    identity: dict[str, Any]
+    resuming: bool
+    signals: StopSignals
+    kept: KeptRun
+
+    def deferring(self):
+        """While training a checkpointed run, a stop signal waits for the step's end (then a checkpoint)."""
+        return self.signals.deferred() if self.checkpoints.every else contextlib.nullcontext()
+
+    def hook(self, run: str, label: str, steps: int, first: int, previous: list[float], extra: Mapping[str, Any],
+             save_engine: Callable[[Path, str], Any], device, *, final: bool):
+        """``train_steps``' ``after_step``: checkpoint ``run`` every ``checkpoints.every`` steps (and after the
+        last one when ``final``) and when a stop signal arrived — then raise ``RunInterrupted``; None when the
+        run is not checkpointed."""
+        every = self.checkpoints.every
+        if not every:
+            return None
+
+        def after_step(done: int, losses: torch.Tensor) -> None:
+            stop = self.signals.stop_requested(device)
+            if done % every and not stop and not (final and done == steps):
+                return
+            recorded = previous + (comm.all_reduce_sum(losses[:done - first].clone()) / comm.world_size()).tolist()
+            folder = self.checkpoints.save(run, done, recorded, extra, save_engine)
+            self.kept.commit()  # from now on this run is the one the directory keeps
+            if stop:
+                raise RunInterrupted(f"stopped by {signal_name(stop)} after {label} step {done} of {steps}; "
+                                     f"checkpoint {str(folder)!r}; run the same command with --resume to continue",
+                                     stop, checkpointed=True)
+        return after_step
+
+
+def _run_identity(settings: RunSettings, prepared, world: int) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (not the output flags, timeout or save rate)."""
+    def where(name: str) -> str:
+        return str(Path(name).resolve()) if Path(name).exists() else name
+
+    fixed = {"model": where(settings.model), "data": where(settings.data), "steps": settings.steps,
+             "eval_fraction": settings.eval_fraction, "calibration_steps": settings.calibration_steps,
+             "seed": settings.seed, "baseline": settings.baseline}
+    return {"settings": fixed, "ds_config": prepared.ds_config, "optimizer": prepared.optimizer_arguments,
+            "folora": prepared.folora.to_dict(), "world_size": world}
+
+
+def _run(settings: RunSettings, prepared, output_dir: Path, started: float, session: _Session) -> dict | None:
     import datasets
     import deepspeed
     import transformers
@@ -211,17 +321,23 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
     if not progress:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+    checkpoints = session.checkpoints
+    if checkpoints.every and not session.resuming and rank == 0:
+        checkpoints.start(session.identity)
     comm.barrier()  # rank 0 has emptied the output directory
+    folora_done = checkpoints.folora_result() if session.resuming else None
+    folora_folder = checkpoints.latest("folora") if session.resuming else None
 
     model, tokenizer, lora = _peft_model(settings.model, folora, settings.seed)
     dataset = build_task_dataset(settings.data, tokenizer, max_length=folora.max_seq_len)
     train_set, eval_set = split_train_eval(dataset, eval_fraction=settings.eval_fraction, seed=settings.seed)
     collate = TaskCollator(pad_token_id=tokenizer.pad_token_id)
-    samples = proxy_samples_for_this_rank(model, tokenizer, folora, progress=progress)  # the base model's own text
-    all_samples = sorted((s for share in comm.all_gather_objects(samples) for s in share), key=lambda s: s.index)
-    if rank == 0 and folora.proxy.path is None:
-        save_proxy_jsonl(all_samples, output_dir / "proxy.jsonl", folora.proxy)
-    model = get_peft_model(model, lora)
+    if folora_folder is None:
+        samples = proxy_samples_for_this_rank(model, tokenizer, folora, progress=progress)  # the base model's text
+        all_samples = sorted((s for share in comm.all_gather_objects(samples) for s in share), key=lambda s: s.index)
+        if rank == 0 and folora.proxy.path is None:
+            save_proxy_jsonl(all_samples, output_dir / "proxy.jsonl", folora.proxy)
+    model = _with_lora(model, lora)
 
     order = batch_order(len(train_set), micro * accumulation * world, settings.steps, settings.seed)
 
@@ -229,121 +345,100 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float) -> d
         for indices in rank_micro_batches(order[step], micro, accumulation, rank, world):
             yield collate([train_set[i] for i in indices])
 
-    calibration = [batch for step in range(min(settings.calibration_steps, settings.steps)) for batch in batches(step)]
-    engine, controller = initialize(model, prepared, proxy_batches=calibration_batches(samples, tokenizer, folora),
-                                    task_batches=calibration, progress=progress)
-    engine_settings = _engine_settings(engine, controller.optimizer, prepared.ds_config)
-    base_eval_loss = _eval_loss(engine, eval_set, collate, micro)
-    folora_losses = train_steps(engine, batches, settings.steps, controller=controller,
-                                description=f"FoLoRA, ZeRO-{prepared.stage} ×{world}", progress=progress)
-    controller.check_gating()  # on every rank: one that skipped the gate stops all
-    base_energies = controller.base_energies()
-    result = {"train_losses": folora_losses, "train_loss_last10": _mean_last(folora_losses),
-              "eval_loss": _eval_loss(engine, eval_set, collate, micro),
-              "penalty_by_module": controller.forgetting_penalty(),
-              "relative_forgetting": controller.measured_forgetting(), "refreshes": controller.refreshes,
-              "gated_steps_per_rank": comm.all_gather_objects(controller.gated_step_counts()),
-              "tau_scale": None if controller.budget is None else controller.budget.tau_scale}
-    layers = controller.layer_summaries()
-    controller.export_adapter(output_dir / "folora_adapter")
+    if folora_folder is None:
+        calibration = [batch for step in range(min(settings.calibration_steps, settings.steps))
+                       for batch in batches(step)]
+        engine, controller = initialize(model, prepared, proxy_batches=calibration_batches(samples, tokenizer, folora),
+                                        task_batches=calibration, progress=progress)
+        start = {"step": 0, "losses": [], "base_eval_loss": _eval_loss(engine, eval_set, collate, micro),
+                 "proxy_sequences": len(all_samples), "train_examples": len(train_set)}
+    else:
+        logger.info("resuming FoLoRA from %s", folora_folder)
+        engine, controller = initialize(model, prepared, resume_from=folora_folder.parent, tag=folora_folder.name)
+        start = checkpoints.progress(folora_folder)
+        if start["train_examples"] != len(train_set):
+            raise ValueError(f"--resume: the task data {settings.data!r} now gives {len(train_set)} training "
+                             f"examples, the checkpointed run had {start['train_examples']}; the data changed")
+        checkpoints.restore_random_state(folora_folder)
+    settings_read = engine_settings(engine, controller.optimizer, prepared.ds_config)
+    if folora_done is None:
+        label = f"FoLoRA, ZeRO-{prepared.stage} ×{world}"
+        extra = {key: start[key] for key in ("base_eval_loss", "proxy_sequences", "train_examples")}
+        hook = session.hook("folora", "FoLoRA", settings.steps, start["step"], start["losses"], extra,
+                            controller.save_checkpoint, engine.device, final=True)  # the comparison needs it
+        with session.deferring():
+            losses = start["losses"] + train_steps(engine, batches, settings.steps, controller=controller,
+                                                   description=label, progress=progress, first=start["step"],
+                                                   after_step=hook)
+        controller.check_gating()  # on every rank: one that skipped the gate stops all
+        result = {"train_losses": losses, "train_loss_last10": _mean_last(losses),
+                  "eval_loss": _eval_loss(engine, eval_set, collate, micro),
+                  "penalty_by_module": controller.forgetting_penalty(),
+                  "relative_forgetting": controller.measured_forgetting(), "refreshes": controller.refreshes,
+                  "gated_steps_per_rank": comm.all_gather_objects(controller.gated_step_counts()),
+                  "tau_scale": None if controller.budget is None else controller.budget.tau_scale}
+        folora_done = {**extra, "result": result, "base_energies": controller.base_energies(),
+                       "layers": [asdict(layer) for layer in controller.layer_summaries()],
+                       "optimizer_steps": controller.optimizer_steps}
+        controller.export_adapter(output_dir / "folora_adapter")
+        if checkpoints.every and rank == 0:
+            checkpoints.finish_folora(folora_done)
     controller.remove()
     engine.destroy()
 
-    baseline = None
+    baseline, resumed_adamw = None, None
     if settings.baseline:
         plain_model, _, _ = _peft_model(settings.model, folora, settings.seed)
-        plain_model = get_peft_model(plain_model, lora)
+        plain_model = _with_lora(plain_model, lora)
         arguments = prepared.optimizer_arguments
         optimizer = torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], **arguments)
         plain_engine, _, _, _ = deepspeed.initialize(model=plain_model, optimizer=optimizer,
                                                      config=prepared.ds_config)
-        plain_losses = train_steps(plain_engine, batches, settings.steps, controller=None,
-                                   description=f"plain LoRA (AdamW), ZeRO-{prepared.stage} ×{world}",
-                                   progress=progress)
+        first, previous = 0, []
+        adamw_folder = checkpoints.latest("adamw") if session.resuming else None
+        if adamw_folder is not None:
+            logger.info("resuming plain LoRA (AdamW) from %s", adamw_folder)
+            check_deepspeed_files(adamw_folder)
+            load_engine_checkpoint(plain_engine, optimizer, adamw_folder)
+            recorded = checkpoints.progress(adamw_folder)
+            first, previous, resumed_adamw = recorded["step"], recorded["losses"], recorded["step"]
+            checkpoints.restore_random_state(adamw_folder)
+
+        def save_plain(directory: Path, tag: str) -> None:
+            plain_engine.save_checkpoint(str(directory), tag=tag)
+
+        hook = session.hook("adamw", "plain LoRA (AdamW)", settings.steps, first, previous, {}, save_plain,
+                            plain_engine.device, final=False)
+        with session.deferring():
+            plain_losses = previous + train_steps(
+                plain_engine, batches, settings.steps, controller=None, first=first, after_step=hook,
+                description=f"plain LoRA (AdamW), ZeRO-{prepared.stage} ×{world}", progress=progress)
         baseline = {"train_losses": plain_losses, "train_loss_last10": _mean_last(plain_losses),
                     "eval_loss": _eval_loss(plain_engine, eval_set, collate, micro),
                     "penalty_by_module": controller.forgetting_penalty(plain_model)}
-        baseline["relative_forgetting"] = relative_forgetting(baseline["penalty_by_module"], base_energies)
+        baseline["relative_forgetting"] = relative_forgetting(baseline["penalty_by_module"],
+                                                              folora_done["base_energies"])
         save_adapter(plain_model, output_dir / "adamw_adapter")
         plain_engine.destroy()
     if rank != 0:
         return None
     summary = {"settings": asdict(settings), "folora_config": folora.to_dict(), "world_size": world,
-               "zero_stage": prepared.stage, **engine_settings, "optimizer_steps": controller.optimizer_steps,
-               "proxy_sequences": len(all_samples),
-               "train_examples": len(train_set), "eval_examples": len(eval_set), "base_eval_loss": base_eval_loss,
-               "layers": [asdict(layer) for layer in layers], "base_energy_by_module": base_energies,
-               "folora": result, "adamw": baseline,
+               "zero_stage": prepared.stage, **settings_read, "optimizer_steps": folora_done["optimizer_steps"],
+               "proxy_sequences": folora_done["proxy_sequences"], "train_examples": len(train_set),
+               "eval_examples": len(eval_set), "base_eval_loss": folora_done["base_eval_loss"],
+               "layers": folora_done["layers"], "base_energy_by_module": folora_done["base_energies"],
+               "folora": folora_done["result"], "adamw": baseline,
+               "resumed_from_step": {"folora": start["step"] if folora_folder is not None else None,
+                                     "adamw": resumed_adamw},
                "seconds": time.perf_counter() - started}
     write_json(output_dir / "summary.json", summary)
     plot_gates(summary["layers"], output_dir / "gates.png",
-               title=f"FoLoRA gates ({settings.model}, after {controller.optimizer_steps} steps)")
+               title=f"FoLoRA gates ({settings.model}, after {folora_done['optimizer_steps']} steps)")
+    if checkpoints.every:
+        checkpoints.remove()  # the run's outputs are complete
     return summary
-
-
-SCHEDULE_PEAKS = ("warmup_max_lr", "cycle_max_lr")
-"""The scheduler parameters that set the peak learning rate (DeepSpeed's WarmupLR / WarmupDecayLR, OneCycle)."""
-
-
-def _engine_settings(engine, optimizer: torch.optim.Optimizer, ds_config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the engine and the optimizer really run with (read back from them, not from the config), and the
-    configured learning rate: the schedule's peak where a DeepSpeed scheduler sets one (the rate in the optimizer
-    at the start of a warm-up is its floor, often 0), else the optimizer's; the schedule as configured."""
-    group = optimizer.param_groups[0]
-    scheduler = ds_config.get("scheduler") or None
-    params = (scheduler or {}).get("params") or {}
-    peak = next((params[key] for key in SCHEDULE_PEAKS if key in params), optimizer.defaults["lr"])
-    return {"micro_batch": engine.train_micro_batch_size_per_gpu(),
-            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
-            "gradient_clipping": engine.gradient_clipping(), "bf16": engine.bfloat16_enabled(),
-            "optimizer": {"lr": peak, "betas": list(group["betas"]), "eps": group["eps"],
-                          "weight_decay": group["weight_decay"],
-                          "schedule": None if scheduler is None else {"type": scheduler.get("type"), **params}}}
 
 
 def _mean_last(losses: list[float], count: int = 10) -> float:
     tail = losses[-count:]
     return sum(tail) / len(tail)
-
-
-def format_summary(summary: dict) -> str:
-    """A human-readable report of a ``run`` summary."""
-    folora, adamw = summary["folora"], summary["adamw"]
-
-    energies = summary["base_energy_by_module"]
-
-    def members_penalty(result: dict, members) -> float:
-        """The input's relative forgetting: mean over its modules of penalty / base energy."""
-        return sum(result["penalty_by_module"][name] / energies[name] for name in members) / len(members)
-
-    lines = [f"{'input (shared by)':<50} {'d':>5} {'Σg':>8} {'atten.':>6} {'kept@base':>10} {'F FoLoRA':>11}"
-             + (f" {'F AdamW':>11}" if adamw else "")]
-    for layer in summary["layers"]:
-        short = [name.split("model.layers.")[-1] for name in layer["members"]]
-        label = short[0] + (f" (+{','.join(s.split('.')[-1] for s in short[1:])})" if len(short) > 1 else "")
-        kept = f"{layer['stored']}@{layer['base_gate']:.2g}"
-        row = (f"{label[:50]:<50} {layer['dim']:>5} {layer['effective_rank']:>8.1f} {layer['attenuated']:>6} "
-               f"{kept:>10} {members_penalty(folora, layer['members']):>11.3e}")
-        if adamw:
-            row += f" {members_penalty(adamw, layer['members']):>11.3e}"
-        lines.append(row)
-    total_folora = sum(folora["penalty_by_module"].values())
-    gated = [sorted(set(counts)) for counts in folora["gated_steps_per_rank"]]
-    lines += ["", f"DeepSpeed ZeRO-{summary['zero_stage']} on {summary['world_size']} rank(s): "
-                  f"{summary['optimizer_steps']} optimizer steps of {summary['micro_batch']} × "
-                  f"{summary['gradient_accumulation_steps']} × {summary['world_size']} examples, gated steps per "
-                  f"rank {gated}, refreshes {folora['refreshes']}",
-              f"base model eval loss: {summary['base_eval_loss']:.4f}",
-              f"FoLoRA: eval loss {folora['eval_loss']:.4f}, train loss (last 10) {folora['train_loss_last10']:.4f}, "
-              f"relative forgetting F = {folora['relative_forgetting']:.4e} (raw Σ tr(ΔW C_pre ΔWᵀ) "
-              f"{total_folora:.4e})"]
-    if adamw:
-        total_adamw = sum(adamw["penalty_by_module"].values())
-        lines.append(f"AdamW : eval loss {adamw['eval_loss']:.4f}, train loss (last 10) "
-                     f"{adamw['train_loss_last10']:.4f}, relative forgetting F = {adamw['relative_forgetting']:.4e} "
-                     f"(raw {total_adamw:.4e})")
-        lines.append(f"relative forgetting ratio FoLoRA / AdamW = "
-                     f"{folora['relative_forgetting'] / max(adamw['relative_forgetting'], 1e-30):.3f} (F = mean over "
-                     "modules of tr(ΔW C_pre ΔWᵀ) / tr(W C_pre Wᵀ); measure real forgetting with folora-ds evaluate)")
-    lines.append(f"wall time {summary['seconds']:.1f} s")
-    return "\n".join(lines)

@@ -3,6 +3,7 @@ GatedAdamW gets, each with a message saying what to change."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,32 @@ def test_optimizer_values_of_the_wrong_type_are_named_when_the_config_is_read(pa
 def test_a_gradient_clipping_that_is_not_a_number_is_named(value):
     with pytest.raises(ValueError, match=r"gradient_clipping=.* is invalid"):
         prepare_ds_config({"train_micro_batch_size_per_gpu": 1, "folora": {}, "gradient_clipping": value})
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"zero_optimization": "abc"}, "zero_optimization='abc' must be a JSON object"),
+    ({"bf16": "abc"}, "bf16='abc' must be a JSON object"),
+    ({"bf16": {"enabled": "yes"}, "zero_optimization": {"stage": 1}}, "bf16.enabled='yes' must be true or false"),
+    ({"steps_per_print": "x"}, "steps_per_print='x' must be an integer"),
+    ({"wall_clock_breakdown": "maybe"}, "wall_clock_breakdown='maybe' must be true or false"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
+     "zero_optimization.reduce_bucket_size='big': Input should be a valid integer"),
+    ({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": -5}},
+     "zero_optimization.stage3_max_live_parameters=-5: Input should be greater than or equal to 0"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": "x"}}},
+     "zero_optimization.offload_optimizer.pin_memory='x'"),
+    ({"tensorboard": {"enabled": True, "output_path": 5}}, "tensorboard.output_path=5: Input should be a valid string"),
+    ({"flops_profiler": {"enabled": "x"}}, "DeepSpeed refuses it"),
+])
+def test_values_deepspeed_would_trip_on_later_are_named_when_the_config_is_read(extra, message):
+    """Each of these once ended in a raw pydantic/TypeError/AttributeError inside deepspeed.initialize, after the
+    proxy set was sampled (or at the first training step)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare_ds_config({"train_micro_batch_size_per_gpu": 2, **extra, "folora": {}})
+
+
+def test_deepspeed_parses_the_config_without_the_real_world_size():
+    """A train_batch_size valid only at the launch's world size is not refused by the early parse."""
+    prepared = prepare_ds_config({"train_batch_size": 16, "gradient_accumulation_steps": 2,
+                                  "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "folora": {}})
+    assert prepared.ds_config["train_batch_size"] == 16

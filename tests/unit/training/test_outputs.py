@@ -53,3 +53,25 @@ def test_other_ranks_and_fresh_directories_move_nothing(tmp_path):
     with previous_run_kept(tmp_path / "new"):
         assert (tmp_path / "new").is_dir()
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["new", "run"]
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_failed_fresh_run_leaves_no_partial_output(tmp_path, existed):
+    if existed:
+        (tmp_path / "run").mkdir()
+    with pytest.raises(KeyboardInterrupt), previous_run_kept(tmp_path / "run"):
+        (tmp_path / "run" / "proxy.jsonl").write_text("partial")
+        raise KeyboardInterrupt
+    assert [entry.name for entry in tmp_path.iterdir()] == (["run"] if existed else [])
+    assert not existed or list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_committed_run_deletes_the_previous_one_and_survives_a_later_failure(tmp_path):
+    """After its first checkpoint the new run is the one worth keeping: a failure leaves it for --resume."""
+    _previous_run(tmp_path / "run")
+    with pytest.raises(ValueError), previous_run_kept(tmp_path / "run") as kept:
+        (tmp_path / "run" / "checkpoints").mkdir()
+        kept.commit()
+        assert [entry.name for entry in tmp_path.iterdir()] == ["run"]  # the previous run is gone at once
+        raise ValueError("a later failure")
+    assert [entry.name for entry in (tmp_path / "run").iterdir()] == ["checkpoints"]
