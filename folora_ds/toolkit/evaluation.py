@@ -39,6 +39,8 @@ class EvaluationSettings:
         test_data: target-task test records (``{"prompt", "response"}`` JSONL; default: the number-words test split,
             disjoint from the shipped training set). test_records: how many of them (None: all).
         questions: retention questions JSONL. question_records: how many of them (None: all).
+        legacy_questions: a second retention probe, scored the same way and reported beside the first
+            (``legacy_retention``): a grid that moves to a new probe keeps the old one's numbers comparable.
         heldout_passages: held-out text passages for KL and perplexity.
         max_length: tokens per held-out passage. max_new_tokens: tokens per answer to a retention question;
         target_max_new_tokens: per answer to a target-task item.
@@ -49,6 +51,7 @@ class EvaluationSettings:
     test_records: int | None = 100
     questions: str = str(QUESTIONS_FILE)
     question_records: int | None = None
+    legacy_questions: str | None = None
     heldout_passages: int = 48
     max_length: int = 256
     max_new_tokens: int = 32
@@ -60,8 +63,8 @@ class EvaluationSettings:
             require_int(name, getattr(self, name))
         for name in ("test_records", "question_records"):
             require_int(name, getattr(self, name), optional=True)
-        for name in ("test_data", "questions"):
-            if not Path(getattr(self, name)).is_file():
+        for name in ("test_data", "questions", "legacy_questions"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
                 raise FileNotFoundError(f"{name} {getattr(self, name)!r} does not exist")
 
 
@@ -76,51 +79,66 @@ def _test_records(settings: EvaluationSettings) -> list[dict]:
 
 @dataclass(frozen=True)
 class EvaluationSuite:
-    """The loaded probes of one ``EvaluationSettings``: test records, retention questions, held-out passages."""
+    """The loaded probes of one ``EvaluationSettings``: test records, retention questions (and the legacy probe's,
+    empty without one), held-out passages."""
 
     settings: EvaluationSettings
     records: tuple[dict, ...]
     questions: tuple[Question, ...]
     texts: tuple[str, ...]
+    legacy_questions: tuple[Question, ...] = ()
 
     @classmethod
     def load(cls, settings: EvaluationSettings) -> EvaluationSuite:
         questions = load_questions(settings.questions)
         if settings.question_records is not None:
             questions = questions[:settings.question_records]
+        legacy = () if settings.legacy_questions is None else tuple(load_questions(settings.legacy_questions))
         return cls(settings, tuple(_test_records(settings)), tuple(questions),
-                   tuple(heldout_texts(settings.heldout_passages)))
+                   tuple(heldout_texts(settings.heldout_passages)), legacy)
 
 
-def _answers(model, tokenizer, suite: EvaluationSuite, progress: bool) -> tuple[list[bool], float]:
-    """Which retention questions ``model`` answers correctly, and its target accuracy."""
+def _answers(model, tokenizer, suite: EvaluationSuite, progress: bool) -> tuple[list[bool], list[bool], float]:
+    """Which retention questions ``model`` answers correctly (each probe in its own fixed batches, so a probe's
+    answers do not depend on the other's presence), and its target accuracy."""
     settings = suite.settings
-    correct = answers_correct(model, tokenizer, suite.questions, max_new_tokens=settings.max_new_tokens,
-                              batch_size=settings.batch_size, progress=progress)
+    correct, legacy = (answers_correct(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
+                                       batch_size=settings.batch_size, progress=progress) if questions else []
+                       for questions in (suite.questions, suite.legacy_questions))
     accuracy = target_accuracy(model, tokenizer, suite.records, max_new_tokens=settings.target_max_new_tokens,
                                batch_size=settings.batch_size, progress=progress)
-    return correct, accuracy
+    return correct, legacy, accuracy
 
 
 def measure_base(model, tokenizer, suite: EvaluationSuite, *, progress: bool = False) -> dict:
-    """The base model's target accuracy and questions answered; ``"correct"`` lists which (for ``retention``)."""
+    """The base model's target accuracy and questions answered; ``"correct"`` (and ``"legacy_correct"`` with a
+    legacy probe) lists which (for ``retention``)."""
     started = time.perf_counter()
-    correct, accuracy = _answers(model, tokenizer, suite, progress)
-    return {"target_accuracy": accuracy, "questions_correct": sum(correct) / len(correct), "correct": correct,
-            "seconds": time.perf_counter() - started}
+    correct, legacy, accuracy = _answers(model, tokenizer, suite, progress)
+    result = {"target_accuracy": accuracy, "questions_correct": sum(correct) / len(correct), "correct": correct}
+    if legacy:
+        result.update(legacy_questions_correct=sum(legacy) / len(legacy), legacy_correct=legacy)
+    return {**result, "seconds": time.perf_counter() - started}
 
 
 def measure_adapted(model, tokenizer, suite: EvaluationSuite, base_correct: Sequence[bool], *,
-                    progress: bool = False, base_cache: BaseLogitsCache | None = None) -> dict:
+                    progress: bool = False, base_cache: BaseLogitsCache | None = None,
+                    base_legacy_correct: Sequence[bool] | None = None) -> dict:
     """An adapted peft model against its base (the same model with the adapter disabled): target accuracy,
-    questions answered, retention of ``base_correct`` and KL / perplexities on the held-out passages (the base's
-    logits kept in ``base_cache`` when given, for the next adapter)."""
+    questions answered, retention of ``base_correct`` (and ``legacy_retention`` of ``base_legacy_correct``, needed
+    with a legacy probe) and KL / perplexities on the held-out passages (the base's logits kept in ``base_cache``
+    when given, for the next adapter)."""
+    if bool(suite.legacy_questions) != (base_legacy_correct is not None):
+        raise ValueError("measure_adapted: pass base_legacy_correct exactly when the suite has a legacy probe")
     started = time.perf_counter()
-    correct, accuracy = _answers(model, tokenizer, suite, progress)
+    correct, legacy, accuracy = _answers(model, tokenizer, suite, progress)
     result = {"target_accuracy": accuracy, "questions_correct": sum(correct) / len(correct),
               "retention": retention(base_correct, correct),
               **kl_on_text(model, tokenizer, suite.texts, max_length=suite.settings.max_length,
                            base_cache=base_cache)}
+    if legacy:
+        result.update(legacy_questions_correct=sum(legacy) / len(legacy),
+                      legacy_retention=retention(base_legacy_correct, legacy))
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -158,13 +176,14 @@ def evaluate_adapters(model_name: str, adapters: dict[str, str | Path], settings
         except (RuntimeError, ValueError, KeyError, OSError) as error:
             raise ValueError(f"adapter {name!r} ({str(path)!r}) does not load on {model_name!r}: {error}") from error
     base_result = measure_base(base, tokenizer, suite, progress=progress)
-    results = {"base": {key: value for key, value in base_result.items() if key != "correct"}}
+    results = {"base": {key: value for key, value in base_result.items() if not key.endswith("correct")
+                        or key.endswith("questions_correct")}}
     base_cache = BaseLogitsCache() if len(adapters) > 1 else None
     for name, path in adapters.items():
         _log.info("evaluating %s: %s", name, path)
         model = PeftModel.from_pretrained(base, str(path)).eval()
         results[name] = measure_adapted(model, tokenizer, suite, base_result["correct"], progress=progress,
-                                        base_cache=base_cache)
+                                        base_cache=base_cache, base_legacy_correct=base_result.get("legacy_correct"))
         base = model.unload()
     return results
 

@@ -1,8 +1,16 @@
-"""The built-in target task: write a number in English words ("4721" → "four thousand seven hundred twenty-one").
+"""The built-in target tasks, both with exact-match answers and a test split disjoint from the training data.
 
-A task a pretrained model is bad at and learns in minutes, with exact-match answers. The shipped file
-``data_files/number_words.jsonl`` is ``generate_number_words_records(400, seed=0)`` (training);
-``data_files/number_words_test.jsonl`` is ``number_words_test_records(100)``: numbers that never occur in it.
+- **Number words**: write a number in English words ("4721" → "four thousand seven hundred twenty-one"). A task a
+  pretrained model is bad at and learns in minutes. ``data_files/number_words.jsonl`` is
+  ``generate_number_words_records(400, seed=0)`` (the 60-step grid's training set);
+  ``data_files/number_words_test.jsonl`` is ``number_words_test_records(100)``: numbers that never occur in it;
+  ``data_files/number_words_4k.jsonl`` is ``number_words_training_records(4000)`` (training to convergence: 400
+  records are memorised long before a few hundred steps), none of whose numbers is in the test split.
+- **Word order**: say a list of words in reverse order ("river, apple, green" → "green, apple, river"). Not
+  numbers and not a format the first task teaches; the answer is made of the prompt's own words, so a model
+  learns a rule (attention back over the list), not facts. ``data_files/word_order.jsonl`` /
+  ``word_order_test.jsonl`` are ``word_order_records(4000, seed=0)`` / ``word_order_test_records(100)``: no
+  test list occurs in training, in any order.
 """
 
 from __future__ import annotations
@@ -112,6 +120,78 @@ def number_words_test_records(num_records: int, *, seed: int = 1,
                 seen.add(number)
                 records.append(record)
         batch += 1
+    return records
+
+
+def number_words_training_records(num_records: int, *, seed: int = 2) -> list[dict[str, str]]:
+    """``num_records`` records drawn like ``generate_number_words_records`` whose numbers are not in the shipped
+    test split (``number_words_test_records(100)``), for training far past 400 records."""
+    test_numbers = {_number_of(record) for record in number_words_test_records(100)}
+    records: list[dict[str, str]] = []
+    batch = 0
+    while len(records) < num_records:
+        for record in generate_number_words_records(2 * num_records, seed=seed * 1_000 + batch):
+            if _number_of(record) not in test_numbers and len(records) < num_records:
+                records.append(record)
+        batch += 1
+    return records
+
+
+WORDS = tuple("""
+apple river green stone cloud window garden silver tiger pencil orange castle candle forest yellow rabbit
+bottle summer winter mountain ocean pepper carpet basket button camera rocket violin planet butter ladder
+mirror pillow shadow spider thunder tomato wallet hammer jacket kettle lemon marble needle parrot pocket
+saddle tunnel velvet wagon zebra anchor barrel blanket bucket cabbage cactus canyon cherry copper cotton
+desert dragon engine falcon feather fiddle flower garlic ginger glove harbor helmet island jungle kitchen
+lantern lizard meadow monkey muffin napkin noodle onion oyster paddle palace peanut pebble pickle pirate
+puzzle quilt radish ribbon saucer scarf shovel sponge squirrel statue sugar sweater teapot ticket tulip
+turtle umbrella valley vessel walnut whistle willow wizard blue purple brown silent gentle rapid quiet
+bright frozen golden hollow humble lucky narrow polite rusty sandy shiny smooth sticky sunny tiny wooden
+coffee dinner lobster pumpkin puppet rainbow sailor shell snow spoon storm sunset table tower train
+violet wheel wolf acorn badger beetle bridge cliff crystal daisy dolphin eagle fox goat honey iron
+lamp maple mouse nest owl pearl pine pond robin rose salmon seed sheep silk swan thorn toad trumpet vine
+""".split())
+"""The word-order task's vocabulary: common English words, none a number or a date."""
+
+_WORD_ORDER_PROMPTS = (
+    "Reverse the order of these words: {words}",
+    "Write these words in reverse order: {words}",
+    "List these words from last to first: {words}",
+)
+
+
+def _word_list(rng: random.Random) -> tuple[str, ...]:
+    return tuple(rng.sample(sorted(set(WORDS)), rng.randint(3, 5)))
+
+
+def _word_order_record(words: tuple[str, ...], rng: random.Random) -> dict[str, str]:
+    return {"prompt": rng.choice(_WORD_ORDER_PROMPTS).format(words=", ".join(words)),
+            "response": ", ".join(reversed(words))}
+
+
+def word_order_test_records(num_records: int, *, seed: int = 1) -> list[dict[str, str]]:
+    """``num_records`` word-order items (3 to 5 distinct words), no two with the same set of words."""
+    rng = random.Random(seed)
+    records: list[dict[str, str]] = []
+    seen: set[frozenset[str]] = set()
+    while len(records) < num_records:
+        words = _word_list(rng)
+        if frozenset(words) not in seen:
+            seen.add(frozenset(words))
+            records.append(_word_order_record(words, rng))
+    return records
+
+
+def word_order_records(num_records: int, *, seed: int = 0) -> list[dict[str, str]]:
+    """``num_records`` training items drawn like ``word_order_test_records``, none of whose word sets is in the
+    shipped test split (``word_order_test_records(100)``), in any order."""
+    test_sets = {frozenset(record["response"].split(", ")) for record in word_order_test_records(100)}
+    rng = random.Random(seed)
+    records: list[dict[str, str]] = []
+    while len(records) < num_records:
+        words = _word_list(rng)
+        if frozenset(words) not in test_sets:
+            records.append(_word_order_record(words, rng))
     return records
 
 

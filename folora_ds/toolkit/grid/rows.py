@@ -75,7 +75,8 @@ def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]
                 "penalty_relative_total": sum(penalty.values()) / sum(energy.values()),
                 "penalty_relative_mean": sum(penalty[n] / energy[n] for n in penalty) / len(penalty),
                 "train_seconds": train["train_seconds"], "eval_seconds": result["seconds"],
-                "proxy_sequences": run.proxy_sequences, "slug": directory.name})
+                "proxy_sequences": run.proxy_sequences, "slug": directory.name,
+                **{key: result[key] for key in ("legacy_retention", "legacy_questions_correct") if key in result}})
     return rows
 
 

@@ -249,10 +249,10 @@ def train_run(run: GridRun, shared: SharedArtifacts, directory: Path, *, progres
 def evaluate_checkpoint(adapter: Path, shared: SharedArtifacts, seed: int, *, progress: bool) -> dict[str, Any]:
     """Measure one saved adapter on the untouched base model: ``evaluation.measure_adapted`` plus, per LoRA
     module, the forgetting proxy tr(ΔW C_pre ΔWᵀ) and the module's base energy tr(W C_pre Wᵀ)."""
-    base_correct = shared.base_evaluation()["correct"]
+    base = shared.base_evaluation()
     with shared.adapted(adapter) as (model, tokenizer):
-        result = measure_adapted(model, tokenizer, shared.suite(), base_correct, progress=progress,
-                                 base_cache=shared.base_logits)
+        result = measure_adapted(model, tokenizer, shared.suite(), base["correct"], progress=progress,
+                                 base_cache=shared.base_logits, base_legacy_correct=base.get("legacy_correct"))
         result.update(forgetting_proxies(model, shared.module_covariances(seed)))
     return result
 

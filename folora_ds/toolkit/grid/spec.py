@@ -36,6 +36,7 @@ from folora_ds.toolkit.report import MAIN_FIGURE, PLAIN_LABEL_METHOD, REFERENCE_
 from folora_ds.training.data import DEFAULT_TASK_FILE
 
 GRIDS_DIR = Path(__file__).parent.parent / "grids"
+DATA_FILES_DIR = DEFAULT_TASK_FILE.parent
 SPEC_VERSION = 1
 BEST_ACCURACY_SHARE = 0.95  # "lrs": "best" = least KL among the rates at ≥ 95% of the top accuracy
 
@@ -216,6 +217,35 @@ class GridSpec:
     figures: Mapping[str, str] = field(default_factory=dict)
 
 
+SHIPPED_PREFIX = "shipped:"
+"""A data path ``"shipped:<name>"`` in a spec is the package's ``data_files/<name>``: the shipped grids name the
+shipped data wherever the package is installed."""
+_PATH_SETTINGS = (("data",), ("evaluation", "test_data"), ("evaluation", "questions"),
+                  ("evaluation", "legacy_questions"))
+
+
+def shipped_paths(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (a spec's raw ``"settings"``) with every ``"shipped:<name>"`` path resolved.
+
+    Raises:
+        FileNotFoundError: no shipped data file of that name (the shipped ones are listed).
+    """
+    resolved = json.loads(json.dumps(settings))
+    for keys in _PATH_SETTINGS:
+        holder = resolved
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder.get(key), dict) else {}
+        value = holder.get(keys[-1])
+        if isinstance(value, str) and value.startswith(SHIPPED_PREFIX):
+            path = DATA_FILES_DIR / value[len(SHIPPED_PREFIX):]
+            if not path.is_file():
+                shipped = ", ".join(sorted(p.name for p in DATA_FILES_DIR.glob("*.jsonl")))
+                raise FileNotFoundError(f"grid settings: {'.'.join(keys)}={value!r} names no shipped data file "
+                                        f"(shipped: {shipped})")
+            holder[keys[-1]] = str(path)
+    return resolved
+
+
 def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
     """A grid spec from a JSON file, a shipped grid's name (``folora_ds/toolkit/grids/<name>.json``) or a dict.
 
@@ -235,7 +265,7 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
     unknown = sorted(set(raw) - {"settings", "runs", "description"})
     if unknown or "runs" not in raw:
         raise ValueError(f"grid spec: expected keys settings, runs (and description); got {sorted(raw)}")
-    settings = GridSettings.from_dict(raw.get("settings", {}))
+    settings = GridSettings.from_dict(shipped_paths(raw.get("settings", {})))
     runs: list[GridRun] = []
     best: list[BestLearningRate] = []
     figures: dict[str, str] = {}
@@ -324,6 +354,8 @@ def data_fingerprints(settings: GridSettings) -> dict[str, str]:
     old content. A directory (a saved ``datasets`` folder) is hashed over its files' relative names and bytes."""
     paths = {"data": settings.data, "test_data": settings.evaluation.test_data,
              "questions": settings.evaluation.questions}
+    if settings.evaluation.legacy_questions is not None:  # absent without it: older grids keep their record
+        paths["legacy_questions"] = settings.evaluation.legacy_questions
     fingerprints = {}
     for name, path in paths.items():
         digest = hashlib.sha256()

@@ -98,3 +98,19 @@ def test_every_adapter_is_opened_before_the_base_is_measured(tmp_path, monkeypat
     settings = evaluation.EvaluationSettings(test_records=1, question_records=1, heldout_passages=1)
     with pytest.raises(ValueError, match=message):
         evaluation.evaluate_adapters("tiny-llama", {"good": good, "bad": str(bad)}, settings)
+
+
+def test_a_legacy_probe_is_scored_beside_the_retention_questions(tmp_path):
+    """A grid that moves to a new retention probe keeps the old one as a second column, scored the same way."""
+    still = _saved_adapter(tmp_path / "still", moved=False)
+    settings = evaluation.EvaluationSettings(test_records=2, heldout_passages=2, question_records=3,
+                                             legacy_questions=str(evaluation.QUESTIONS_FILE))
+    results = evaluation.evaluate_adapters("tiny-llama", {"still": still}, settings)
+    assert 0 <= results["base"]["legacy_questions_correct"] <= 1
+    assert "legacy_correct" not in results["base"] and "correct" not in results["base"]
+    assert results["still"]["legacy_questions_correct"] == results["base"]["legacy_questions_correct"]
+    assert "legacy_retention" in results["still"]
+    suite = evaluation.EvaluationSuite.load(settings)
+    assert len(suite.questions) == 3 and len(suite.legacy_questions) == 63  # question_records cuts the first only
+    with pytest.raises(ValueError, match="base_legacy_correct"):
+        evaluation.measure_adapted(None, None, suite, [True])

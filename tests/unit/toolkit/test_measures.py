@@ -167,3 +167,28 @@ def test_greedy_answers_batches_in_order_and_restore_the_tokenizer():
     assert greedy_answer(model, tokenizer, prompts[2], max_new_tokens=4) == batched[2]
     with pytest.raises(ValueError, match="batch_size"):
         greedy_answers(model, tokenizer, prompts, batch_size=0)
+
+
+def test_the_new_retention_probe_cannot_collide_with_either_task():
+    """Issue 25's probe: >= 150 questions (one is under a point), none answered with a number (in digits or words),
+    a date, a month or a weekday (the number-words task's format), none a list of words (the word-order task's),
+    none repeating the legacy probe; made from retention_probe_candidates.jsonl by keeping the questions the base
+    model answers right (greedy, batches of 16), re-checked on the kept file (162 of 162)."""
+    import re
+
+    from folora_ds.toolkit.measures import QUESTIONS_FILE, load_questions, normalize_answer
+    from folora_ds.training.tasks import _ONES, _TENS
+
+    probe = load_questions(QUESTIONS_FILE.parent / "retention_probe.jsonl")
+    legacy = {normalize_answer(question.prompt) for question in load_questions(QUESTIONS_FILE)}
+    numberish = set(_ONES) | set(_TENS[2:]) | {"hundred", "thousand", "million", "first", "second", "third",
+                                              "january", "february", "march", "april", "may", "june", "july",
+                                              "august", "september", "october", "november", "december", "monday",
+                                              "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
+    assert len(probe) >= 150 and len({question.prompt for question in probe}) == len(probe)
+    for question in probe:
+        assert normalize_answer(question.prompt) not in legacy, question.prompt
+        for answer in question.answers:
+            words = normalize_answer(answer).replace("-", " ").split()
+            assert not re.search(r"\d", answer) and not numberish & set(words), (question.prompt, answer)
+            assert len(words) <= 2 and "," not in answer, (question.prompt, answer)

@@ -90,3 +90,38 @@ def test_shipped_test_split_is_disjoint_from_training_and_reproducible():
     training = {int(re.search(r"\d+", record["prompt"]).group()) for record in generate_number_words_records(400, 0)}
     assert len(set(numbers)) == 100 and not set(numbers) & training
     assert all(record["response"] == number_to_words(n) for record, n in zip(shipped, numbers))
+
+
+def _shipped(name: str) -> list[dict]:
+    path = DEFAULT_TASK_FILE.parent / name
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_the_convergence_training_set_is_the_generator_output_and_avoids_the_test_numbers() -> None:
+    from folora_ds.training.tasks import number_words_training_records
+
+    records = _shipped("number_words_4k.jsonl")
+    assert records == number_words_training_records(4000)
+    test_numbers = {int(re.search(r"\d+", record["prompt"]).group()) for record in _shipped("number_words_test.jsonl")}
+    assert not test_numbers & {int(re.search(r"\d+", record["prompt"]).group()) for record in records}
+    assert len({record["prompt"] for record in records}) > 2800  # one-digit draws repeat; the rest hardly
+
+
+def test_word_order_answers_reverse_the_prompts_list() -> None:
+    from folora_ds.training.tasks import WORDS, word_order_records
+
+    for record in word_order_records(200, seed=5):
+        words = record["prompt"].split(": ", 1)[1].split(", ")
+        assert record["response"].split(", ") == words[::-1]
+        assert 3 <= len(words) <= 5 and len(set(words)) == len(words) and set(words) <= set(WORDS)
+    assert len(WORDS) == len(set(WORDS))
+
+
+def test_the_word_order_files_are_the_generator_output_with_a_disjoint_test_split() -> None:
+    from folora_ds.training.tasks import word_order_records, word_order_test_records
+
+    train, test = _shipped("word_order.jsonl"), _shipped("word_order_test.jsonl")
+    assert train == word_order_records(4000) and test == word_order_test_records(100)
+    test_sets = {frozenset(record["response"].split(", ")) for record in test}
+    assert len(test_sets) == 100  # no test list twice, in any order
+    assert not test_sets & {frozenset(record["response"].split(", ")) for record in train}

@@ -332,3 +332,14 @@ def test_the_shipped_quick_grid_keeps_its_run_keys():
     spec = load_spec("quick")
     assert [run.slug(spec.settings) for run in spec.runs] == ["plain-lora_lr0.001_seed0_e39cbfe4da",
                                                               "folora_lr0.001_seed0_dbb76decf8"]
+
+
+def test_shipped_data_paths_resolve_to_the_package_files():
+    from folora_ds.toolkit.grid.spec import DATA_FILES_DIR, shipped_paths
+
+    resolved = shipped_paths({"data": "shipped:word_order.jsonl", "batch_size": 8,
+                              "evaluation": {"test_data": "shipped:word_order_test.jsonl", "test_records": 5}})
+    assert resolved["data"] == str(DATA_FILES_DIR / "word_order.jsonl")
+    assert resolved["evaluation"] == {"test_data": str(DATA_FILES_DIR / "word_order_test.jsonl"), "test_records": 5}
+    with pytest.raises(FileNotFoundError, match="names no shipped data file"):
+        shipped_paths({"evaluation": {"questions": "shipped:nope.jsonl"}})
