@@ -30,6 +30,8 @@ from folora_ds.toolkit.measures import has_number_answer, retention_by_group
 
 METRICS = ("target_accuracy", "retention", "questions_correct", "kl_per_token", "adapted_perplexity",
            "penalty_total", "penalty_relative_total", "penalty_relative_mean", "train_seconds", "eval_seconds")
+OPTIONAL_METRICS = ("legacy_retention", "legacy_questions_correct")
+"""Metrics only grids with a legacy retention probe measure (aggregated where every seed of a group has them)."""
 PROXIES = ("penalty_total", "penalty_relative_total", "penalty_relative_mean")
 PLAIN_LABEL_METHOD = "lora"
 MAIN_FIGURE = "frontier"  # frontier.png; a spec entry's "figure": NAME draws its label in frontier_NAME.png
@@ -56,7 +58,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (label, method, knobs, lr, steps), members in groups.items():
         entry: dict[str, Any] = {"label": label, "method": method, "knobs": knobs, "lr": lr, "steps": steps,
                                  "seeds": len(members)}
-        for metric in METRICS:
+        for metric in METRICS + tuple(m for m in OPTIONAL_METRICS if all(m in row for row in members)):
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean_std([float(m[metric]) for m in members])
         result.append(entry)
     return sorted(result, key=lambda e: (e["label"] != "plain LoRA", e["label"], e["lr"], e["steps"]))
@@ -166,9 +168,11 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "No finished run yet."
     groups = aggregate(rows)
-    lines = ["| method | lr | steps | seeds | target accuracy | retention of base-correct | KL(base‖adapted)/token | "
+    legacy = any("legacy_retention_mean" in g for g in groups)  # a second column: the grid's earlier probe
+    lines = ["| method | lr | steps | seeds | target accuracy | retention of base-correct | "
+             + ("legacy probe retention | " if legacy else "") + "KL(base‖adapted)/token | "
              "perplexity | relative forgetting F | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if legacy else "")]
     for g in groups:
         knobs = json.loads(g["knobs"])
         label = g["label"] + (f" ({', '.join(f'{k}={v}' for k, v in knobs.items())})"
@@ -176,7 +180,9 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(f"| {label} | {g['lr']:g} | {g['steps']} | {g['seeds']} | "
                      f"{_fmt(g['target_accuracy_mean'], g['target_accuracy_std'], True)} | "
                      f"{_fmt(g['retention_mean'], g['retention_std'], True)} | "
-                     f"{_fmt(g['kl_per_token_mean'], g['kl_per_token_std'])} | "
+                     + (("—" if "legacy_retention_mean" not in g else
+                         _fmt(g["legacy_retention_mean"], g["legacy_retention_std"], True)) + " | " if legacy else "")
+                     + f"{_fmt(g['kl_per_token_mean'], g['kl_per_token_std'])} | "
                      f"{g['adapted_perplexity_mean']:.2f} | "
                      f"{g['penalty_relative_mean_mean']:.2e} ± {g['penalty_relative_mean_std']:.1e} | "
                      f"{g['train_seconds_mean']:.0f} |")

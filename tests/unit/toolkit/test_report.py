@@ -151,3 +151,17 @@ def test_lost_questions_markdown_counts_groups_losses_and_flags_a_mismatch():
     assert "| How many days are in a week? | yes | 1/2 | seven |" in text
     assert "| Capital of Peru? |  | 1/2 | Cusco / Lima? no |" in text  # one cell: bars and newlines escaped
     assert "Chile" not in text  # the base got it wrong: not a loss
+
+
+def test_a_legacy_probe_gets_its_own_column_and_is_averaged_over_seeds():
+    rows = [{**_row("plain LoRA", "lora", 4e-4, s, 60, 0.6, 0.08), "legacy_retention": 0.5 + 0.1 * s}
+            for s in range(3)]
+    rows += [_row("FoLoRA", "folora", 4e-4, 0, 60, 0.4, 0.01)]  # a row from before the probe: no value
+    groups = aggregate(rows)
+    assert groups[0]["legacy_retention_mean"] == pytest.approx(0.6)
+    assert "legacy_retention_mean" not in groups[1]
+    table = markdown_tables(rows)
+    assert "| legacy probe retention |" in table
+    assert "| plain LoRA | 0.0004 | 60 | 3 | 60.0% ± 0.0% | 80.0% ± 0.0% | 60.0% ± 10.0% |" in table
+    assert "| FoLoRA | 0.0004 | 60 | 1 | 40.0% ± 0.0% | 80.0% ± 0.0% | — |" in table
+    assert "legacy probe" not in markdown_tables(rows[3:])  # grids without it keep their table
