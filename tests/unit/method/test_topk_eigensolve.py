@@ -1,0 +1,106 @@
+"""``method.topk_eigensolve``: the k eigenpairs at either end of C_task v = λ C̃ v equal the full solve's, from the
+operator applications alone; a warm start needs fewer; SLQ estimates Σg and the median λ (issue 26, item 1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from folora_ds.method.eigensolve import solve_generalized_eigenproblem
+from folora_ds.method.topk_eigensolve import generalized_top_k, lanczos_quadrature, top_eigenpairs
+from tests.testing.linalg import F64, ill_conditioned, ridged, spd
+
+RIDGE = 1e-3
+
+
+def _problem(d: int, seed: int, *, tokens: int | None = None, c_pre=None):
+    c_pre = spd(d, seed) if c_pre is None else c_pre
+    c_task = spd(d, seed + 100, tokens=tokens)
+    return c_task, c_pre, ridged(c_pre, RIDGE), solve_generalized_eigenproblem(c_task, c_pre, ridge=RIDGE)
+
+
+def _assert_same_directions(top, full, indices, c_tilde):
+    """Equal λ, and the same directions: every principal cosine between the two C̃-orthonormal bases is 1."""
+    v_full, c_tilde_v_full = full.columns(indices)
+    torch.testing.assert_close(top.eigenvalues, full.eigenvalues[indices], rtol=1e-8,
+                               atol=1e-10 * float(full.eigenvalues.max()))
+    cosines = torch.linalg.svdvals(c_tilde_v_full.mT @ top.v)
+    assert float(cosines.min()) > 1 - 1e-8
+    torch.testing.assert_close(top.v.mT @ top.c_tilde_v, torch.eye(top.v.shape[1], dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(top.c_tilde_v, c_tilde @ top.v)
+
+
+@pytest.mark.parametrize("end", ["smallest", "largest"])
+def test_either_end_equals_the_full_solve(end, one_torch_thread):
+    d, k = 400, 12
+    c_task, _, c_tilde, full = _problem(d, 0)
+    top = generalized_top_k(c_task, c_tilde, k, end, spectrum=False, generator=torch.Generator().manual_seed(0))
+    assert top.converged and top.residual <= 1e-8
+    indices = torch.arange(k) if end == "smallest" else torch.arange(d - k, d)
+    _assert_same_directions(top, full, indices, c_tilde)
+
+
+def test_an_ill_conditioned_c_pre_still_gives_the_full_solves_most_attenuated_directions(one_torch_thread):
+    d, k = 128, 8
+    c_task, _, c_tilde, full = _problem(d, 1, c_pre=ill_conditioned(128, seed=1, condition=1e8))
+    top = generalized_top_k(c_task, c_tilde, k, "smallest", spectrum=False, generator=torch.Generator().manual_seed(1))
+    assert top.converged
+    _assert_same_directions(top, full, torch.arange(k), c_tilde)
+
+
+def test_beside_a_null_space_the_largest_end_finds_every_useful_direction(one_torch_thread):
+    """Fewer task tokens than d: C_task's null space is a cluster at λ = 0; the useful directions are the top."""
+    d, tokens, k = 96, 20, 20
+    c_task, _, c_tilde, full = _problem(d, 2, tokens=tokens)
+    top = generalized_top_k(c_task, c_tilde, k, "largest", spectrum=True, generator=torch.Generator().manual_seed(2))
+    assert top.converged
+    _assert_same_directions(top, full, torch.arange(d - k, d), c_tilde)
+    null = float(top.spectrum.weights[top.spectrum.nodes < 1e-6 * float(top.eigenvalues.max())].sum())
+    assert null == pytest.approx((d - tokens) / d, abs=0.02)  # the cluster's size, from the estimate
+
+
+def test_a_warm_start_from_the_previous_directions_needs_fewer_applications(one_torch_thread):
+    d, k = 400, 12
+    c_task, c_pre, c_tilde, full = _problem(d, 3)
+    cold = generalized_top_k(c_task, c_tilde, k, "smallest", spectrum=False, generator=torch.Generator().manual_seed(3))
+    drifted = c_task + 1e-4 * spd(d, 7)  # the next refresh's statistics, a little moved
+    warm = generalized_top_k(drifted, c_tilde, k, "smallest", start=cold.v, spectrum=False,
+                             generator=torch.Generator().manual_seed(3))
+    again = generalized_top_k(drifted, c_tilde, k, "smallest", spectrum=False,
+                              generator=torch.Generator().manual_seed(3))
+    assert warm.converged and again.converged
+    assert warm.applications < again.applications
+    torch.testing.assert_close(warm.eigenvalues, again.eigenvalues, rtol=1e-8, atol=0)
+
+
+def test_a_budget_too_small_reports_no_convergence_rather_than_a_wrong_answer():
+    generator = torch.Generator().manual_seed(4)
+    spectrum = torch.linspace(1.0, 1.001, 200, dtype=F64)  # no gap: nothing converges in one restart
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=generator, dtype=F64))
+    matrix = q @ torch.diag(spectrum) @ q.mT
+    pairs = top_eigenpairs(lambda block: matrix @ block, 200, 4, depth=1, restarts=1, tolerance=1e-12,
+                           generator=generator)
+    assert not pairs.converged and pairs.residual > 1e-12
+
+
+def test_slq_estimates_the_effective_rank_and_the_median(one_torch_thread):
+    """Σg (a smooth function of the spectrum) to 2%, the median λ (a smoothed-CDF crossing) to 10%, on a spectrum
+    spanning decades; d = 512, 8 probes x 80 Lanczos steps."""
+    d = 512
+    c_task, _, c_tilde, full = _problem(d, 5, c_pre=ill_conditioned(512, seed=5, condition=1e4))
+    lower = torch.linalg.cholesky(c_tilde)
+
+    def apply(block):
+        inner = torch.linalg.solve_triangular(lower.mT, block, upper=True)
+        return torch.linalg.solve_triangular(lower, c_task @ inner, upper=False)
+
+    estimate = lanczos_quadrature(apply, d, generator=torch.Generator().manual_seed(5))
+    eigenvalues = full.eigenvalues
+    median = float(eigenvalues.median())
+    assert math.log10(float(eigenvalues.max() / eigenvalues.min())) > 3
+    assert estimate.median() == pytest.approx(median, rel=0.10)
+    effective_rank = float((eigenvalues / (eigenvalues + median)).sum())
+    assert d * estimate.mean(estimate.nodes.clamp_min(0) / (estimate.nodes.clamp_min(0) + median)) == pytest.approx(
+        effective_rank, rel=0.02)
