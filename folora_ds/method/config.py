@@ -24,6 +24,10 @@ TAU_MODES = ("relative_median", "absolute")
 VARIANTS = ("A", "B")
 INITS = ("projected", "kaiming", "eigenvectors")
 TASK_TOKEN_MASKS = ("attention", "labels")
+EIGENSOLVERS = ("full", "top_k", "auto")
+TOP_K_MIN_DIM = 8192
+"""``eigensolver="auto"`` solves for the k stored directions only from this input width on (70B's 8192 and 28672,
+8B's 14336): below it the full solve takes seconds."""
 SOLVE_DTYPES = ("float64", "float32")
 STATISTICS_DTYPES = ("float32", "float64")
 PROXY_PROMPTS = ("bos", "random_token", "chat_empty_user", "mixed")
@@ -106,6 +110,10 @@ class FoLoRAConfig:
         max_ridge_escalations: times δ is multiplied by 10 after a Cholesky failure before giving up.
         solve_dtype: precision of the eigensolve; "float32" retries in float64 when ``retry_float64``.
         retry_float64: retry a failed float32 solve in float64.
+        eigensolver: "full" (every eigenpair; exact), "top_k" (only the k stored directions, by block Krylov
+            iteration, with the spectrum's distribution — τ's median, the base gate, Σg — estimated by stochastic
+            Lanczos quadrature; needs ``k``; falls back to the full solve when it does not converge or when k
+            would cut a tied cluster), or "auto" (top_k from d ≥ ``TOP_K_MIN_DIM`` with k ≤ d/16, else full).
         max_consecutive_failures: the N-th failed re-solve in a row of one input stops training with an error
             naming the layer; the N − 1 before it keep the previous basis.
         refresh_interval: optimizer steps between re-solves from the running C_task (0 = never).
@@ -151,6 +159,7 @@ class FoLoRAConfig:
     max_ridge_escalations: int = 6
     solve_dtype: str = "float64"
     retry_float64: bool = True
+    eigensolver: str = "full"
     max_consecutive_failures: int = 3
     refresh_interval: int = 100
     ema_decay: float = 0.9
@@ -189,6 +198,9 @@ class FoLoRAConfig:
         _require_int("max_ridge_escalations", self.max_ridge_escalations, 0)
         _require_choice("solve_dtype", self.solve_dtype, SOLVE_DTYPES)
         _require(isinstance(self.retry_float64, bool), "retry_float64", self.retry_float64, "true or false")
+        _require_choice("eigensolver", self.eigensolver, EIGENSOLVERS)
+        _require(self.eigensolver != "top_k" or self.k is not None, "eigensolver", self.eigensolver,
+                 '"full" or "auto" when k is null (every direction is stored: there is nothing to skip)')
         _require_int("max_consecutive_failures", self.max_consecutive_failures, 1)
         _require_int("refresh_interval", self.refresh_interval, 0)
         _require_real("ema_decay", self.ema_decay, low=0.0, high=1.0, low_open=False, high_open=True)

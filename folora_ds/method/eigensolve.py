@@ -69,7 +69,8 @@ class GeneralizedEigenResult:
         return self.columns()[1]
 
 
-def _check_statistics(c_task: torch.Tensor, c_pre: torch.Tensor, layer: str) -> None:
+def check_statistics(c_task: torch.Tensor, c_pre: torch.Tensor, layer: str) -> None:
+    """Raise ValueError for shapes that are not one (d, d) pair, NonFiniteStatisticsError for NaN/Inf."""
     for name, matrix in (("C_task", c_task), ("C_pre", c_pre)):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"{layer!r}: {name} must be a square (d, d) matrix, got shape {tuple(matrix.shape)}")
@@ -144,7 +145,7 @@ def solve_generalized_eigenproblem(
         SpectralSolveError: C_pre is zero, or the solve failed in every allowed precision and ridge.
         ValueError: shapes are not (d, d) or differ.
     """
-    _check_statistics(c_task, c_pre, layer)
+    check_statistics(c_task, c_pre, layer)
     try:
         return _solve_once(c_task, c_pre, solve_dtype, ridge, max_ridge_escalations, layer)
     except SpectralSolveError:

@@ -17,18 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
 
-from folora_ds.method.config import FoLoRAConfig
+from folora_ds.method.config import TOP_K_MIN_DIM, FoLoRAConfig
 from folora_ds.method.eigensolve import (
     ConsecutiveSolveFailuresError,
     SpectralSolveError,
+    check_statistics,
     solve_generalized_eigenproblem,
 )
 from folora_ds.method.projector import Projector, build_projector, select_directions
+from folora_ds.method.topk_eigensolve import GeneralizedTopK, SpectrumEstimate, generalized_top_k, shifted_cholesky
 
+EXACT_POSITIVES = 256
+"""Beside a null space, the top-k solver computes every positive λ when there are at most max(4k, this) of them:
+τ's median is then exact; SLQ's estimate of the median of a small positive part is off by up to ~15%."""
 NULL_SPACE_RTOL = 1e-6
 """Generalized eigenvalues below this fraction of the largest are C_task's null space seen through round-off."""
 
@@ -101,6 +107,8 @@ class SolveReport:
         approximated: directions whose gate differs from ``base_gate`` by more than the tie tolerance but are not
             stored (k too small; 0 = exact).
         split_ties: of those, directions of tied clusters left out whole instead of being split by k.
+        estimated: the top-k solver made it: ``eigenvalues`` and ``gates`` hold the k stored directions exactly
+            and the other d − k as quantiles of the spectrum's SLQ estimate (their sum Σg is an estimate too).
     """
 
     key: str
@@ -114,6 +122,7 @@ class SolveReport:
     base_gate: float = 1.0
     approximated: int = 0
     split_ties: int = 0
+    estimated: bool = False
 
 
 class SpectralSolver:
@@ -129,6 +138,14 @@ class SpectralSolver:
         self._projectors: dict[str, Projector] = {}
         self._reports: dict[str, SolveReport] = {}
         self._consecutive_failures: dict[str, int] = {}
+        self._warm_starts: dict[tuple[str, str], torch.Tensor] = {}
+        self.top_k_fallbacks: dict[str, int] = {}
+
+    def uses_top_k(self, dim: int) -> bool:
+        """Whether an input of width ``dim`` is solved for its k stored directions only (``eigensolver``)."""
+        cfg = self.config
+        return cfg.k is not None and cfg.k < dim and (
+            cfg.eigensolver == "top_k" or (cfg.eigensolver == "auto" and dim >= TOP_K_MIN_DIM and 16 * cfg.k <= dim))
 
     def solve(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor, *,
               tau_scale: float = 1.0) -> tuple[Projector, SolveReport]:
@@ -137,6 +154,12 @@ class SpectralSolver:
         ``tau_scale`` multiplies the configured τ (the forgetting budget's dual-ascent factor, 1 without one).
         """
         cfg = self.config
+        if self.uses_top_k(c_pre.shape[0]):
+            check_statistics(c_task, c_pre, key)
+            solved = self._solve_top_k(key, c_task, c_pre, tau_scale)
+            if solved is not None:
+                return self._keep(key, *solved)
+            self.top_k_fallbacks[key] = self.top_k_fallbacks.get(key, 0) + 1  # the exact solve decides
         try:
             result = solve_generalized_eigenproblem(
                 c_task, c_pre, ridge=cfg.ridge, max_ridge_escalations=cfg.max_ridge_escalations,
@@ -163,10 +186,115 @@ class SpectralSolver:
         report = SolveReport(key, result.eigenvalues, gates, tau, result.ridge, failed=False,
                              consecutive_failures=0, stored=choice.indices.numel(), base_gate=choice.base,
                              approximated=choice.approximated, split_ties=choice.split_ties)
+        return self._keep(key, projector, report)
+
+    def _keep(self, key: str, projector: Projector, report: SolveReport) -> tuple[Projector, SolveReport]:
         self._projectors[key] = projector
         self._reports[key] = report
         self._consecutive_failures[key] = 0
         return projector, report
+
+    def _solve_top_k(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor,
+                     tau_scale: float) -> tuple[Projector, SolveReport] | None:
+        """The projector of the k directions ``select_directions`` would store, without the full solve (module
+        ``topk_eigensolve``); None — the full solve then decides — when an iteration does not converge, a factor
+        does not exist, or k would cut a tied cluster (which only the full solve stores whole or not at all).
+
+        The spectrum estimate gives λ_max (so the null space, λ < NULL_SPACE_RTOL·λ_max), τ (its median) and the
+        choice of base as ``select_directions`` makes it: Σ|g − base| over the directions not stored, for base 1
+        (store the k smallest λ) and, beside a null-space cluster, for its gate (store the k largest)."""
+        cfg, dim, k = self.config, c_pre.shape[0], self.config.k
+        dtype = getattr(torch, cfg.solve_dtype)
+        scale = float(torch.trace(c_pre)) / dim
+        if not scale > 0:
+            return None
+        c_tilde = c_pre.to(dtype, copy=True)
+        c_tilde.diagonal().add_(cfg.ridge * scale)
+        c_task = c_task.to(dtype)
+        generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))  # the same draw on any rank
+        try:
+            small = generalized_top_k(c_task, c_tilde, k + 1, "smallest", factor=shifted_cholesky(c_task, c_tilde),
+                                      start=self._warm_starts.get((key, "smallest")), generator=generator)
+        except torch.linalg.LinAlgError:
+            return None
+        spectrum = small.spectrum
+        largest = float(spectrum.nodes.max())
+        if not small.converged or not largest > 0:
+            return None
+        threshold = NULL_SPACE_RTOL * largest
+
+        def cleaned(values: torch.Tensor) -> torch.Tensor:  # round-off of C_task's null space is exactly 0
+            return torch.where(values >= threshold, values, torch.zeros_like(values))
+
+        tau = (cfg.tau if cfg.tau_mode == "absolute" else cfg.tau * spectrum.median(above=threshold)) * tau_scale
+
+        def gate(values: torch.Tensor) -> torch.Tensor:  # reads τ when called: the exact one, once known
+            return gate_values(cleaned(values), kind=cfg.gate, tau=tau, temperature=cfg.temperature)
+
+        node_gates = gate(spectrum.nodes)
+        null_count = round(dim * float(spectrum.weights[spectrum.nodes < threshold].sum()))
+        null_gate = float(gate(torch.zeros(1, dtype=dtype)))
+        small_gates = gate(small.eigenvalues)
+        left_with_base_one = dim * spectrum.mean(1 - node_gates) - float((1 - small_gates[:k]).sum())
+        store_largest = False
+        if null_count >= 2:
+            distance = (node_gates - null_gate).abs()
+            order = torch.argsort(spectrum.nodes, descending=True)
+            in_top = torch.cumsum(spectrum.weights[order], 0) <= k / dim
+            top_share = float((spectrum.weights * distance)[order][in_top].sum())
+            left_with_null_base = dim * (spectrum.mean(distance) - top_share)
+            store_largest = null_count > k or left_with_null_base < left_with_base_one - 1e-9 * dim
+        if not store_largest:
+            if abs(float(small_gates[k - 1] - small_gates[k])) <= cfg.gate_tie_tolerance:
+                return None
+            return self._top_k_result(key, small, slice(0, k), small_gates[:k], 1.0, spectrum, gate, tau, cfg.ridge)
+        try:
+            lower = torch.linalg.cholesky(c_tilde)
+        except torch.linalg.LinAlgError:
+            return None
+        positives = dim - null_count  # few task tokens: solve for all of them, so τ is exact (SLQ's is not)
+        wanted = min(positives + 1 if positives <= max(4 * k, EXACT_POSITIVES) else k + 1, dim)
+        large = generalized_top_k(c_task, c_tilde, wanted, "largest", factor=(lower, 0.0), spectrum=False,
+                                  start=self._warm_starts.get((key, "largest")), generator=generator)
+        if not large.converged:
+            return None
+        useful = int((cleaned(large.eigenvalues) > 0).sum())
+        if useful < wanted:  # the whole positive part: τ from it, as the full solve computes it
+            tau = effective_tau(cleaned(large.eigenvalues), cfg.tau, cfg.tau_mode) * tau_scale
+        large_gates = gate(large.eigenvalues)  # ascending
+        if useful > k and abs(float(large_gates[-k] - large_gates[-k - 1])) <= cfg.gate_tie_tolerance:
+            return None
+        count = min(useful, k)
+        chosen = slice(large.eigenvalues.numel() - count, large.eigenvalues.numel())
+        return self._top_k_result(key, large, chosen, large_gates[chosen], null_gate, spectrum, gate, tau, cfg.ridge)
+
+    def _top_k_result(self, key: str, solved: GeneralizedTopK, chosen: slice, gates: torch.Tensor, base: float,
+                      spectrum: SpectrumEstimate, gate, tau: float, ridge: float) -> tuple[Projector, SolveReport]:
+        """The width-k projector of the ``chosen`` directions and a report whose d eigenvalues are the stored ones
+        exactly and the rest quantiles of ``spectrum``."""
+        cfg, dim = self.config, solved.v.shape[0]
+        count = gates.numel()
+        c_tilde_v = solved.c_tilde_v.new_zeros(dim, cfg.k)
+        v = solved.v.new_zeros(dim, cfg.k)
+        stored_gates = gates.new_full((cfg.k,), base)
+        v[:, :count], c_tilde_v[:, :count] = solved.v[:, chosen], solved.c_tilde_v[:, chosen]
+        stored_gates[:count] = gates
+        self._warm_starts[(key, solved.end)] = solved.v[:, chosen].clone()
+        order = torch.argsort(spectrum.nodes)
+        cumulative = torch.cumsum(spectrum.weights[order], 0)
+        quantiles = (torch.arange(dim, dtype=cumulative.dtype) + 0.5) / dim
+        picked = torch.searchsorted(cumulative, quantiles * cumulative[-1]).clamp_max(order.numel() - 1)
+        eigenvalues = spectrum.nodes[order][picked].clamp_min(0)
+        if solved.end == "smallest":
+            eigenvalues[:count] = solved.eigenvalues[chosen]
+        else:
+            eigenvalues[dim - count:] = solved.eigenvalues[chosen]
+        eigenvalues, _ = torch.sort(eigenvalues)
+        all_gates = gate(eigenvalues)
+        far = int(((all_gates - base).abs() > cfg.gate_tie_tolerance).sum())
+        report = SolveReport(key, eigenvalues, all_gates, tau, ridge, failed=False, consecutive_failures=0,
+                             stored=count, base_gate=base, approximated=max(far - count, 0), estimated=True)
+        return Projector(c_tilde_v, v, stored_gates, base), report
 
     def state_dict(self) -> dict:
         """The last good projector, report and failure count per key (tensors on CPU)."""

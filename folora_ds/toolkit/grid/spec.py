@@ -149,6 +149,9 @@ class GridRun:
         if self.method == "folora":
             resolved = grid_folora_config(settings, self.knobs).to_dict()
             resolved.pop("proxy")  # the grid's shared proxy settings are in "settings"
+            for name, before in FOLORA_FIELDS_ADDED.items():  # runs made before the field existed keep their key
+                if resolved.get(name) == before:
+                    resolved.pop(name)
             identity["folora"] = resolved
         if self.proxy_sequences is not None:  # absent by default, so runs made before it existed keep their key
             identity["proxy_sequences"] = self.proxy_sequences
@@ -216,6 +219,11 @@ class GridSpec:
     best: tuple[BestLearningRate, ...] = ()
     figures: Mapping[str, str] = field(default_factory=dict)
 
+
+FOLORA_FIELDS_ADDED = {"eigensolver": "full"}
+"""FoLoRA config fields added after grids had run, with the value that does what every run did before them: a run's
+key leaves such a field out at that value, so adding a field invalidates no finished run (a changed default of an
+older field still does)."""
 
 SHIPPED_PREFIX = "shipped:"
 """A data path ``"shipped:<name>"`` in a spec is the package's ``data_files/<name>``: the shipped grids name the

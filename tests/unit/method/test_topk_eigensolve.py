@@ -104,3 +104,61 @@ def test_slq_estimates_the_effective_rank_and_the_median(one_torch_thread):
     effective_rank = float((eigenvalues / (eigenvalues + median)).sum())
     assert d * estimate.mean(estimate.nodes.clamp_min(0) / (estimate.nodes.clamp_min(0) + median)) == pytest.approx(
         effective_rank, rel=0.02)
+
+
+def _solvers(**overrides):
+    from folora_ds.method.config import FoLoRAConfig
+    from folora_ds.method.spectral import SpectralSolver
+
+    settings = {"k": 12, "ridge": RIDGE, "eigensolver": "top_k", **overrides}
+    return SpectralSolver(FoLoRAConfig(**settings)), SpectralSolver(FoLoRAConfig(**{**settings, "eigensolver": "full"}))
+
+
+def _gated_rows(projector, seed: int, dim: int) -> torch.Tensor:
+    from folora_ds.method.projector import apply_projector
+
+    rows = torch.randn(8, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return apply_projector(rows, projector)
+
+
+@pytest.mark.parametrize(("tokens", "base"), [(None, 1.0), (60, 0.0)], ids=["full_rank", "null_space"])
+def test_the_solver_stores_what_the_full_solve_stores(tokens, base, one_torch_thread):
+    """Full-rank C_task: the k most attenuated directions, base 1. Fewer tokens than d: the null space is one
+    cluster at g = 0 and the k most useful directions are stored beside it. Same directions, gates and gated
+    update as the full solve, up to τ, which the top-k solver estimates (the median λ by SLQ)."""
+    d = 400
+    c_task, c_pre = spd(d, 10 + (tokens or 0), tokens=tokens), spd(d, 11)
+    top_k, full = _solvers()
+    top_projector, top_report = top_k.solve("layer", c_task, c_pre)
+    full_projector, full_report = full.solve("layer", c_task, c_pre)
+    assert top_k.top_k_fallbacks == {} and top_report.estimated and not full_report.estimated
+    assert top_projector.base == full_projector.base == base
+    assert top_report.stored == full_report.stored == 12
+    assert top_report.tau == pytest.approx(full_report.tau, rel=0.15)  # measured: 1% full rank, 10% null space
+    cosines = torch.linalg.svdvals(full_projector.c_tilde_v.mT @ top_projector.v)
+    assert float(cosines.min()) > 1 - 1e-8
+    torch.testing.assert_close(torch.sort(top_projector.gates).values, torch.sort(full_projector.gates).values,
+                               atol=0.02, rtol=0)
+    gated_top, gated_full = _gated_rows(top_projector, 0, d), _gated_rows(full_projector, 0, d)
+    assert float((gated_top - gated_full).norm() / gated_full.norm()) < 0.01
+    assert float(top_report.gates.sum()) == pytest.approx(float(full_report.gates.sum()), rel=0.05)  # Σg
+
+
+def test_a_tie_at_the_cut_falls_back_to_the_exact_solve(one_torch_thread):
+    """Gates tied across the k-th direction: only the full solve stores the cluster whole or not at all."""
+    d = 300
+    generator = torch.Generator().manual_seed(12)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=F64))
+    spectrum = torch.cat([torch.full((20,), 0.01, dtype=F64), torch.logspace(-1, 1, d - 20, dtype=F64)])
+    c_task = q @ torch.diag(spectrum) @ q.mT
+    c_pre = torch.eye(d, dtype=F64)
+    top_k, full = _solvers()
+    top_projector, _ = top_k.solve("tied", (c_task + c_task.mT) / 2, c_pre)
+    full_projector, _ = full.solve("tied", (c_task + c_task.mT) / 2, c_pre)
+    assert top_k.top_k_fallbacks == {"tied": 1}
+    torch.testing.assert_close(top_projector.gates, full_projector.gates)
+
+
+def test_auto_solves_narrow_inputs_in_full():
+    top_k, _ = _solvers(eigensolver="auto")
+    assert not top_k.uses_top_k(4096) and top_k.uses_top_k(8192) and not top_k.uses_top_k(100)

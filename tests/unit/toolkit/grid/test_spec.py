@@ -343,3 +343,16 @@ def test_shipped_data_paths_resolve_to_the_package_files():
     assert resolved["evaluation"] == {"test_data": str(DATA_FILES_DIR / "word_order_test.jsonl"), "test_records": 5}
     with pytest.raises(FileNotFoundError, match="names no shipped data file"):
         shipped_paths({"evaluation": {"questions": "shipped:nope.jsonl"}})
+
+
+def test_a_folora_field_added_later_keeps_the_keys_of_runs_made_before_it():
+    from folora_ds.toolkit.grid.spec import FOLORA_FIELDS_ADDED, GridRun, GridSettings
+
+    settings = GridSettings(model="tiny-llama")
+    run = GridRun(label="FoLoRA", method="folora", lr=4e-4, seed=0, steps=(60,))
+    assert all(name not in run.identity(settings)["folora"] for name in FOLORA_FIELDS_ADDED)
+    other = GridRun(label="FoLoRA", method="folora", lr=4e-4, seed=0, steps=(60,),
+                    knobs={"eigensolver": "auto", "k": 64})
+    assert other.identity(settings)["folora"]["eigensolver"] == "auto"
+    assert other.slug(settings) != GridRun(label="FoLoRA", method="folora", lr=4e-4, seed=0, steps=(60,),
+                                           knobs={"k": 64}).slug(settings)
