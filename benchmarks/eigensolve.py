@@ -1,13 +1,22 @@
-"""Generalized eigensolve time and memory (FoLoRA's solver) for d = 1024–4096, fitted as c·d³ and extrapolated.
+"""A refresh's solve of one input: the full generalized eigensolve against the top-k solver, time, memory and accuracy.
 
-The statistics are float32 (as the collector keeps them) and the solve runs in each dtype. Each (dtype, d) runs in a
-fresh subprocess so that its peak memory is its own: time of
-``solve_generalized_eigenproblem`` (Cholesky with ridge, whitening, symmetric eigendecomposition, back-substitution;
-the best of ``--repeats``) and the peak resident memory the solve added, in (d, d) matrices of the solve dtype.
-The fit c = Σ t·d³ / Σ d⁶ gives the seconds per d³/10⁹ that ``folora-ds plan --solve-rate`` takes.
+Each (dtype, d) runs in a fresh subprocess so that its peak memory is its own. The statistics are float32, as the
+collector keeps them: C_pre from 2d random inputs, C_task from ``--task-tokens`` (default d/4: rank-deficient, a
+null space beside the useful directions; ``--task-tokens 0`` gives 2d, full rank). ``SpectralSolver.solve`` runs
+with ``eigensolver="full"`` and ``"top_k"`` (k = ``--k``) on the same statistics; the top-k solver then re-solves
+slightly moved statistics warm-started from its own directions, as a refresh does. Columns:
 
-    python benchmarks/eigensolve.py                     # CPU here
-    python benchmarks/eigensolve.py --device cuda --dims 2048 4096 8192
+- seconds (best of ``--repeats``), and the peak resident memory the solve added, in (d, d) matrices of its dtype;
+- ``speedup``: full ÷ top-k; ``min_cosine``: the smallest principal cosine between the stored directions of both
+  (in the C̃ inner product; 1 = the same subspace); ``gate_error``: the largest difference of their stored gates;
+  ``update_error``: ‖P_topk u − P_full u‖ / ‖P_full u‖ over 16 random LoRA-A rows u; ``tau_error``: τ's relative
+  difference (the top-k solver estimates the median λ).
+
+The full solve's fit c = Σ t·d³ / Σ d⁶ gives the seconds per d³/10⁹ that ``folora-ds plan --solve-rate`` takes.
+
+    python benchmarks/eigensolve.py                                   # CPU here: d = 1024 ... 4096, full only
+    python benchmarks/eigensolve.py --dims 4096 8192 --solvers full top_k --k 64 --dtypes float64
+    python benchmarks/eigensolve.py --device cuda --dims 4096 8192 14336 28672 --solvers full top_k --json out.json
 """
 
 from __future__ import annotations
@@ -16,70 +25,130 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 EXTRAPOLATE = (8192, 14336, 28672)
 
 
-def _one(dim: int, dtype_name: str, device: str, repeats: int) -> dict:
+def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: list[str], task_tokens: int) -> dict:
     import resource
     import time
 
     import torch
 
-    from folora_ds.method.eigensolve import solve_generalized_eigenproblem
+    from folora_ds.method.config import FoLoRAConfig
+    from folora_ds.method.projector import apply_projector
+    from folora_ds.method.spectral import SpectralSolver
 
-    dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(dim)
-    x = torch.randn(2 * dim, dim, generator=generator)  # float32 statistics, as the collector keeps them
+    x = torch.randn(2 * dim, dim, generator=generator)
     c_pre = (x.T @ x / (2 * dim)).to(device)
-    y = torch.randn(dim // 4, dim, generator=generator)  # a low-rank task covariance
-    c_task = (y.T @ y / dim).to(device)
-    del x, y
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    best = float("inf")
-    for _ in range(repeats):
+    del x
+    tokens = task_tokens or 2 * dim
+    y = torch.randn(tokens, dim, generator=generator) * (torch.rand(dim, generator=generator) + 0.1)
+    c_task = (y.T @ y / tokens).to(device)
+    moved = c_task + 1e-3 * torch.diag(torch.rand(dim, generator=generator)).to(device)  # the next refresh
+    del y
+
+    def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
+
+    row: dict = {"dim": dim, "dtype": dtype_name, "k": k, "task_tokens": tokens}
+    projectors, reports = {}, {}
+    for solver_name in solvers:
+        solver = SpectralSolver(FoLoRAConfig(k=k, eigensolver=solver_name, solve_dtype=dtype_name))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        solve_generalized_eigenproblem(c_task, c_pre, solve_dtype=dtype, retry_float64=False)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    if device == "cuda":
-        added = torch.cuda.max_memory_allocated() - 2 * dim * dim * 4
-    else:
-        added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"dim": dim, "dtype": dtype_name, "seconds": best,
-            "workspace_matrices": added / (dim * dim * dtype.itemsize)}
+        best = float("inf")
+        for _ in range(repeats):
+            fresh = SpectralSolver(solver.config)  # no warm start: the first solve of a run
+            sync()
+            start = time.perf_counter()
+            projectors[solver_name], reports[solver_name] = fresh.solve("input", c_task, c_pre)
+            sync()
+            best = min(best, time.perf_counter() - start)
+            solver = fresh
+        added = (torch.cuda.max_memory_allocated() - 3 * dim * dim * 4 if device == "cuda"
+                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+        row[f"{solver_name}_seconds"] = best
+        row[f"{solver_name}_workspace_matrices"] = added / (dim * dim * getattr(torch, dtype_name).itemsize)
+        if solver_name == "top_k":
+            row["top_k_fallbacks"] = sum(solver.top_k_fallbacks.values())
+            sync()
+            start = time.perf_counter()
+            solver.solve("input", moved, c_pre)  # a refresh: warm-started from the directions just found
+            sync()
+            row["top_k_warm_seconds"] = time.perf_counter() - start
+    if {"full", "top_k"} <= set(projectors):
+        full, top = projectors["full"], projectors["top_k"]
+        rows = torch.randn(16, dim, generator=generator).to(device, full.v.dtype)
+        reference = apply_projector(rows, full)
+        count = reports["full"].stored
+        cosines = torch.linalg.svdvals(full.c_tilde_v[:, :count].mT @ top.v[:, :count])
+        row.update(speedup=row["full_seconds"] / row["top_k_seconds"],
+                   min_cosine=float(cosines.min()) if count else 1.0,
+                   gate_error=float((torch.sort(full.gates).values - torch.sort(top.gates).values).abs().max()),
+                   update_error=float((apply_projector(rows, top) - reference).norm() / reference.norm()),
+                   tau_error=abs(reports["top_k"].tau / reports["full"].tau - 1))
+    return row
+
+
+def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, solvers: list[str],
+        task_tokens: int | None) -> list[dict]:
+    """Every (dtype, d) in its own subprocess; prints a line per row and returns the rows."""
+    rows = []
+    for dtype in dtypes:
+        for dim in dims:
+            tokens = dim // 4 if task_tokens is None else task_tokens
+            out = subprocess.run([sys.executable, __file__, "--one", str(dim), dtype, "--device", device,
+                                  "--repeats", str(repeats), "--k", str(k), "--solvers", *solvers,
+                                  "--task-tokens", str(tokens)], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"d={dim} {dtype} failed:\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            line = f"{dtype} d={dim}: " + ", ".join(
+                f"{name} {row[f'{name}_seconds']:.2f} s ({row[f'{name}_workspace_matrices']:.1f} (d, d))"
+                for name in solvers)
+            if "speedup" in row:
+                line += (f"; top-k warm {row['top_k_warm_seconds']:.2f} s; speedup {row['speedup']:.1f}x; min cosine "
+                         f"{row['min_cosine']:.8f}, gate error {row['gate_error']:.1e}, update error "
+                         f"{row['update_error']:.1e}, tau error {row['tau_error']:.1e}, fallbacks "
+                         f"{row['top_k_fallbacks']}")
+            print(line, flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--solvers", nargs="+", default=["full"], choices=["full", "top_k"])
+    parser.add_argument("--k", type=int, default=64, help="stored directions (FoLoRA's k)")
+    parser.add_argument("--task-tokens", type=int, default=None, help="rows of C_task (default d/4; 0: 2d)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(_one(int(args.one[0]), args.one[1], args.device, args.repeats)))
+        print(json.dumps(_one(int(args.one[0]), args.one[1], args.device, args.repeats, args.k, args.solvers,
+                              args.task_tokens)))
         return
     import torch
 
-    print(f"device={args.device} threads={torch.get_num_threads()}")
-    for dtype in args.dtypes:
-        rows = []
-        for dim in args.dims:
-            out = subprocess.run([sys.executable, __file__, "--one", str(dim), dtype, "--device", args.device,
-                                  "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            row = rows[-1]
-            print(f"{dtype} d={dim}: {row['seconds']:.2f} s, workspace ≈ {row['workspace_matrices']:.1f} (d, d) "
-                  "matrices", flush=True)
-        rate = sum(r["seconds"] * r["dim"] ** 3 for r in rows) / sum(r["dim"] ** 6 for r in rows) * 1e9
-        print(f"{dtype}: fit t = {rate:.3f} s × (d/1000)³;  " + ", ".join(
-            f"d={d}: {rate * (d / 1000) ** 3:,.0f} s" for d in EXTRAPOLATE) + f";  --solve-rate {rate:.3g}")
+    print(f"device={args.device} threads={torch.get_num_threads()} k={args.k} solvers={args.solvers}")
+    rows = run(args.dims, args.dtypes, args.device, args.repeats, args.k, args.solvers, args.task_tokens)
+    if "full" in args.solvers:
+        for dtype in args.dtypes:
+            mine = [r for r in rows if r["dtype"] == dtype]
+            rate = sum(r["full_seconds"] * r["dim"] ** 3 for r in mine) / sum(r["dim"] ** 6 for r in mine) * 1e9
+            print(f"{dtype}: full solve fit t = {rate:.3f} s × (d/1000)³;  " + ", ".join(
+                f"d={d}: {rate * (d / 1000) ** 3:,.0f} s" for d in EXTRAPOLATE) + f";  --solve-rate {rate:.3g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ optimizers so that machine noise hits both alike.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--no-foreach", action="store_true", help="baseline AdamW with foreach=False")
+    parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,11 +99,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads) dtype={args.dtype} r={args.r} d={args.d} modules={args.modules} "
           f"steps={args.steps} baseline=AdamW(foreach={not args.no_foreach})")
     print(f"{'k':>5} {'AdamW ms':>10} {'Gated ms':>10} {'ratio':>7} {'projectors MiB':>15}")
+    rows = []
     for k in args.k:
         row = measure(d=args.d, r=args.r, modules=args.modules, k=k, steps=args.steps, warmup=args.warmup,
                       device=device, dtype=dtype, foreach_baseline=not args.no_foreach)
+        rows.append({**row, "d": args.d, "r": args.r, "modules": args.modules, "dtype": args.dtype,
+                     "device": str(device)})
         print(f"{row['k']:>5} {row['adamw_ms']:>10.2f} {row['gated_ms']:>10.2f} {row['ratio']:>7.2f} "
               f"{row['projector_MiB']:>15.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ reports the token-row bytes each rank sends per training micro-batch and the sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -198,6 +200,14 @@ def _bench(rank: int, world: int, args) -> None:
         full_copy = sum(d * min(d, args.k or d) * 2 * 4 + min(d, args.k or d) * 4 for d in dims.values())
         print(f"projector bytes held per rank: {held} (one full copy: {full_copy}; "
               f"sum/copy = {sum(held) / full_copy:.2f})")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "device": str(device), "world": world, "stage": args.stage, "precision": args.precision,
+                "hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "rank": args.rank,
+                "k": args.k, "batch": args.batch, "seq": args.seq, "adamw_ms": plain_step * 1e3,
+                "folora_ms": folora_step * 1e3, "ratio": folora_step / plain_step,
+                "refresh_ms": refresh_seconds * 1e3,
+                "gated_steps": sorted(set(controller.gated_step_counts()))}, indent=1))
 
 
 def _peak_rss() -> int:
@@ -238,6 +248,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-pass", action="store_true", help="skip the exact statistics pass timing")
+    parser.add_argument("--json", help="rank 0 also writes the step times here")
     parser.add_argument("--synthetic-bases", action="store_true", help="random orthonormal bases instead of "
                         "eigensolves (real block widths: a d = 28672 solve takes over an hour on 2 cores)")
     parser.add_argument("--statistics-tokens", type=int, default=FoLoRAConfig().statistics_tokens,
