@@ -200,7 +200,7 @@ def _peft_model(name: str, folora: FoLoRAConfig, seed: int):
 
 
 def _with_lora(model: torch.nn.Module, lora: LoraConfig):
-    """``get_peft_model`` without the FutureWarning peft 0.18 triggers in transformers 5 by probing the deprecated
+    """``get_peft_model`` without the FutureWarning peft 0.21 triggers in transformers 5 by probing the deprecated
     ``is_gradient_checkpointing`` (two lines of noise in every run, nothing the user can act on)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -434,8 +434,7 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float, sess
     write_json(output_dir / "summary.json", summary)
     plot_gates(summary["layers"], output_dir / "gates.png",
                title=f"FoLoRA gates ({settings.model}, after {folora_done['optimizer_steps']} steps)")
-    if checkpoints.every:
-        checkpoints.remove()  # the run's outputs are complete
+    checkpoints.remove()  # the run's outputs are complete (also a resume's that saved no more checkpoints)
     return summary
 
 
