@@ -285,10 +285,11 @@ class SpectralSolver:
         quantiles = (torch.arange(dim, dtype=cumulative.dtype) + 0.5) / dim
         picked = torch.searchsorted(cumulative, quantiles * cumulative[-1]).clamp_max(order.numel() - 1)
         eigenvalues = spectrum.nodes[order][picked].clamp_min(0)
+        exact = solved.eigenvalues[chosen].to(eigenvalues.device)  # the estimate lives on the CPU
         if solved.end == "smallest":
-            eigenvalues[:count] = solved.eigenvalues[chosen]
+            eigenvalues[:count] = exact
         else:
-            eigenvalues[dim - count:] = solved.eigenvalues[chosen]
+            eigenvalues[dim - count:] = exact
         eigenvalues, _ = torch.sort(eigenvalues)
         all_gates = gate(eigenvalues)
         far = int(((all_gates - base).abs() > cfg.gate_tie_tolerance).sum())

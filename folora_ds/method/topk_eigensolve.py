@@ -66,15 +66,16 @@ class SpectrumEstimate:
 
 
 def lanczos_quadrature(apply: Operator, dim: int, *, probes: int = 8, steps: int = 80, dtype=torch.float64,
-                       generator: torch.Generator | None = None) -> SpectrumEstimate:
-    """SLQ: ``probes`` Rademacher vectors run ``steps`` Lanczos steps together (fully reorthogonalized); the
-    eigenvalues of each tridiagonal are nodes, the squared first components of its eigenvectors the weights."""
+                       generator: torch.Generator | None = None, device=None) -> SpectrumEstimate:
+    """SLQ: ``probes`` Rademacher vectors run ``steps`` Lanczos steps together on ``device`` (fully
+    reorthogonalized); the eigenvalues of each tridiagonal are nodes, the squared first components of its
+    eigenvectors the weights (on the CPU: a few hundred numbers)."""
     steps = min(steps, dim)
-    signs = torch.randint(0, 2, (dim, probes), generator=generator, dtype=torch.int64)
-    vector = (signs.to(dtype) * 2 - 1) / dim ** 0.5
-    basis = torch.empty(steps, dim, probes, dtype=dtype)
-    alphas = torch.zeros(steps, probes, dtype=dtype)
-    betas = torch.zeros(steps, probes, dtype=dtype)
+    signs = torch.randint(0, 2, (dim, probes), generator=generator, dtype=torch.int64)  # drawn on the CPU
+    vector = ((signs.to(dtype) * 2 - 1) / dim ** 0.5).to(device)
+    basis = torch.empty(steps, dim, probes, dtype=dtype, device=device)
+    alphas = torch.zeros(steps, probes, dtype=dtype, device=device)
+    betas = torch.zeros(steps, probes, dtype=dtype, device=device)
     previous, beta = torch.zeros_like(vector), torch.zeros(probes, dtype=dtype)
     used = steps
     for step in range(steps):
@@ -93,6 +94,7 @@ def lanczos_quadrature(apply: Operator, dim: int, *, probes: int = 8, steps: int
                 break
         previous, vector = vector, w / beta.clamp_min(1e-300)
     nodes, weights = [], []
+    alphas, betas = alphas.cpu(), betas.cpu()
     for probe in range(probes):
         tridiagonal = torch.diag(alphas[:used, probe])
         off = betas[:used - 1, probe]
@@ -140,12 +142,12 @@ class TopEigenpairs:
 
 def top_eigenpairs(apply: Operator, dim: int, k: int, *, start: torch.Tensor | None = None, oversample: int = 16,
                    depth: int = 6, restarts: int = 8, tolerance: float = 1e-8, dtype=torch.float64,
-                   generator: torch.Generator | None = None) -> TopEigenpairs:
+                   generator: torch.Generator | None = None, device=None) -> TopEigenpairs:
     """Randomized block Krylov with Rayleigh–Ritz: the block (d, k + oversample) — ``start``'s columns first (a
     warm start), random ones after — grows ``depth`` Krylov blocks, the top Ritz pairs of the whole basis restart
     it, until every one of the k pairs has a relative residual ≤ ``tolerance`` or ``restarts`` run out."""
     width = min(k + oversample, dim)
-    block = torch.randn(dim, width, generator=generator, dtype=dtype)
+    block = torch.randn(dim, width, generator=generator, dtype=dtype).to(device)  # drawn on the CPU: any device
     if start is not None:
         columns = min(start.shape[1], width)
         block[:, :columns] = start[:, :columns].to(dtype)
@@ -237,13 +239,15 @@ def generalized_top_k(c_task: torch.Tensor, c_tilde: torch.Tensor, k: int, end: 
         return values if end == "largest" else 1.0 / values.clamp_min(1e-300) - epsilon
 
     warm = None if start is None else lower.mT @ start.to(dtype)  # y = Lᵀ v (or Kᵀ v)
-    pairs = top_eigenpairs(apply, dim, k, start=warm, tolerance=tolerance, dtype=dtype, generator=generator)
+    device = c_tilde.device
+    pairs = top_eigenpairs(apply, dim, k, start=warm, tolerance=tolerance, dtype=dtype, generator=generator,
+                           device=device)
     v = torch.linalg.solve_triangular(lower.mT, pairs.vectors, upper=True)
     if end == "smallest":
         v = v / pairs.values.clamp_min(1e-300).sqrt()  # vᵀ C̃ v = yᵀ N y = ν: rescale to 1
     eigenvalues = to_lambda(pairs.values)
     order = torch.argsort(eigenvalues)
-    estimate = (lanczos_quadrature(apply, dim, dtype=dtype, generator=generator).mapped(to_lambda)
+    estimate = (lanczos_quadrature(apply, dim, dtype=dtype, generator=generator, device=device).mapped(to_lambda)
                 if spectrum else None)
     return GeneralizedTopK(eigenvalues[order], v[:, order], c_tilde @ v[:, order], estimate, end,
                            pairs.residual, pairs.converged, pairs.applications)
