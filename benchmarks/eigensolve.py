@@ -96,8 +96,9 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
 
 
 def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, solvers: list[str],
-        task_tokens: int | None) -> list[dict]:
-    """Every (dtype, d) in its own subprocess; prints a line per row and returns the rows."""
+        task_tokens: int | None, json_path: str | None = None) -> list[dict]:
+    """Every (dtype, d) in its own subprocess; prints a line per row, rewrites ``json_path`` after each (a run
+    stopped by a time limit keeps the rows it finished) and returns the rows."""
     rows = []
     for dtype in dtypes:
         for dim in dims:
@@ -118,6 +119,8 @@ def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, s
                          f"{row['update_error']:.1e}, tau error {row['tau_error']:.1e}, fallbacks "
                          f"{row['top_k_fallbacks']}")
             print(line, flush=True)
+            if json_path:
+                Path(json_path).write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -140,15 +143,13 @@ def main() -> None:
     import torch
 
     print(f"device={args.device} threads={torch.get_num_threads()} k={args.k} solvers={args.solvers}")
-    rows = run(args.dims, args.dtypes, args.device, args.repeats, args.k, args.solvers, args.task_tokens)
+    rows = run(args.dims, args.dtypes, args.device, args.repeats, args.k, args.solvers, args.task_tokens, args.json)
     if "full" in args.solvers:
         for dtype in args.dtypes:
             mine = [r for r in rows if r["dtype"] == dtype]
             rate = sum(r["full_seconds"] * r["dim"] ** 3 for r in mine) / sum(r["dim"] ** 6 for r in mine) * 1e9
             print(f"{dtype}: full solve fit t = {rate:.3f} s × (d/1000)³;  " + ", ".join(
                 f"d={d}: {rate * (d / 1000) ** 3:,.0f} s" for d in EXTRAPOLATE) + f";  --solve-rate {rate:.3g}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

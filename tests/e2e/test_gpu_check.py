@@ -50,3 +50,16 @@ def test_a_failing_step_is_recorded_and_fails_the_check(tmp_path, monkeypatch):
     assert "failed" in (tmp_path / "result.md").read_text()
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--cpu", "--output", str(tmp_path)])
     assert gpu_check.main() == 1
+
+
+def test_an_eigensolve_step_past_its_limit_keeps_the_sizes_it_finished(tmp_path, monkeypatch):
+    gpu_check = _gpu_check()
+    row = {"dim": 4096, "dtype": "float32", "full_seconds": 1.0, "top_k_seconds": 0.5, "top_k_warm_seconds": 0.2,
+           "speedup": 2.0, "min_cosine": 1.0, "gate_error": 0.0, "update_error": 0.0, "tau_error": 0.0}
+    script = (f"import json, pathlib, time; pathlib.Path({str(tmp_path / 'eigensolve.json')!r}).write_text("
+              f"json.dumps([{row!r}])); time.sleep(60)")
+    monkeypatch.setattr(gpu_check, "_steps", lambda cpu, output: {"eigensolve": ([sys.executable, "-c", script], 3)})
+    result = gpu_check.run_check(True, tmp_path)
+    entry = result["steps"]["eigensolve"]
+    assert "ran past its 3 s limit" in entry["error"] and entry["rows"] == [row]
+    assert "| 4096 | float32 | 1.00 | 0.50 |" in (tmp_path / "result.md").read_text()
