@@ -57,19 +57,18 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
     row: dict = {"dim": dim, "dtype": dtype_name, "k": k, "task_tokens": tokens}
     projectors, reports = {}, {}
     for solver_name in solvers:
-        solver = SpectralSolver(FoLoRAConfig(k=k, eigensolver=solver_name, solve_dtype=dtype_name))
+        config = FoLoRAConfig(k=k, eigensolver=solver_name, solve_dtype=dtype_name)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         best = float("inf")
         for _ in range(repeats):
-            fresh = SpectralSolver(solver.config)  # no warm start: the first solve of a run
+            solver = SpectralSolver(config)  # no warm start: the first solve of a run
             sync()
             start = time.perf_counter()
-            projectors[solver_name], reports[solver_name] = fresh.solve("input", c_task, c_pre)
+            projectors[solver_name], reports[solver_name] = solver.solve("input", c_task, c_pre)
             sync()
             best = min(best, time.perf_counter() - start)
-            solver = fresh
         added = (torch.cuda.max_memory_allocated() - 3 * dim * dim * 4 if device == "cuda"
                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
         row[f"{solver_name}_seconds"] = best

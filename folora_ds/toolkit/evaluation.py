@@ -176,8 +176,8 @@ def evaluate_adapters(model_name: str, adapters: dict[str, str | Path], settings
         except (RuntimeError, ValueError, KeyError, OSError) as error:
             raise ValueError(f"adapter {name!r} ({str(path)!r}) does not load on {model_name!r}: {error}") from error
     base_result = measure_base(base, tokenizer, suite, progress=progress)
-    results = {"base": {key: value for key, value in base_result.items() if not key.endswith("correct")
-                        or key.endswith("questions_correct")}}
+    results = {"base": {key: value for key, value in base_result.items()
+                        if key not in ("correct", "legacy_correct")}}  # the per-question lists stay internal
     base_cache = BaseLogitsCache() if len(adapters) > 1 else None
     for name, path in adapters.items():
         _log.info("evaluating %s: %s", name, path)

@@ -19,7 +19,7 @@ from folora_ds.common.files import read_json_file, replace_atomically
 from folora_ds.toolkit.grid.artifacts import SharedArtifacts
 from folora_ds.toolkit.grid.spec import GridRun, GridSettings, GridSpec, changed_settings, resolved_settings
 from folora_ds.toolkit.measures import answer_is_correct, greedy_answers
-from folora_ds.toolkit.report import lost_questions_markdown
+from folora_ds.toolkit.report import OPTIONAL_METRICS, lost_questions_markdown
 
 _log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]
                 "penalty_relative_mean": sum(penalty[n] / energy[n] for n in penalty) / len(penalty),
                 "train_seconds": train["train_seconds"], "eval_seconds": result["seconds"],
                 "proxy_sequences": run.proxy_sequences, "slug": directory.name,
-                **{key: result[key] for key in ("legacy_retention", "legacy_questions_correct") if key in result}})
+                **{key: result[key] for key in OPTIONAL_METRICS if key in result}})
     return rows
 
 
