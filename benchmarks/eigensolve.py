@@ -30,7 +30,8 @@ from pathlib import Path
 EXTRAPOLATE = (8192, 14336, 28672)
 
 
-def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: list[str], task_tokens: int) -> dict:
+def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: list[str], task_tokens: int,
+         pre_ratio: float) -> dict:
     import resource
     import time
 
@@ -41,9 +42,13 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
     from folora_ds.method.spectral import SpectralSolver
 
     generator = torch.Generator().manual_seed(dim)
-    x = torch.randn(2 * dim, dim, generator=generator)
-    c_pre = (x.T @ x / (2 * dim)).to(device)
+    rows_pre = round(pre_ratio * dim)
+    x = torch.randn(rows_pre, dim, generator=generator)
+    c_pre = x.T @ x / rows_pre
     del x
+    if rows_pre < dim:  # rank-deficient: a spread floor (no exact ties) keeps C_pre positive definite
+        c_pre.diagonal().add_(0.05 + 0.1 * torch.rand(dim, generator=generator))
+    c_pre = c_pre.to(device)
     tokens = task_tokens or 2 * dim
     y = torch.randn(tokens, dim, generator=generator) * (torch.rand(dim, generator=generator) + 0.1)
     c_task = (y.T @ y / tokens).to(device)
@@ -54,7 +59,7 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
         if device == "cuda":
             torch.cuda.synchronize()
 
-    row: dict = {"dim": dim, "dtype": dtype_name, "k": k, "task_tokens": tokens}
+    row: dict = {"dim": dim, "dtype": dtype_name, "k": k, "task_tokens": tokens, "pre_rows": rows_pre}
     projectors, reports = {}, {}
     for solver_name in solvers:
         config = FoLoRAConfig(k=k, eigensolver=solver_name, solve_dtype=dtype_name)
@@ -95,7 +100,7 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
 
 
 def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, solvers: list[str],
-        task_tokens: int | None, json_path: str | None = None) -> list[dict]:
+        task_tokens: int | None, json_path: str | None = None, pre_ratio: float = 2.0) -> list[dict]:
     """Every (dtype, d) in its own subprocess; prints a line per row, rewrites ``json_path`` after each (a run
     stopped by a time limit keeps the rows it finished) and returns the rows."""
     rows = []
@@ -104,7 +109,8 @@ def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, s
             tokens = dim // 4 if task_tokens is None else task_tokens
             out = subprocess.run([sys.executable, __file__, "--one", str(dim), dtype, "--device", device,
                                   "--repeats", str(repeats), "--k", str(k), "--solvers", *solvers,
-                                  "--task-tokens", str(tokens)], capture_output=True, text=True)
+                                  "--task-tokens", str(tokens), "--pre-ratio", str(pre_ratio)],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"d={dim} {dtype} failed:\n{out.stderr[-3000:]}")
             row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -130,6 +136,9 @@ def main() -> None:
     parser.add_argument("--solvers", nargs="+", default=["full"], choices=["full", "top_k"])
     parser.add_argument("--k", type=int, default=64, help="stored directions (FoLoRA's k)")
     parser.add_argument("--task-tokens", type=int, default=None, help="rows of C_task (default d/4; 0: 2d)")
+    parser.add_argument("--pre-ratio", type=float, default=2.0,
+                        help="rows of C_pre per input dimension (below 1 a spread diagonal floor is added; making "
+                             "C_pre costs 2·ratio·d³ flops, 94 TFLOP at d = 28672 with the default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", help="also write the rows here")
@@ -137,12 +146,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         print(json.dumps(_one(int(args.one[0]), args.one[1], args.device, args.repeats, args.k, args.solvers,
-                              args.task_tokens)))
+                              args.task_tokens, args.pre_ratio)))
         return
     import torch
 
     print(f"device={args.device} threads={torch.get_num_threads()} k={args.k} solvers={args.solvers}")
-    rows = run(args.dims, args.dtypes, args.device, args.repeats, args.k, args.solvers, args.task_tokens, args.json)
+    rows = run(args.dims, args.dtypes, args.device, args.repeats, args.k, args.solvers, args.task_tokens, args.json,
+               args.pre_ratio)
     if "full" in args.solvers:
         for dtype in args.dtypes:
             mine = [r for r in rows if r["dtype"] == dtype]

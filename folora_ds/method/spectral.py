@@ -30,7 +30,13 @@ from folora_ds.method.eigensolve import (
     solve_generalized_eigenproblem,
 )
 from folora_ds.method.projector import Projector, build_projector, select_directions
-from folora_ds.method.topk_eigensolve import GeneralizedTopK, SpectrumEstimate, generalized_top_k, shifted_cholesky
+from folora_ds.method.topk_eigensolve import (
+    GeneralizedTopK,
+    SpectrumEstimate,
+    generalized_spectrum,
+    generalized_top_k,
+    shifted_cholesky,
+)
 
 EXACT_POSITIVES = 256
 """Beside a null space, the top-k solver computes every positive λ when there are at most max(4k, this) of them:
@@ -131,6 +137,9 @@ class SpectralSolver:
     A first solve that fails raises (training must not start without a basis). A later failed re-solve keeps
     the previous basis and counts the failure; ``max_consecutive_failures`` failures in a row raise
     ``ConsecutiveSolveFailuresError`` naming the input.
+
+    The top-k solver keeps each input's Cholesky factor L of C̃ (one (d, d) in the solve dtype on its owner):
+    C_pre is fixed after calibration, so a refresh skips the d³/3 and pays only operator applications.
     """
 
     def __init__(self, config: FoLoRAConfig) -> None:
@@ -139,6 +148,7 @@ class SpectralSolver:
         self._reports: dict[str, SolveReport] = {}
         self._consecutive_failures: dict[str, int] = {}
         self._warm_starts: dict[tuple[str, str], torch.Tensor] = {}
+        self._pre_factors: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}  # key → (C_pre, version, L)
         self.top_k_fallbacks: dict[str, int] = {}
 
     def uses_top_k(self, dim: int) -> bool:
@@ -200,9 +210,11 @@ class SpectralSolver:
         ``topk_eigensolve``); None — the full solve then decides — when an iteration does not converge, a factor
         does not exist, or k would cut a tied cluster (which only the full solve stores whole or not at all).
 
-        The spectrum estimate gives λ_max (so the null space, λ < NULL_SPACE_RTOL·λ_max), τ (its median) and the
-        choice of base as ``select_directions`` makes it: Σ|g − base| over the directions not stored, for base 1
-        (store the k smallest λ) and, beside a null-space cluster, for its gate (store the k largest)."""
+        The spectrum estimate (SLQ through L = chol(C̃), ``generalized_spectrum``) gives λ_max (so the null space,
+        λ < NULL_SPACE_RTOL·λ_max), τ (its median) and the choice of base as ``select_directions`` makes it:
+        Σ|g − base| over the directions not stored, for base 1 (store the k smallest λ) and, beside a null-space
+        cluster, for its gate (store the k largest). Only the chosen end is then solved: the largest through the
+        same L, the smallest through K = chol(C_task + εC̃)."""
         cfg, dim, k = self.config, c_pre.shape[0], self.config.k
         dtype = getattr(torch, cfg.solve_dtype)
         scale = float(torch.trace(c_pre)) / dim
@@ -212,14 +224,12 @@ class SpectralSolver:
         c_tilde.diagonal().add_(cfg.ridge * scale)
         c_task = c_task.to(dtype)
         generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))  # the same draw on any rank
-        try:
-            small = generalized_top_k(c_task, c_tilde, k + 1, "smallest", factor=shifted_cholesky(c_task, c_tilde),
-                                      start=self._warm_starts.get((key, "smallest")), generator=generator)
-        except torch.linalg.LinAlgError:
+        lower = self._pre_factor(key, c_pre, c_tilde)
+        if lower is None:
             return None
-        spectrum = small.spectrum
+        spectrum = generalized_spectrum(c_task, lower, generator=generator)
         largest = float(spectrum.nodes.max())
-        if not small.converged or not largest > 0:
+        if not largest > 0:
             return None
         threshold = NULL_SPACE_RTOL * largest
 
@@ -234,27 +244,33 @@ class SpectralSolver:
         node_gates = gate(spectrum.nodes)
         null_count = round(dim * float(spectrum.weights[spectrum.nodes < threshold].sum()))
         null_gate = float(gate(torch.zeros(1, dtype=dtype)))
-        small_gates = gate(small.eigenvalues)
-        left_with_base_one = dim * spectrum.mean(1 - node_gates) - float((1 - small_gates[:k]).sum())
+
+        def end_share(values: torch.Tensor, descending: bool) -> float:  # Σ w·values over the k/d at one end
+            order = torch.argsort(spectrum.nodes, descending=descending)
+            at_end = torch.cumsum(spectrum.weights[order], 0) <= k / dim
+            return float((spectrum.weights * values)[order][at_end].sum())
+
+        left_with_base_one = dim * (spectrum.mean(1 - node_gates) - end_share(1 - node_gates, descending=False))
         store_largest = False
         if null_count >= 2:
             distance = (node_gates - null_gate).abs()
-            order = torch.argsort(spectrum.nodes, descending=True)
-            in_top = torch.cumsum(spectrum.weights[order], 0) <= k / dim
-            top_share = float((spectrum.weights * distance)[order][in_top].sum())
-            left_with_null_base = dim * (spectrum.mean(distance) - top_share)
+            left_with_null_base = dim * (spectrum.mean(distance) - end_share(distance, descending=True))
             store_largest = null_count > k or left_with_null_base < left_with_base_one - 1e-9 * dim
         if not store_largest:
-            if abs(float(small_gates[k - 1] - small_gates[k])) <= cfg.gate_tie_tolerance:
+            try:
+                small = generalized_top_k(c_task, c_tilde, k + 1, "smallest", factor=shifted_cholesky(c_task, c_tilde),
+                                          start=self._warm_starts.get((key, "smallest")), generator=generator)
+            except torch.linalg.LinAlgError:
+                return None
+            small_gates = gate(small.eigenvalues)
+            if not small.converged or abs(float(small_gates[k - 1] - small_gates[k])) <= cfg.gate_tie_tolerance:
                 return None
             return self._top_k_result(key, small, slice(0, k), small_gates[:k], 1.0, spectrum, gate, tau, cfg.ridge)
-        try:
-            lower = torch.linalg.cholesky(c_tilde)
-        except torch.linalg.LinAlgError:
-            return None
-        positives = dim - null_count  # few task tokens: solve for all of them, so τ is exact (SLQ's is not)
-        wanted = min(positives + 1 if positives <= max(4 * k, EXACT_POSITIVES) else k + 1, dim)
-        large = generalized_top_k(c_task, c_tilde, wanted, "largest", factor=(lower, 0.0), spectrum=False,
+        positives = dim - null_count  # few task tokens: solve for all of them, so τ is exact (SLQ's is not);
+        # SLQ's count is off by a few σ at most: ask for 4σ more, so a short count still finds every positive λ
+        margin = math.ceil(4 * dim * spectrum.share_deviation(null_count / dim, dim)) + 1
+        wanted = min(positives + margin if positives <= max(4 * k, EXACT_POSITIVES) else k + 1, dim)
+        large = generalized_top_k(c_task, c_tilde, wanted, "largest", factor=(lower, 0.0),
                                   start=self._warm_starts.get((key, "largest")), generator=generator)
         if not large.converged:
             return None
@@ -267,6 +283,19 @@ class SpectralSolver:
         count = min(useful, k)
         chosen = slice(large.eigenvalues.numel() - count, large.eigenvalues.numel())
         return self._top_k_result(key, large, chosen, large_gates[chosen], null_gate, spectrum, gate, tau, cfg.ridge)
+
+    def _pre_factor(self, key: str, c_pre: torch.Tensor, c_tilde: torch.Tensor) -> torch.Tensor | None:
+        """L = chol(C̃) of ``key``: the kept one while ``c_pre`` is the same unmodified tensor (a refresh), else
+        computed and kept; None when C̃ is not positive definite."""
+        kept = self._pre_factors.get(key)
+        if kept is not None and kept[0] is c_pre and kept[1] == c_pre._version and kept[2].dtype == c_tilde.dtype:
+            return kept[2]
+        lower, info = torch.linalg.cholesky_ex(c_tilde)
+        if int(info) != 0:
+            self._pre_factors.pop(key, None)
+            return None
+        self._pre_factors[key] = (c_pre, c_pre._version, lower)
+        return lower
 
     def _top_k_result(self, key: str, solved: GeneralizedTopK, chosen: slice, gates: torch.Tensor, base: float,
                       spectrum: SpectrumEstimate, gate, tau: float, ridge: float) -> tuple[Projector, SolveReport]:

@@ -23,12 +23,20 @@ tr C_task / tr C̃ that makes C_task + εC̃ positive definite without moving an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+def residual_tolerance(dtype: torch.dtype) -> float:
+    """The relative residual (``TopEigenpairs.residual``) a solve in ``dtype`` must reach: 1e-8, or 256 machine
+    epsilons where that is coarser. float32's triangular solves stall near 5e-6 at d = 1024 (measured), so float32
+    converges at 3.1e-5, its λ to that fraction of λ_max: below what a gate can tell."""
+    return max(1e-8, 256 * torch.finfo(dtype).eps)
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,12 @@ class SpectrumEstimate:
 
     nodes: torch.Tensor
     weights: torch.Tensor
+    probes: int = 1
+
+    def share_deviation(self, share: float, dim: int) -> float:
+        """The standard deviation of an estimated share p of the d eigenvalues (e.g. the null space's): each
+        Rademacher probe's xᵀPx/d has variance ≈ 2p(1 − p)/d, averaged over ``probes``."""
+        return math.sqrt(2 * share * (1 - share) / (dim * self.probes))
 
     def mean(self, values: torch.Tensor) -> float:
         """Σ w·values, ``values`` = f(nodes)."""
@@ -62,10 +76,10 @@ class SpectrumEstimate:
         return float(torch.tensor((low + high) / 2).exp())
 
     def mapped(self, function: Callable[[torch.Tensor], torch.Tensor]) -> SpectrumEstimate:
-        return SpectrumEstimate(function(self.nodes), self.weights)
+        return SpectrumEstimate(function(self.nodes), self.weights, self.probes)
 
 
-def lanczos_quadrature(apply: Operator, dim: int, *, probes: int = 8, steps: int = 80, dtype=torch.float64,
+def lanczos_quadrature(apply: Operator, dim: int, *, probes: int = 16, steps: int = 40, dtype=torch.float64,
                        generator: torch.Generator | None = None, device=None) -> SpectrumEstimate:
     """SLQ: ``probes`` Rademacher vectors run ``steps`` Lanczos steps together on ``device`` (fully
     reorthogonalized); the eigenvalues of each tridiagonal are nodes, the squared first components of its
@@ -102,7 +116,7 @@ def lanczos_quadrature(apply: Operator, dim: int, *, probes: int = 8, steps: int
         values, vectors = torch.linalg.eigh(tridiagonal)
         nodes.append(values)
         weights.append(vectors[0] ** 2 / probes)
-    return SpectrumEstimate(torch.cat(nodes), torch.cat(weights))
+    return SpectrumEstimate(torch.cat(nodes), torch.cat(weights), probes)
 
 
 def _orthonormal(block: torch.Tensor, against: list[torch.Tensor]) -> torch.Tensor:
@@ -141,11 +155,13 @@ class TopEigenpairs:
 
 
 def top_eigenpairs(apply: Operator, dim: int, k: int, *, start: torch.Tensor | None = None, oversample: int = 16,
-                   depth: int = 6, restarts: int = 8, tolerance: float = 1e-8, dtype=torch.float64,
+                   depth: int = 6, restarts: int = 8, tolerance: float | None = None, dtype=torch.float64,
                    generator: torch.Generator | None = None, device=None) -> TopEigenpairs:
     """Randomized block Krylov with Rayleigh–Ritz: the block (d, k + oversample) — ``start``'s columns first (a
     warm start), random ones after — grows ``depth`` Krylov blocks, the top Ritz pairs of the whole basis restart
-    it, until every one of the k pairs has a relative residual ≤ ``tolerance`` or ``restarts`` run out."""
+    it, until every one of the k pairs has a relative residual ≤ ``tolerance`` (default ``residual_tolerance`` of
+    ``dtype``) or ``restarts`` run out."""
+    tolerance = residual_tolerance(dtype) if tolerance is None else tolerance
     width = min(k + oversample, dim)
     block = torch.randn(dim, width, generator=generator, dtype=dtype).to(device)  # drawn on the CPU: any device
     if start is not None:
@@ -174,19 +190,17 @@ def top_eigenpairs(apply: Operator, dim: int, k: int, *, start: torch.Tensor | N
 
 @dataclass(frozen=True)
 class GeneralizedTopK:
-    """k generalized eigenpairs at one end of the spectrum of C_task v = λ C̃ v, and the whole spectrum's estimate.
+    """k generalized eigenpairs at one end of the spectrum of C_task v = λ C̃ v.
 
     Attributes:
         eigenvalues: (k,) λ of the stored directions, ascending.
         v: (d, k) their eigenvectors, C̃-orthonormal (Vᵀ C̃ V = I). c_tilde_v: (d, k) C̃ V.
-        spectrum: the distribution of all d λ (SLQ), or None when not asked for.
         end: "smallest" or "largest". residual / converged / applications: as ``TopEigenpairs``.
     """
 
     eigenvalues: torch.Tensor
     v: torch.Tensor
     c_tilde_v: torch.Tensor
-    spectrum: SpectrumEstimate | None
     end: str
     residual: float
     converged: bool
@@ -209,13 +223,12 @@ def shifted_cholesky(c_task: torch.Tensor, c_tilde: torch.Tensor, *, shift: floa
 
 
 def generalized_top_k(c_task: torch.Tensor, c_tilde: torch.Tensor, k: int, end: str, *,
-                      start: torch.Tensor | None = None, spectrum: bool = True, tolerance: float = 1e-8,
+                      start: torch.Tensor | None = None, tolerance: float | None = None,
                       generator: torch.Generator | None = None, factor: tuple[torch.Tensor, float] | None = None
                       ) -> GeneralizedTopK:
     """The k eigenpairs of C_task v = λ C̃ v with the smallest (``end="smallest"``) or largest λ, through the
     operator of that end (module docstring), warm-started from ``start`` (d, ≤ k+oversample) — e.g. the previous
-    solve's V. ``spectrum`` adds the SLQ estimate of all d λ from the same operator. ``factor``: a (K, ε) or
-    (L, 0) already computed for this end.
+    solve's V. ``factor``: a (K, ε) or (L, 0) already computed for this end.
 
     Raises:
         ValueError: ``end`` is neither "smallest" nor "largest".
@@ -231,9 +244,7 @@ def generalized_top_k(c_task: torch.Tensor, c_tilde: torch.Tensor, k: int, end: 
     else:
         raise ValueError(f"end={end!r}; allowed: 'smallest', 'largest'")
 
-    def apply(block: torch.Tensor) -> torch.Tensor:  # L⁻¹ A L⁻ᵀ x: two triangular solves and one product
-        inner = torch.linalg.solve_triangular(lower.mT, block, upper=True)
-        return torch.linalg.solve_triangular(lower, product @ inner, upper=False)
+    apply = _whitened(product, lower)
 
     def to_lambda(values: torch.Tensor) -> torch.Tensor:  # N's eigenvalues are 1 / (λ + ε)
         return values if end == "largest" else 1.0 / values.clamp_min(1e-300) - epsilon
@@ -247,7 +258,25 @@ def generalized_top_k(c_task: torch.Tensor, c_tilde: torch.Tensor, k: int, end: 
         v = v / pairs.values.clamp_min(1e-300).sqrt()  # vᵀ C̃ v = yᵀ N y = ν: rescale to 1
     eigenvalues = to_lambda(pairs.values)
     order = torch.argsort(eigenvalues)
-    estimate = (lanczos_quadrature(apply, dim, dtype=dtype, generator=generator, device=device).mapped(to_lambda)
-                if spectrum else None)
-    return GeneralizedTopK(eigenvalues[order], v[:, order], c_tilde @ v[:, order], estimate, end,
-                           pairs.residual, pairs.converged, pairs.applications)
+    return GeneralizedTopK(eigenvalues[order], v[:, order], c_tilde @ v[:, order], end, pairs.residual,
+                           pairs.converged, pairs.applications)
+
+
+def _whitened(product: torch.Tensor, lower: torch.Tensor) -> Operator:
+    """x ↦ L⁻¹ A L⁻ᵀ x: two triangular solves and one product, A (d, d) never whitened whole."""
+
+    def apply(block: torch.Tensor) -> torch.Tensor:
+        inner = torch.linalg.solve_triangular(lower.mT, block, upper=True)
+        return torch.linalg.solve_triangular(lower, product @ inner, upper=False)
+
+    return apply
+
+
+def generalized_spectrum(c_task: torch.Tensor, lower: torch.Tensor, *,
+                         generator: torch.Generator | None = None) -> SpectrumEstimate:
+    """The distribution of all d λ of C_task v = λ C̃ v: SLQ of M = L⁻¹ C_task L⁻ᵀ (L = chol(C̃), whose
+    eigenvalues are the λ themselves), on the CPU. One factor serves it and the largest end, so an input whose
+    projector stores its most useful directions needs one Cholesky in all."""
+    dim = lower.shape[0]
+    return lanczos_quadrature(_whitened(c_task, lower), dim, dtype=lower.dtype, generator=generator,
+                              device=lower.device)
