@@ -10,12 +10,14 @@ gathers parameters), so every rank runs the same number of them::
     rank 2:  b0  b1  b1*
 
 The controller's ``calibrate`` runs them in order: ``discover_inputs`` on the first proxy batch (so owners are
-chosen before any statistics move), then ``run_forwards`` for "pre" and for "task".
+chosen before any statistics move), then ``run_forwards`` for "pre" and for "task" (its batches counted by a
+``TokenTally``, from which ``budgeted_schedule`` fits the training statistics into ``statistics_flops_share``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -26,6 +28,9 @@ from folora_ds.distributed import comm
 from folora_ds.distributed.statistics import raise_if_any
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.method.covariance import CovarianceCollector
+from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share, statistics_share
+
+_log = logging.getLogger(__name__)
 
 
 def labels_problem(batch: Mapping[str, torch.Tensor], where: str) -> str | None:
@@ -125,11 +130,73 @@ def run_forwards(model: nn.Module, collector: CovarianceCollector, source: str,
     return count
 
 
+class TokenTally:
+    """Passes batches on and counts them: micro-batches, tokens computed (``input_ids``, padding included) and
+    tokens the statistics may count (real ones; with ``labels``, only those with a label)."""
+
+    def __init__(self, batches: Iterator[Mapping[str, torch.Tensor]], *, labels: bool) -> None:
+        self._batches, self._labels = batches, labels
+        self.micro_batches, self.tokens, self.counted_tokens = 0, 0, 0
+
+    def __iter__(self) -> TokenTally:
+        return self
+
+    def __next__(self) -> Mapping[str, torch.Tensor]:
+        batch = next(self._batches)
+        mask = batch.get("attention_mask")
+        counted = torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
+        if self._labels and batch.get("labels") is not None and batch["labels"].shape == counted.shape:
+            counted = counted & (batch["labels"] != -100)
+        self.micro_batches += 1
+        self.tokens += batch["input_ids"].numel()
+        self.counted_tokens += int(counted.sum())
+        return batch
+
+
+def linear_parameters(model: nn.Module) -> int:
+    """P of ``statistics_cost.StepShape``: the weights of every module with a 2-D weight but embeddings (a lookup
+    costs no multiply-adds), whole under ZeRO-3 (``ds_numel``), this rank's shard under tensor parallelism."""
+    total = 0
+    for module in model.modules():
+        weight = dict(module.named_parameters(recurse=False)).get("weight")  # own, not a wrapper's property
+        if weight is None or isinstance(module, nn.Embedding):
+            continue
+        if len(getattr(weight, "ds_shape", weight.shape)) == 2:  # ZeRO-3 keeps the whole shape in ds_shape
+            total += int(getattr(weight, "ds_numel", weight.numel()))
+    return total
+
+
+def budgeted_schedule(model: nn.Module, config: FoLoRAConfig, dims: Mapping[str, int], tally: TokenTally,
+                      group=None) -> StatisticsSchedule:
+    """Collective when ``config.statistics_flops_share`` is set: the training statistics' schedule, the
+    configured one lowered into that share of the step's flops (``statistics_cost.schedule_within_share``) for the
+    mean calibration micro-batch over every rank (all ranks get the same schedule: the collecting forwards are
+    collective). Without a share, the configured schedule."""
+    requested = StatisticsSchedule(config.statistics_tokens, config.statistics_every)
+    if config.statistics_flops_share is None:
+        return requested
+    totals = comm.all_reduce_sum(torch.tensor([tally.micro_batches, tally.tokens, tally.counted_tokens],
+                                              dtype=torch.float64), group)
+    batches = max(float(totals[0]), 1.0)
+    shape = StepShape(tokens=float(totals[1]) / batches, counted_tokens=float(totals[2]) / batches,
+                      input_widths=tuple(dims.values()), linear_parameters=linear_parameters(model))
+    schedule = schedule_within_share(config.statistics_flops_share, requested, shape)
+    if comm.rank(group) == 0:
+        _log.info("FoLoRA statistics: %s tokens on one micro-batch in %d, %.2f%% of the step's flops "
+                  "(statistics_flops_share %g; configured %s in %d: %.2f%%; %.0f tokens per micro-batch)",
+                  schedule.tokens or "all", schedule.every, 100 * statistics_share(schedule, shape),
+                  config.statistics_flops_share, requested.tokens or "all", requested.every,
+                  100 * statistics_share(requested, shape), shape.tokens)
+    return schedule
+
+
 @contextlib.contextmanager
 def training_forward(collector: CovarianceCollector, batch: Mapping[str, torch.Tensor], config: FoLoRAConfig, *,
-                     forward: int, replica: int | None = None, group=None) -> Iterator[None]:
+                     forward: int, schedule: StatisticsSchedule | None = None, replica: int | None = None,
+                     group=None) -> Iterator[None]:
     """Count the training forward run inside this context towards ``collector``'s "task" sums when it is one in
-    ``config.statistics_every`` (forwards 1, 1 + n, 1 + 2n, ...), ``config.statistics_tokens`` tokens per input.
+    ``schedule.every`` (forwards 1, 1 + n, 1 + 2n, ...), ``schedule.tokens`` tokens per input (default: the
+    configured ``statistics_every`` and ``statistics_tokens``).
 
     The tokens are drawn with a CPU generator seeded by ``config.proxy.seed``, the replica and ``forward``, so
     replicas draw differently, the TP ranks of one replica draw the same (their row-parallel inputs are column
@@ -152,14 +219,16 @@ def training_forward(collector: CovarianceCollector, batch: Mapping[str, torch.T
         raise_if_any(problem, group)
     elif problem is not None:
         raise ValueError(problem)
-    if (forward - 1) % config.statistics_every != 0:
+    if schedule is None:
+        schedule = StatisticsSchedule(config.statistics_tokens, config.statistics_every)
+    if (forward - 1) % schedule.every != 0:
         yield
         return
     generator = None
-    if config.statistics_tokens is not None:
+    if schedule.tokens is not None:
         replica = comm.rank(group) if replica is None else replica
         generator = torch.Generator().manual_seed(config.proxy.seed * 1_000_003 + replica * 7_919 + forward)
     with collector.collect("task", attention_mask=batch.get("attention_mask"),
                            labels=batch.get("labels") if use_labels else None,
-                           sample_tokens=config.statistics_tokens, generator=generator):
+                           sample_tokens=schedule.tokens, generator=generator):
         yield

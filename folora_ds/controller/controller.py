@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from folora_ds.controller.calibration import discover_inputs, run_forwards, training_forward
+from folora_ds.controller import calibration
 from folora_ds.controller.checkpoint import save_checkpoint
 from folora_ds.controller.export import export_adapter
 from folora_ds.controller.forgetting import WholeWeights, adapter_penalty_per_module, base_energy_per_module
@@ -58,6 +58,7 @@ from folora_ds.method.peft_layers import lora_a_weight, lora_layers, tensor_para
 from folora_ds.method.projector import Projector, eigenvector_rows, project_rows
 from folora_ds.method.spectral import SolveReport, SpectralSolver
 from folora_ds.method.state import STATE_VERSION, check_state_fits
+from folora_ds.method.statistics_cost import StatisticsSchedule
 
 
 class FoLoRAController:
@@ -71,6 +72,8 @@ class FoLoRAController:
         layout: the tensor-parallel x data-parallel grid (TP = 1 without ``TensorParallelLoRA`` layers; with them,
             building the controller is collective).
         optimizer_steps, refreshes: counters (identical on every rank).
+        statistics_schedule: which training micro-batches count towards C_task, and how many of their tokens
+            (the configured ones, lowered after calibration into ``statistics_flops_share`` when it is set).
     """
 
     def __init__(self, model: nn.Module, config: FoLoRAConfig, *, group=None) -> None:
@@ -91,13 +94,11 @@ class FoLoRAController:
         self.engine = None
         self.optimizer: GatedAdamW | None = None
         self.layouts: list[FlatPartitionLayout] = []
-        self.optimizer_steps = 0
-        self.refreshes = 0
-        self.task_forwards = 0
+        self.optimizer_steps = self.refreshes = self.task_forwards = 0
+        self.statistics_schedule = StatisticsSchedule(config.statistics_tokens, config.statistics_every)
         self._base_energies: dict[str, float] = {}
         self._last_global_steps = 0
-        self.last_solve_seconds = 0.0
-        self.last_window_tokens = 0
+        self.last_solve_seconds, self.last_window_tokens = 0.0, 0
         self.last_metrics: dict[str, float] = {}
 
     @property
@@ -121,8 +122,8 @@ class FoLoRAController:
         """Collective: ``calibration.run_forwards`` of this rank's ``source`` batches; returns how many counted
         (a method, so a test can alter one rank's statistics)."""
         labels = source == "task" and self.config.task_token_mask == "labels"
-        return run_forwards(self.model, self.collector, source, batches, labels=labels, device=self._device,
-                            group=self.group, progress=progress)
+        return calibration.run_forwards(self.model, self.collector, source, batches, labels=labels,
+                                        device=self._device, group=self.group, progress=progress)
 
     def calibrate(self, proxy_batches: Iterable[Mapping[str, torch.Tensor]],
                   task_batches: Iterable[Mapping[str, torch.Tensor]], *, progress: bool = False) -> None:
@@ -138,19 +139,19 @@ class FoLoRAController:
             self._calibrate(iter(proxy_batches), iter(task_batches), progress)
 
     def _calibrate(self, proxy: Iterator, task: Iterator, progress: bool) -> None:
-        self.collector.reset("pre")
-        self.collector.reset("task")
+        for source in ("pre", "task"):
+            self.collector.reset(source)
         first_proxy, first_task = next(proxy, None), next(task, None)
-        error = None
-        if first_proxy is None:
-            error = "the proxy calibration set produced no batches"
-        elif first_task is None:
-            error = "the task calibration set produced no batches"
+        error = ("the proxy calibration set produced no batches" if first_proxy is None
+                 else "the task calibration set produced no batches" if first_task is None else None)
         raise_if_any(error, self.group)
-        discover_inputs(self.model, self.collector, first_proxy, self._device)
+        calibration.discover_inputs(self.model, self.collector, first_proxy, self._device)
         self._set_inputs(agree_on_inputs(self.collector, self.group))
         self._forward("pre", itertools.chain([first_proxy], proxy), progress)
-        self._forward("task", itertools.chain([first_task], task), progress)
+        labels = self.config.task_token_mask == "labels"
+        tally = calibration.TokenTally(itertools.chain([first_task], task), labels=labels)
+        self._forward("task", tally, progress)
+        self.statistics_schedule = calibration.budgeted_schedule(self.model, self.config, self.dims, tally, self.group)
         try:
             self.pre_covariances = owned_covariances(self.collector, "pre", self._owned_keys(), in_place=True)
         except ValueError as problem:
@@ -187,15 +188,13 @@ class FoLoRAController:
 
     @contextlib.contextmanager
     def track_task(self, batch: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Count the training forward run inside this context towards the running C_task: on one micro-batch in
-        ``statistics_every``, ``statistics_tokens`` tokens per input (a draw seeded by ``proxy.seed``, the rank and
-        the micro-batch count, so a resumed run draws the same).
-
-        Collective on N ranks: each input's token rows go to its owner during the forward, so every rank must
-        run the same number of training forwards inside ``track_task`` (as data-parallel training does)."""
+        """Count the training forward run inside this context towards the running C_task as
+        ``statistics_schedule`` says (``calibration.training_forward``; a resumed run draws the same tokens).
+        Collective on N ranks: every rank must run as many training forwards inside it (as DP training does)."""
         self.task_forwards += 1
-        with training_forward(self.collector, batch, self.config, forward=self.task_forwards,
-                              replica=self.layout.dp_rank, group=self.group):
+        with calibration.training_forward(self.collector, batch, self.config, forward=self.task_forwards,
+                                          schedule=self.statistics_schedule, replica=self.layout.dp_rank,
+                                          group=self.group):
             yield
 
     # ------------------------------------------------------------------ bases
@@ -314,11 +313,9 @@ class FoLoRAController:
         return True
 
     def metrics(self) -> dict[str, float]:
-        """Collective: what a refresh reports — the relative forgetting F; the mean effective rank Σg/d and
-        attenuated share over inputs and, per input (named by its first module, ``layers.11.mlp.down_proj``),
-        Σg, attenuated directions and the absolute τ; τ's budget scale; the slowest rank's last solve time; the
-        task tokens per input counted in the window just folded (the most on any rank); the fewest gated steps of
-        any rank; refreshes and optimizer steps."""
+        """Collective: what a refresh reports (``reporting.refresh_metrics``): F; Σg/d and the attenuated share,
+        over inputs and per input; τ and its budget scale; the slowest solve; the window's task tokens; the fewest
+        gated steps of any rank; refreshes and optimizer steps."""
         summaries = self.layer_summaries()
         solve_seconds, tokens, gated = zip(*comm.all_gather_objects(
             (self.last_solve_seconds, self.last_window_tokens, min(self.gated_step_counts(), default=0)),
@@ -329,10 +326,9 @@ class FoLoRAController:
             tau_scale=None if self.budget is None else self.budget.tau_scale)
 
     def log_metrics(self) -> dict[str, float]:
-        """Collective: ``metrics()``, kept in ``last_metrics`` and written to the DeepSpeed engine's monitor
-        (TensorBoard / CSV / W&B / Comet as its config enables; rank 0 writes) at the engine's global sample count,
-        the x-axis of DeepSpeed's own events (``folora/optimizer_steps`` is one of the values).
-        ``after_step`` calls it at every refresh; call it once after ``attach`` for the calibration's values."""
+        """Collective: ``metrics()``, kept in ``last_metrics`` and written to the engine's monitor (TensorBoard / CSV
+        / W&B / Comet; rank 0) at DeepSpeed's global sample count. ``after_step`` calls it at every refresh; call
+        it once after ``attach`` for the calibration's values."""
         self.last_metrics = self.metrics()
         write_events(self.engine, self.last_metrics)
         return self.last_metrics
@@ -390,6 +386,7 @@ class FoLoRAController:
                 "tensor_parallel": self.layout.tp_size,
                 "config": self.config.to_dict(), "dims": dict(self.dims), "members": self.collector.members(),
                 "optimizer_steps": self.optimizer_steps, "task_forwards": self.task_forwards,
+                "statistics_schedule": [self.statistics_schedule.tokens, self.statistics_schedule.every],
                 "refreshes": self.refreshes,
                 "budget": None if self.budget is None else {**self.budget.state_dict(),
                                                             "base_energies": dict(self._base_energies)},
@@ -421,6 +418,8 @@ class FoLoRAController:
         self.optimizer_steps = int(state["optimizer_steps"])
         self.refreshes = int(state["refreshes"])
         self.task_forwards = int(state["task_forwards"])
+        if "statistics_schedule" in state:  # saved since statistics_flops_share; before it, the configured one
+            self.statistics_schedule = StatisticsSchedule(*state["statistics_schedule"])
         if self.budget is not None:
             self.budget.load_state_dict(state["budget"])
             self._base_energies = {name: float(v) for name, v in state["budget"]["base_energies"].items()}

@@ -62,7 +62,11 @@ def merge_summaries(per_rank: Iterable[Iterable[LayerSummary]], keys: Iterable[s
 def refresh_metrics(summaries: Sequence[LayerSummary], *, relative_forgetting: float,
                     solve_seconds: Sequence[float], window_tokens: Sequence[int], gated_steps: Sequence[int],
                     refreshes: int, optimizer_steps: int, tau_scale: float | None) -> dict[str, float]:
-    """The ``folora/...`` values of one refresh (see ``FoLoRAController.metrics``).
+    """The ``folora/...`` values of one refresh: the relative forgetting F; the mean effective rank Σg/d and
+    attenuated share over inputs and, per input (named by its first module, ``layers.11.mlp.down_proj``), Σg,
+    attenuated directions and the absolute τ; τ's budget scale; the slowest rank's last solve time; the task
+    tokens per input counted in the window just folded (the most on any rank); the fewest gated steps of any rank;
+    refreshes and optimizer steps.
 
     Args:
         summaries: every input key's summary (``merge_summaries``); at least one.

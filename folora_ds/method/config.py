@@ -133,6 +133,11 @@ class FoLoRAConfig:
             training step), so 64 tokens cost ≤ 2% of a step once a micro-batch holds ≥ 1.3k tokens. Calibration
             always counts every token.
         statistics_every: collect C_task on one training micro-batch in this many (1 = every micro-batch).
+        statistics_flops_share: None (off) or the largest share of the training step's model flops the running
+            C_task may cost (e.g. 0.02). After calibration the controller computes the share from the calibration
+            micro-batches' tokens, the input widths and the model's linear parameters
+            (``statistics_cost.statistics_share``) and, above it, lowers ``statistics_tokens`` (down to 16) and
+            then collects on fewer micro-batches; never more than the two settings ask. ``plan`` prints it.
         statistics_dtype: accumulation dtype of the covariance sums. "float64" makes the statistics (and so the
             bases) independent of summation order across ranks up to ~1e-16; useful for ill-conditioned inputs.
         max_seq_len: tokens per task example after truncation.
@@ -169,6 +174,7 @@ class FoLoRAConfig:
     task_token_mask: str = "labels"
     statistics_tokens: int | None = 64
     statistics_every: int = 1
+    statistics_flops_share: float | None = None
     statistics_dtype: str = "float32"
     max_seq_len: int = 256
     forgetting_budget: float | None = None
@@ -216,6 +222,8 @@ class FoLoRAConfig:
         if self.statistics_tokens is not None:
             _require_int("statistics_tokens", self.statistics_tokens, 1)
         _require_int("statistics_every", self.statistics_every, 1)
+        if self.statistics_flops_share is not None:
+            _require_real("statistics_flops_share", self.statistics_flops_share, low=0.0, high=1.0)
         _require_choice("statistics_dtype", self.statistics_dtype, STATISTICS_DTYPES)
         _require_int("max_seq_len", self.max_seq_len, 2)
         if self.forgetting_budget is not None:

@@ -53,6 +53,7 @@ from folora_ds.method.config import FoLoRAConfig
 from folora_ds.method.covariance import CovarianceCollector
 from folora_ds.method.eigensolve import solve_generalized_eigenproblem
 from folora_ds.method.peft_layers import lora_layers
+from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share, statistics_share
 
 MODEL_CONFIGS = Path(__file__).parent.parent / "model_configs"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -67,6 +68,7 @@ class ModelShape:
 
     Attributes:
         base_parameters: frozen parameters. lora_parameters: trainable LoRA parameters (A and B).
+        linear_parameters: weights of the linear layers, LM head included (the step's flops per token are 4×).
         inputs: width d of every LoRA input key (modules sharing an input share a key), in forward order.
         hidden_size, intermediate_size, layers, vocab_size: from the config, for the activation estimate.
         lora_modules: (d_in, d_out) of every LoRA module; row_parallel_inputs: the input keys of row-parallel
@@ -77,6 +79,7 @@ class ModelShape:
     base_parameters: int
     lora_parameters: int
     inputs: dict[str, int]
+    linear_parameters: int = 0
     lora_modules: dict[str, tuple[int, int]] = field(default_factory=dict)
     row_parallel_inputs: frozenset[str] = frozenset()
     hidden_size: int = 0
@@ -163,6 +166,9 @@ class Plan:
     tensor_parallel_gate_bytes_per_step: int
     collecting_micro_batches_per_step: float
     solve_seconds_per_gflop: float
+    statistics_schedule: StatisticsSchedule
+    statistics_share: float
+    configured_statistics_share: float
     owners: dict[str, int] = field(repr=False)
 
     def to_dict(self) -> dict:
@@ -177,7 +183,9 @@ class Plan:
                 "lora_gradient_bytes_per_step": self.lora_gradient_bytes_per_step,
                 "zero3_parameter_bytes_per_micro_batch": self.zero3_parameter_bytes_per_micro_batch,
                 "tensor_parallel_gate_bytes_per_step": self.tensor_parallel_gate_bytes_per_step,
-                "solve_seconds_per_gflop": self.solve_seconds_per_gflop, "owners": self.owners}
+                "solve_seconds_per_gflop": self.solve_seconds_per_gflop,
+                "statistics_schedule": asdict(self.statistics_schedule), "statistics_share": self.statistics_share,
+                "configured_statistics_share": self.configured_statistics_share, "owners": self.owners}
 
 
 def load_model_config(name_or_path: str | Path):
@@ -222,11 +230,12 @@ def model_shape(config, folora: FoLoRAConfig, name: str = "model") -> ModelShape
     with torch.no_grad(), collector.discover():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))
     collector.remove()
+    linear = sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     modules = {name: (layer.in_features, layer.out_features) for name, layer in lora_layers(model).items()}
     rows = frozenset(collector.key_of(name) for name in modules if name.rsplit(".", 1)[-1] in ROW_PARALLEL_MODULES)
-    return ModelShape(name=name, base_parameters=frozen, lora_parameters=trainable,
+    return ModelShape(name=name, base_parameters=frozen, lora_parameters=trainable, linear_parameters=linear,
                       inputs=collector.input_dims(), lora_modules=modules, row_parallel_inputs=rows,
                       hidden_size=int(getattr(config, "hidden_size", 0) or 0),
                       intermediate_size=int(getattr(config, "intermediate_size", 0) or 0),
@@ -264,7 +273,13 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
     gradient_bytes = 4 if stage == 0 else model_bytes
 
     tokens = settings.micro_batch * settings.seq_len
-    collected = tokens if folora.statistics_tokens is None else min(folora.statistics_tokens, tokens)
+    configured = StatisticsSchedule(folora.statistics_tokens, folora.statistics_every)
+    step = StepShape(tokens=tokens, counted_tokens=tokens, linear_parameters=max(shape.linear_parameters // tp, 1),
+                     input_widths=tuple(shape.inputs[key] // tp if key in shape.row_parallel_inputs
+                                        else shape.inputs[key] for key in shape.inputs))
+    schedule = (configured if folora.statistics_flops_share is None
+                else schedule_within_share(folora.statistics_flops_share, configured, step))
+    collected = round(step.rows(schedule))
     # proxy batches: a short prompt (a few tokens) and seq_len new ones; task calibration: training micro-batches
     calibration_tokens = max(folora.proxy.batch_size * (folora.proxy.seq_len + 8), tokens)
     widest = max(shape.inputs.values())
@@ -323,8 +338,9 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
         tensor_parallel_gate_bytes_per_step=gate_bytes,
         zero3_parameter_bytes_per_micro_batch=round(2 * (dp - 1) / dp * shape.base_parameters / tp * model_bytes)
         if stage == 3 else 0,
-        collecting_micro_batches_per_step=settings.gradient_accumulation / folora.statistics_every,
-        solve_seconds_per_gflop=rate)
+        collecting_micro_batches_per_step=settings.gradient_accumulation / schedule.every,
+        solve_seconds_per_gflop=rate, statistics_schedule=schedule, statistics_share=statistics_share(schedule, step),
+        configured_statistics_share=statistics_share(configured, step))
 
 
 def lora_parameters_per_tp_rank(shape: ModelShape, lora_rank: int, tp: int) -> int:
@@ -392,6 +408,11 @@ def format_plan(plan: Plan) -> str:
         + (f"; ZeRO-3 parameter gathers per micro-batch: {_size(plan.zero3_parameter_bytes_per_micro_batch)}"
            if plan.zero3_parameter_bytes_per_micro_batch else ""),
         "",
+        f"statistics: {plan.statistics_schedule.tokens or 'every'} tokens per input on one micro-batch in "
+        f"{plan.statistics_schedule.every}, {plan.statistics_share:.2%} of the step's model flops"
+        + (f" (statistics_flops_share {f.statistics_flops_share:g}; configured {f.statistics_tokens or 'every'} in "
+           f"{f.statistics_every}: {plan.configured_statistics_share:.2%})" if f.statistics_flops_share is not None
+           else (" (set statistics_flops_share to bound it)" if plan.statistics_share > 0.02 else "")),
         f"eigensolves per refresh: slowest owner rank {slowest.rank}, {slowest.solve_seconds:.1f} s "
         f"({f.solve_dtype}, {plan.solve_seconds_per_gflop:.3g} s per d³/1e9"
         + (", measured here; pass --solve-rate for the machine that will solve)" if s.solve_seconds_per_gflop is None

@@ -148,3 +148,36 @@ def test_initialize_without_calibration_data_names_what_is_missing():
 
     with pytest.raises(ValueError, match="task_batches and proxy_batches"):
         folora_ds.initialize(tiny_model(), {"folora": {}}, task_batches=[batch(0)])
+
+
+def _fitted_schedule(rank: int, world: int) -> tuple:
+    controller = FoLoRAController(tiny_model(), FoLoRAConfig(**FOLORA | {"statistics_flops_share": 0.05}))
+    shards = calibration_shards(rank, world, count=5)  # rank 0 three task batches, rank 1 two
+    if rank == 1:  # and shorter ones: the ranks' own means differ
+        for task_batch in shards["task_batches"]:
+            task_batch["attention_mask"][:, 4:] = 0
+            task_batch["labels"] = task_batch["labels"].masked_fill(task_batch["attention_mask"] == 0, -100)
+    controller.calibrate(shards["proxy_batches"], shards["task_batches"])
+    return controller.statistics_schedule, dict(controller.dims)
+
+
+def test_ranks_agree_on_the_schedule_fitted_to_every_ranks_calibration_batches():
+    """The collecting forwards are collective, so every rank must collect on the same micro-batches: the schedule
+    comes from the mean calibration micro-batch over all ranks, not each rank's own."""
+    from folora_ds.controller.calibration import linear_parameters
+    from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share
+
+    results = run_ranks(2, _fitted_schedule)
+    assert results[0] == results[1]
+    counted = []
+    for index in range(5):
+        task_batch = batch(index)
+        mask = task_batch["attention_mask"].clone()
+        if index % 2 == 1:
+            mask[:, 4:] = 0
+        counted.append(int(mask.sum()))
+    dims = results[0][1]
+    shape = StepShape(tokens=20, counted_tokens=sum(counted) / 5, input_widths=tuple(dims.values()),
+                      linear_parameters=linear_parameters(tiny_model()))
+    assert results[0][0] == schedule_within_share(0.05, StatisticsSchedule(None, 1), shape)
+    assert results[0][0] != StatisticsSchedule(None, 1)

@@ -164,3 +164,38 @@ def test_a_model_config_with_impossible_sizes_is_named(tiny_config, tmp_path, ca
     assert main(["plan", "--model-config", str(path), "--world", "2", "--solve-rate", "1.0"]) == 2
     error = capsys.readouterr().err
     assert message in error and "config.json" in error and len(error.strip().splitlines()) == 1
+
+
+def test_the_plan_prints_the_statistics_share_the_controller_fits_to_the_same_shape(tiny_config, capsys):
+    """The plan's statistics share equals ``statistics_cost`` on the model's own linear weights and inputs; with
+    ``statistics_flops_share`` it shows the schedule the controller would fit (every token of a micro-batch
+    counted, as the plan cannot know the labels)."""
+    from peft import LoraConfig, get_peft_model
+
+    from folora_ds.controller.calibration import linear_parameters
+    from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share, statistics_share
+
+    shape = model_shape(load_model_config(tiny_config), FOLORA)
+    model = build_tiny_llama(64, hidden_size=32, intermediate_size=48, num_layers=2)
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=FOLORA.lora_alpha,
+                                                  target_modules=list(FOLORA.target_modules)))
+    assert shape.linear_parameters == linear_parameters(peft_model)
+    step = StepShape(tokens=2 * 40, counted_tokens=2 * 40, input_widths=tuple(shape.inputs.values()),
+                     linear_parameters=shape.linear_parameters)
+    settings = PlanSettings(world_size=2, micro_batch=2, seq_len=40, solve_seconds_per_gflop=1.0)
+    plan = make_plan(shape, settings, FOLORA)
+    assert plan.statistics_schedule == StatisticsSchedule(64, 1)
+    assert plan.statistics_share == pytest.approx(statistics_share(StatisticsSchedule(64, 1), step))
+    bounded = FoLoRAConfig(lora_rank=4, k=6, statistics_flops_share=0.05)
+    fitted = make_plan(shape, settings, bounded)
+    assert fitted.statistics_schedule == schedule_within_share(0.05, StatisticsSchedule(64, 1), step)
+    assert fitted.statistics_share <= 0.05 < fitted.configured_statistics_share
+    assert fitted.collecting_micro_batches_per_step == 1 / fitted.statistics_schedule.every
+    assert main(["plan", "--model-config", str(tiny_config), "--world", "2", "--micro-batch", "2", "--seq-len", "40",
+                 "--solve-rate", "1.0", "--set", "k=6", "--set", "lora_rank=4",
+                 "--set", "statistics_flops_share=0.05"]) == 0
+    text = capsys.readouterr().out
+    schedule = fitted.statistics_schedule
+    assert (f"statistics: {schedule.tokens} tokens per input on one micro-batch in {schedule.every}, "
+            f"{fitted.statistics_share:.2%}") in text and "statistics_flops_share 0.05" in text

@@ -1,0 +1,92 @@
+"""``method.statistics_cost``: the statistics' share of the step's flops and the schedule that keeps it under a
+bound (issue 26, item 3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from folora_ds.method.statistics_cost import (
+    MIN_STATISTICS_TOKENS,
+    StatisticsSchedule,
+    StepShape,
+    schedule_within_share,
+    statistics_share,
+)
+
+# One Llama-2-7B block: inputs q/k/v (4096), o (4096), gate/up (4096), down (11008); 4·4096² + 3·4096·11008 weights
+LLAMA7B_BLOCK = dict(input_widths=(4096, 4096, 4096, 11008), linear_parameters=4 * 4096**2 + 3 * 4096 * 11008)
+
+
+def _block(tokens: int, counted: int | None = None) -> StepShape:
+    return StepShape(tokens=tokens, counted_tokens=tokens if counted is None else counted, **LLAMA7B_BLOCK)
+
+
+def test_the_share_is_the_sampled_rows_times_the_squared_widths_over_twice_the_model_flops():
+    shape = _block(2048)
+    squares = 3 * 4096**2 + 11008**2
+    expected = 64 * squares / (2 * LLAMA7B_BLOCK["linear_parameters"] * 2048)
+    assert statistics_share(StatisticsSchedule(64, 1), shape) == pytest.approx(expected)
+    assert expected == pytest.approx(0.0133, abs=5e-4)  # docs/benchmarks.md: 1.3% at 2,048 tokens
+    assert statistics_share(StatisticsSchedule(64, 1), _block(256)) == pytest.approx(0.106, abs=2e-3)  # 10.6%
+    assert statistics_share(StatisticsSchedule(64, 4), shape) == pytest.approx(expected / 4)
+    # every counted token when tokens is None, and never more rows than a micro-batch counts
+    assert statistics_share(StatisticsSchedule(None, 1), _block(2048, 100)) == pytest.approx(expected * 100 / 64)
+    assert statistics_share(StatisticsSchedule(64, 1), _block(2048, 10)) == pytest.approx(expected * 10 / 64)
+
+
+def test_a_schedule_within_the_share_is_kept_as_configured():
+    requested = StatisticsSchedule(64, 1)
+    assert schedule_within_share(0.02, requested, _block(2048)) is requested
+
+
+def test_above_the_share_the_tokens_are_lowered_first():
+    schedule = schedule_within_share(0.02, StatisticsSchedule(64, 1), _block(1024))  # 2.7% as configured
+    assert schedule.every == 1 and MIN_STATISTICS_TOKENS <= schedule.tokens < 64
+    assert statistics_share(schedule, _block(1024)) <= 0.02
+    one_more = StatisticsSchedule(schedule.tokens + 1, 1)
+    assert statistics_share(one_more, _block(1024)) > 0.02  # the most tokens that fit
+
+
+def test_below_the_token_floor_fewer_micro_batches_collect():
+    shape = _block(256)  # 10.6% as configured: 2% leaves 12 rows per micro-batch
+    schedule = schedule_within_share(0.02, StatisticsSchedule(64, 1), shape)
+    assert schedule.tokens == MIN_STATISTICS_TOKENS and schedule.every == 2
+    assert statistics_share(schedule, shape) <= 0.02
+    assert statistics_share(StatisticsSchedule(MIN_STATISTICS_TOKENS, 1), shape) > 0.02
+    tight = schedule_within_share(0.001, StatisticsSchedule(64, 1), shape)
+    assert tight.tokens == MIN_STATISTICS_TOKENS and statistics_share(tight, shape) <= 0.001
+    assert statistics_share(StatisticsSchedule(tight.tokens, tight.every - 1), shape) > 0.001
+
+
+def test_the_schedule_never_asks_for_more_than_configured():
+    shape = _block(256)
+    configured = StatisticsSchedule(8, 3)  # fewer tokens than the floor, already every third micro-batch
+    schedule = schedule_within_share(0.002, configured, shape)
+    assert schedule.tokens <= 8 and schedule.every >= 3
+    assert statistics_share(schedule, shape) <= 0.002
+    every_token = schedule_within_share(0.02, StatisticsSchedule(None, 1), _block(2048, 900))
+    assert every_token.tokens is not None and statistics_share(every_token, _block(2048, 900)) <= 0.02
+
+
+@pytest.mark.parametrize("share", [0, -0.1, 1.5, math.nan, "2%"])
+def test_a_share_outside_zero_to_one_is_refused(share):
+    with pytest.raises(ValueError, match="statistics share"):
+        schedule_within_share(share, StatisticsSchedule(64, 1), _block(256))
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("tokens", 0, "tokens=0"), ("counted_tokens", -1, "counted_tokens"), ("tokens", math.inf, "tokens"),
+    ("input_widths", (), "input_widths"), ("input_widths", (4096, 0), "input_widths"),
+    ("linear_parameters", 0, "linear_parameters")])
+def test_a_step_shape_names_its_bad_field(field, value, match):
+    values = dict(tokens=256, counted_tokens=200, **LLAMA7B_BLOCK) | {field: value}
+    with pytest.raises(ValueError, match=match):
+        StepShape(**values)
+
+
+@pytest.mark.parametrize(("tokens", "every"), [(0, 1), (1.5, 1), (64, 0), (64, None)])
+def test_a_schedule_names_its_bad_field(tokens, every):
+    with pytest.raises(ValueError, match="StatisticsSchedule"):
+        StatisticsSchedule(tokens, every)
