@@ -4,7 +4,8 @@ Each (dtype, d) runs in a fresh subprocess so that its peak memory is its own. T
 collector keeps them: C_pre from 2d random inputs, C_task from ``--task-tokens`` (default d/4: rank-deficient, a
 null space beside the useful directions; ``--task-tokens 0`` gives 2d, full rank). ``SpectralSolver.solve`` runs
 with ``eigensolver="full"`` and ``"top_k"`` (k = ``--k``) on the same statistics; the top-k solver then re-solves
-slightly moved statistics warm-started from its own directions, as a refresh does. Columns:
+the next refresh's statistics (the C_task EMA after one more window of as many fresh tokens, decay 0.9: C_pre, and so
+its kept Cholesky factor, unchanged) warm-started from its own directions, as a refresh does. Columns:
 
 - seconds (best of ``--repeats``), and the peak resident memory the solve added, in (d, d) matrices of its dtype;
 - ``speedup``: full ÷ top-k; ``min_cosine``: the smallest principal cosine between the stored directions of both
@@ -31,7 +32,7 @@ EXTRAPOLATE = (8192, 14336, 28672)
 
 
 def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: list[str], task_tokens: int,
-         pre_ratio: float) -> dict:
+         pre_ratio: float, refresh: bool = True) -> dict:
     import resource
     import time
 
@@ -50,9 +51,11 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
         c_pre.diagonal().add_(0.05 + 0.1 * torch.rand(dim, generator=generator))
     c_pre = c_pre.to(device)
     tokens = task_tokens or 2 * dim
-    y = torch.randn(tokens, dim, generator=generator) * (torch.rand(dim, generator=generator) + 0.1)
+    scales = torch.rand(dim, generator=generator) + 0.1  # the task's input scales, the same in every window
+    y = torch.randn(tokens, dim, generator=generator) * scales
     c_task = (y.T @ y / tokens).to(device)
-    moved = c_task + 1e-3 * torch.diag(torch.rand(dim, generator=generator)).to(device)  # the next refresh
+    y = torch.randn(tokens, dim, generator=generator) * scales  # the next window: fresh tokens of the same task
+    moved = (0.9 * c_task + 0.1 * (y.T @ y / tokens).to(device))  # the EMA a refresh solves (ema_decay 0.9)
     del y
 
     def sync() -> None:
@@ -80,11 +83,13 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
         row[f"{solver_name}_workspace_matrices"] = added / (dim * dim * getattr(torch, dtype_name).itemsize)
         if solver_name == "top_k":
             row["top_k_fallbacks"] = sum(solver.top_k_fallbacks.values())
+        if solver_name == "top_k" and refresh:
             sync()
             start = time.perf_counter()
             solver.solve("input", moved, c_pre)  # a refresh: warm-started from the directions just found
             sync()
             row["top_k_warm_seconds"] = time.perf_counter() - start
+            row["top_k_warm_fallbacks"] = sum(solver.top_k_fallbacks.values()) - row["top_k_fallbacks"]
     if {"full", "top_k"} <= set(projectors):
         full, top = projectors["full"], projectors["top_k"]
         rows = torch.randn(16, dim, generator=generator).to(device, full.v.dtype)
@@ -100,7 +105,8 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
 
 
 def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, solvers: list[str],
-        task_tokens: int | None, json_path: str | None = None, pre_ratio: float = 2.0) -> list[dict]:
+        task_tokens: int | None, json_path: str | None = None, pre_ratio: float = 2.0,
+        refresh: bool = True) -> list[dict]:
     """Every (dtype, d) in its own subprocess; prints a line per row, rewrites ``json_path`` after each (a run
     stopped by a time limit keeps the rows it finished) and returns the rows."""
     rows = []
@@ -109,7 +115,8 @@ def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, s
             tokens = dim // 4 if task_tokens is None else task_tokens
             out = subprocess.run([sys.executable, __file__, "--one", str(dim), dtype, "--device", device,
                                   "--repeats", str(repeats), "--k", str(k), "--solvers", *solvers,
-                                  "--task-tokens", str(tokens), "--pre-ratio", str(pre_ratio)],
+                                  "--task-tokens", str(tokens), "--pre-ratio", str(pre_ratio),
+                                  *([] if refresh else ["--no-refresh"])],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"d={dim} {dtype} failed:\n{out.stderr[-3000:]}")
@@ -119,7 +126,10 @@ def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, s
                 f"{name} {row[f'{name}_seconds']:.2f} s ({row[f'{name}_workspace_matrices']:.1f} (d, d))"
                 for name in solvers)
             if "speedup" in row:
-                line += (f"; top-k warm {row['top_k_warm_seconds']:.2f} s; speedup {row['speedup']:.1f}x; min cosine "
+                if "top_k_warm_seconds" in row:
+                    line += (f"; top-k refresh {row['top_k_warm_seconds']:.2f} s "
+                             f"({row.get('top_k_warm_fallbacks', '?')} fallbacks)")
+                line += (f"; speedup {row['speedup']:.1f}x; min cosine "
                          f"{row['min_cosine']:.8f}, gate error {row['gate_error']:.1e}, update error "
                          f"{row['update_error']:.1e}, tau error {row['tau_error']:.1e}, fallbacks "
                          f"{row['top_k_fallbacks']}")
@@ -139,6 +149,9 @@ def main() -> None:
     parser.add_argument("--pre-ratio", type=float, default=2.0,
                         help="rows of C_pre per input dimension (below 1 a spread diagonal floor is added; making "
                              "C_pre costs 2·ratio·d³ flops, 94 TFLOP at d = 28672 with the default 2)")
+    parser.add_argument("--no-refresh", action="store_true",
+                        help="skip the top-k refresh (it falls back to a second full solve where SLQ misses a null "
+                             "space: half an hour at d = 28672 on 2 CPU cores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", help="also write the rows here")
@@ -146,13 +159,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         print(json.dumps(_one(int(args.one[0]), args.one[1], args.device, args.repeats, args.k, args.solvers,
-                              args.task_tokens, args.pre_ratio)))
+                              args.task_tokens, args.pre_ratio, not args.no_refresh)))
         return
     import torch
 
     print(f"device={args.device} threads={torch.get_num_threads()} k={args.k} solvers={args.solvers}")
     rows = run(args.dims, args.dtypes, args.device, args.repeats, args.k, args.solvers, args.task_tokens, args.json,
-               args.pre_ratio)
+               args.pre_ratio, not args.no_refresh)
     if "full" in args.solvers:
         for dtype in args.dtypes:
             mine = [r for r in rows if r["dtype"] == dtype]

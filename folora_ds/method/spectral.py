@@ -45,6 +45,12 @@ NULL_SPACE_RTOL = 1e-6
 """Generalized eigenvalues below this fraction of the largest are C_task's null space seen through round-off."""
 
 
+def solves_top_k(config: FoLoRAConfig, dim: int) -> bool:
+    """Whether an input of width ``dim`` is solved for its k stored directions only (``config.eigensolver``)."""
+    return config.k is not None and config.k < dim and (config.eigensolver == "top_k" or (
+        config.eigensolver == "auto" and dim >= TOP_K_MIN_DIM and 16 * config.k <= dim))
+
+
 def zero_null_space(eigenvalues: torch.Tensor) -> torch.Tensor:
     """λ with every λ < NULL_SPACE_RTOL · max λ set to exactly 0.
 
@@ -151,12 +157,6 @@ class SpectralSolver:
         self._pre_factors: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}  # key → (C_pre, version, L)
         self.top_k_fallbacks: dict[str, int] = {}
 
-    def uses_top_k(self, dim: int) -> bool:
-        """Whether an input of width ``dim`` is solved for its k stored directions only (``eigensolver``)."""
-        cfg = self.config
-        return cfg.k is not None and cfg.k < dim and (
-            cfg.eigensolver == "top_k" or (cfg.eigensolver == "auto" and dim >= TOP_K_MIN_DIM and 16 * cfg.k <= dim))
-
     def solve(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor, *,
               tau_scale: float = 1.0) -> tuple[Projector, SolveReport]:
         """Solve one input; returns the projector in use and a report. See the class docstring for failures.
@@ -164,7 +164,7 @@ class SpectralSolver:
         ``tau_scale`` multiplies the configured τ (the forgetting budget's dual-ascent factor, 1 without one).
         """
         cfg = self.config
-        if self.uses_top_k(c_pre.shape[0]):
+        if solves_top_k(cfg, c_pre.shape[0]):
             check_statistics(c_task, c_pre, key)
             solved = self._solve_top_k(key, c_task, c_pre, tau_scale)
             if solved is not None:

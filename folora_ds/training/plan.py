@@ -53,11 +53,12 @@ from folora_ds.method.config import FoLoRAConfig
 from folora_ds.method.covariance import CovarianceCollector
 from folora_ds.method.eigensolve import solve_generalized_eigenproblem
 from folora_ds.method.peft_layers import lora_layers
+from folora_ds.method.solve_cost import solve_seconds, solve_workspace
+from folora_ds.method.spectral import solves_top_k
 from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share, statistics_share
 
 MODEL_CONFIGS = Path(__file__).parent.parent / "model_configs"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-SOLVE_WORKSPACE_MATRICES = 5
 ROW_PARALLEL_MODULES = frozenset({"o_proj", "down_proj", "out_proj", "dense_4h_to_h", "fc2", "w2", "c_proj"})
 """Module names Megatron splits along d_in (row-parallel; the rest of a block's linears are column-parallel)."""
 
@@ -139,6 +140,7 @@ class RankPlan:
     projectors: int
     solver_projectors: int
     solve_workspace: int
+    solve_factors: int
     solve_seconds: float
     activations: int = 0
     activations_checkpointed: int = 0
@@ -147,7 +149,8 @@ class RankPlan:
     def peak(self) -> int:
         """The most this rank holds at once (training or calibration, whichever is larger)."""
         fixed = self.base_weights + self.lora_parameters + self.lora_gradients + self.lora_optimizer
-        return fixed + max(self.statistics_training + self.projectors + self.solver_projectors + self.solve_workspace,
+        return fixed + max(self.statistics_training + self.projectors + self.solver_projectors + self.solve_factors
+                           + self.solve_workspace,
                            self.statistics_calibration) + self.exchange_buffers
 
 
@@ -306,7 +309,6 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
     for rank in range(world):
         owned = [key for key, owner in owners.items() if owner == rank]
         squares = sum(shape.inputs[key] ** 2 for key in owned)
-        widest_owned = max((shape.inputs[key] for key in owned), default=0)
         ranks.append(RankPlan(
             rank=rank, inputs_owned=len(owned),
             base_weights=shape.base_parameters * model_bytes // tp // (dp if stage == 3 else 1),
@@ -318,8 +320,10 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
             exchange_buffers=max(exchange_buffer(collected), exchange_buffer(calibration_tokens)),
             projectors=all_projectors if stage in (0, 3) else math.ceil(all_projectors / dp),
             solver_projectors=sum(projector_bytes(shape.inputs[key], solve_bytes) for key in owned),
-            solve_workspace=SOLVE_WORKSPACE_MATRICES * widest_owned ** 2 * solve_bytes,
-            solve_seconds=sum(shape.inputs[key] ** 3 for key in owned) / 1e9 * rate,
+            solve_workspace=max((solve_workspace(shape.inputs[key], folora) for key in owned), default=0),
+            solve_factors=sum(shape.inputs[key] ** 2 * solve_bytes for key in owned
+                              if solves_top_k(folora, shape.inputs[key])),
+            solve_seconds=sum(solve_seconds(shape.inputs[key], folora, rate) for key in owned),
             activations=activations, activations_checkpointed=checkpointed))
     leaving = (world - 1) / world
     row_width = sum(shape.inputs.values()) / tp  # each TP rank sends 1/TP of a replica's rows (module docstring)
@@ -366,6 +370,9 @@ def format_plan(plan: Plan) -> str:
     heaviest = max(plan.ranks, key=lambda r: r.peak)
     lightest = min(plan.ranks, key=lambda r: r.peak)
     slowest = max(plan.ranks, key=lambda r: r.solve_seconds)
+    top_k_inputs = [key for key, d in m.inputs.items() if solves_top_k(f, d)]
+    full_bound = sum(plan.solve_seconds_per_gflop * (d / 1000) ** 3 for key, d in m.inputs.items()
+                     if plan.owners[key] == slowest.rank)
     lines = [
         f"{m.name}: {m.base_parameters / 1e9:.2f} B frozen + {m.lora_parameters / 1e6:.1f} M LoRA parameters "
         f"(r={f.lora_rank}, {len(m.inputs)} inputs, widths {sorted(set(m.inputs.values()))})",
@@ -383,7 +390,8 @@ def format_plan(plan: Plan) -> str:
             ("statistics, training (C_pre + EMA + window)", "statistics_training"),
             ("exchange buffers (transient)", "exchange_buffers"), ("projectors", "projectors"),
             (f"solver's kept projectors ({f.solve_dtype}, owned inputs)", "solver_projectors"),
-            (f"solve workspace ({f.solve_dtype}, transient)", "solve_workspace")]
+            (f"solve workspace ({f.solve_dtype}, transient)", "solve_workspace"),
+            (f"top-k solver's kept factors ({f.solve_dtype}, owned inputs)", "solve_factors")]
     for label, name in rows:
         lines.append(f"  {label:<48} {_size(getattr(heaviest, name)):>10}   ({_size(getattr(lightest, name))})")
     lines.append(f"  {'peak (without activations)':<48} {_size(heaviest.peak):>10}   ({_size(lightest.peak)})")
@@ -413,6 +421,9 @@ def format_plan(plan: Plan) -> str:
         + (f" (statistics_flops_share {f.statistics_flops_share:g}; configured {f.statistics_tokens or 'every'} in "
            f"{f.statistics_every}: {plan.configured_statistics_share:.2%})" if f.statistics_flops_share is not None
            else (" (set statistics_flops_share to bound it)" if plan.statistics_share > 0.02 else "")),
+        *([f"top-k solves ({f.eigensolver}, k={f.k}) for {len(top_k_inputs)} inputs: the time below is the model "
+           f"beside a null space of C_task; refreshes of a full-rank C_task can take up to the full solve "
+           f"({full_bound:.1f} s on rank {slowest.rank})"] if top_k_inputs else []),
         f"eigensolves per refresh: slowest owner rank {slowest.rank}, {slowest.solve_seconds:.1f} s "
         f"({f.solve_dtype}, {plan.solve_seconds_per_gflop:.3g} s per d³/1e9"
         + (", measured here; pass --solve-rate for the machine that will solve)" if s.solve_seconds_per_gflop is None

@@ -203,5 +203,8 @@ def test_float32_solves_converge_at_their_own_precision():
 
 
 def test_auto_solves_narrow_inputs_in_full():
-    top_k, _ = _solvers(eigensolver="auto")
-    assert not top_k.uses_top_k(4096) and top_k.uses_top_k(8192) and not top_k.uses_top_k(100)
+    from folora_ds.method.config import FoLoRAConfig
+    from folora_ds.method.spectral import solves_top_k
+
+    auto = FoLoRAConfig(k=12, eigensolver="auto")
+    assert not solves_top_k(auto, 4096) and solves_top_k(auto, 8192) and not solves_top_k(auto, 100)

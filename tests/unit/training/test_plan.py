@@ -15,6 +15,7 @@ from folora_ds.method.config import FoLoRAConfig
 from folora_ds.training.models import build_tiny_llama
 from folora_ds.training.plan import (
     PlanSettings,
+    format_plan,
     load_model_config,
     lora_parameters_per_tp_rank,
     make_plan,
@@ -199,3 +200,21 @@ def test_the_plan_prints_the_statistics_share_the_controller_fits_to_the_same_sh
     schedule = fitted.statistics_schedule
     assert (f"statistics: {schedule.tokens} tokens per input on one micro-batch in {schedule.every}, "
             f"{fitted.statistics_share:.2%}") in text and "statistics_flops_share 0.05" in text
+
+
+def test_a_top_k_plan_counts_the_kept_factors_and_prints_the_full_solve_bound():
+    """Llama-3-70B with ``eigensolver: auto``: its 28672- and 8192-wide inputs are solved top-k, each owner keeps
+    their Cholesky factors, and the plan states that a full-rank C_task's refresh can cost up to the full solve."""
+    from folora_ds.method.solve_cost import solve_seconds
+
+    folora = FoLoRAConfig(lora_rank=16, k=64, eigensolver="auto", solve_dtype="float32")
+    shape = model_shape(load_model_config("llama-3-70b"), folora)
+    settings = PlanSettings(world_size=64, seq_len=256, solve_seconds_per_gflop=0.08)
+    plan, full = make_plan(shape, settings, folora), make_plan(shape, settings, FoLoRAConfig(lora_rank=16, k=64,
+                                                                                             solve_dtype="float32"))
+    for rank, full_rank in zip(plan.ranks, full.ranks, strict=True):
+        owned = [key for key, owner in plan.owners.items() if owner == rank.rank]
+        assert rank.solve_factors == sum(shape.inputs[key] ** 2 * 4 for key in owned)
+        assert rank.solve_seconds == pytest.approx(sum(solve_seconds(shape.inputs[key], folora, 0.08) for key in owned))
+        assert rank.solve_seconds < full_rank.solve_seconds / 5
+    assert "top-k solves (auto, k=64) for 320 inputs" in format_plan(plan)
