@@ -97,8 +97,7 @@ class FoLoRAController:
         self.optimizer_steps = self.refreshes = self.task_forwards = 0
         self.statistics_schedule = StatisticsSchedule(config.statistics_tokens, config.statistics_every)
         self._base_energies: dict[str, float] = {}
-        self._last_global_steps = 0
-        self.last_solve_seconds, self.last_window_tokens = 0.0, 0
+        self._last_global_steps, self.last_solve_seconds, self.last_window_tokens = 0, 0.0, 0
         self.last_metrics: dict[str, float] = {}
 
     @property
@@ -369,11 +368,13 @@ class FoLoRAController:
         return {name: penalties[name] for name in self.layers}
 
     def measured_forgetting(self) -> float:
-        """Collective: the relative forgetting F = mean over modules of tr(ΔW C_pre ΔWᵀ) / tr(W C_pre Wᵀ)
-        (``budget.relative_forgetting``), what the budget holds down and the run summary reports."""
-        if not self._base_energies:
-            self._base_energies = self.base_energies()
-        return relative_forgetting(self.forgetting_penalty(), self._base_energies)
+        """Collective: F = mean over modules of tr(ΔW C_pre ΔWᵀ) / tr(W C_pre Wᵀ) (``budget.relative_forgetting``); 0
+        while every ΔW is (B = 0), without the base energies (d_out·d_in² each: minutes at 70B on a CPU)."""
+        penalties = self.forgetting_penalty()
+        if not any(penalties.values()):
+            return 0.0
+        self._base_energies = self._base_energies or self.base_energies()
+        return relative_forgetting(penalties, self._base_energies)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

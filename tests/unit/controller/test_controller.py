@@ -345,3 +345,27 @@ def test_sampled_statistics_resume_with_the_same_draws():
                                                       token_batches(6, 5, labels=True), 3)  # the step-4 refresh matters
     for name, value in resumed.items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+
+
+def test_the_calibration_metrics_skip_the_base_energies_while_every_adapter_is_zero(monkeypatch):
+    """F is 0 while B = 0, so logging it at initialize must not pay d_out·d_in² per module for the base energies
+    (more than ten minutes for one 70B block on 2 CPU cores); once the adapter moved they are computed, once."""
+    import folora_ds.controller.controller as controller_module
+
+    calls = []
+    real = controller_module.base_energy_per_module
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(controller_module, "base_energy_per_module", counting)
+    model, controller = calibrated_controller(FoLoRAConfig(refresh_interval=0))
+    assert controller.measured_forgetting() == 0.0 and calls == []
+    controller.initialize_lora_a()
+    optimizer = GatedAdamW(folora_param_groups(model), lr=3e-2)
+    controller.attach(optimizer)
+    _train(model, controller, optimizer, 2)
+    first = controller.measured_forgetting()
+    assert first > 0 and calls == [1]
+    assert controller.measured_forgetting() == first and calls == [1]  # kept
