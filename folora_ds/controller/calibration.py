@@ -180,7 +180,8 @@ def budgeted_schedule(model: nn.Module, config: FoLoRAConfig, dims: Mapping[str,
     batches = max(float(totals[0]), 1.0)
     shape = StepShape(tokens=float(totals[1]) / batches, counted_tokens=float(totals[2]) / batches,
                       input_widths=tuple(dims.values()), linear_parameters=linear_parameters(model))
-    schedule = schedule_within_share(config.statistics_flops_share, requested, shape)
+    schedule = schedule_within_share(config.statistics_flops_share, requested, shape,
+                                     max_every=config.refresh_interval or None)  # every window counts something
     if comm.rank(group) == 0:
         _log.info("FoLoRA statistics: %s tokens on one micro-batch in %d, %.2f%% of the step's flops "
                   "(statistics_flops_share %g; configured %s in %d: %.2f%%; %.0f tokens per micro-batch)",

@@ -137,7 +137,8 @@ class FoLoRAConfig:
             C_task may cost (e.g. 0.02). After calibration the controller computes the share from the calibration
             micro-batches' tokens, the input widths and the model's linear parameters
             (``statistics_cost.statistics_share``) and, above it, lowers ``statistics_tokens`` (down to 16) and
-            then collects on fewer micro-batches; never more than the two settings ask. ``plan`` prints it.
+            then collects on fewer micro-batches (at least one per ``refresh_interval``); never more than the two
+            settings ask. ``plan`` prints it.
         statistics_dtype: accumulation dtype of the covariance sums. "float64" makes the statistics (and so the
             bases) independent of summation order across ranks up to ~1e-16; useful for ill-conditioned inputs.
         max_seq_len: tokens per task example after truncation.

@@ -91,10 +91,13 @@ def statistics_share(schedule: StatisticsSchedule, shape: StepShape) -> float:
     return shape.rows(schedule) * shape.squared_widths / (2 * schedule.every * shape.linear_parameters * shape.tokens)
 
 
-def schedule_within_share(share: float, requested: StatisticsSchedule, shape: StepShape) -> StatisticsSchedule:
+def schedule_within_share(share: float, requested: StatisticsSchedule, shape: StepShape, *,
+                          max_every: int | None = None) -> StatisticsSchedule:
     """The schedule closest to ``requested`` whose ``statistics_share`` is at most ``share``: ``requested`` itself
     when it fits; else fewer tokens per micro-batch (down to ``MIN_STATISTICS_TOKENS``, or the requested count
-    when that is fewer), then collecting on fewer micro-batches. Never more tokens or more often than requested.
+    when that is fewer), then collecting on fewer micro-batches, at most one in ``max_every`` (a refresh window
+    must count some micro-batch: the controller passes ``refresh_interval``), where the share may stay above
+    ``share``. Never more tokens or more often than requested.
 
     Raises:
         ValueError: ``share`` is not a number in (0, 1].
@@ -110,5 +113,6 @@ def schedule_within_share(share: float, requested: StatisticsSchedule, shape: St
     floor = min(MIN_STATISTICS_TOKENS, math.ceil(rows))
     if tokens >= floor:
         return StatisticsSchedule(tokens, requested.every)
-    return StatisticsSchedule(floor, max(requested.every, math.ceil(floor / allowed)))
+    every = max(requested.every, math.ceil(floor / allowed))
+    return StatisticsSchedule(floor, every if max_every is None else max(requested.every, min(every, max_every)))
 

@@ -281,7 +281,8 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
                      input_widths=tuple(shape.inputs[key] // tp if key in shape.row_parallel_inputs
                                         else shape.inputs[key] for key in shape.inputs))
     schedule = (configured if folora.statistics_flops_share is None
-                else schedule_within_share(folora.statistics_flops_share, configured, step))
+                else schedule_within_share(folora.statistics_flops_share, configured, step,
+                                           max_every=folora.refresh_interval or None))
     collected = round(step.rows(schedule))
     # proxy batches: a short prompt (a few tokens) and seq_len new ones; task calibration: training micro-batches
     calibration_tokens = max(folora.proxy.batch_size * (folora.proxy.seq_len + 8), tokens)

@@ -90,3 +90,15 @@ def test_a_step_shape_names_its_bad_field(field, value, match):
 def test_a_schedule_names_its_bad_field(tokens, every):
     with pytest.raises(ValueError, match="StatisticsSchedule"):
         StatisticsSchedule(tokens, every)
+
+
+def test_fewer_collecting_micro_batches_stop_at_one_per_refresh_window():
+    """Each refresh folds a window of C_task: a schedule that skips a whole window would leave it empty (an error
+    at the refresh), so ``max_every`` caps the skipping and the share stays above the bound instead."""
+    shape = _block(256)
+    free = schedule_within_share(0.001, StatisticsSchedule(64, 1), shape)
+    assert free.every > 4
+    capped = schedule_within_share(0.001, StatisticsSchedule(64, 1), shape, max_every=4)
+    assert capped == StatisticsSchedule(MIN_STATISTICS_TOKENS, 4)
+    assert statistics_share(capped, shape) > 0.001
+    assert schedule_within_share(0.001, StatisticsSchedule(64, 6), shape, max_every=4).every == 6  # never more often
