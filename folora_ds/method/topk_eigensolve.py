@@ -6,7 +6,7 @@ more than a k = 64 projector keeps at d = 28,672. What the choice really needs i
 
 1. the *distribution* of the d eigenvalues — τ is relative to their median, the base gate is 1 or the gate of the
    null-space cluster (λ = 0, when C_task has fewer task tokens than d), and the layer summary reports Σg — which
-   stochastic Lanczos quadrature (SLQ) estimates from a few dozen operator applications (``SpectrumEstimate``);
+   stochastic Lanczos quadrature (SLQ) of M below estimates from 40 block applications (``generalized_spectrum``);
 2. the k eigenpairs at the end the projector stores: the most attenuated directions (smallest λ, base 1) or,
    beside a large null space, the most useful ones (largest λ, base 0). A randomized block Krylov iteration with
    Rayleigh–Ritz finds them (``top_eigenpairs``), warm-started from the previous solve's directions, and reports
@@ -18,7 +18,8 @@ Operators (C̃ = C_pre + ridge·I as in ``eigensolve``; applied to (d, b) blocks
     smallest λ:  N = K⁻¹ C̃ K⁻ᵀ,               K = chol(C_task + εC̃),   eigenvalues 1/(λ + ε),  v = K⁻ᵀ y / √ν
 
 Each costs one Cholesky (d³/3), against ~10 d³ for the full solve's whitening and eigh; ε is a tiny multiple of
-tr C_task / tr C̃ that makes C_task + εC̃ positive definite without moving any λ the gate can tell from 0.
+tr C_task / tr C̃ that makes C_task + εC̃ positive definite without moving any λ the gate can tell from 0. L also
+serves SLQ, so a solve beside a null space needs one factor (and a refresh none, ``SpectralSolver`` keeping L).
 """
 
 from __future__ import annotations
@@ -74,9 +75,6 @@ class SpectrumEstimate:
             below = float((weights * torch.sigmoid((middle - logs) / bandwidth)).sum())
             low, high = (middle, high) if below < 0.5 else (low, middle)
         return float(torch.tensor((low + high) / 2).exp())
-
-    def mapped(self, function: Callable[[torch.Tensor], torch.Tensor]) -> SpectrumEstimate:
-        return SpectrumEstimate(function(self.nodes), self.weights, self.probes)
 
 
 def lanczos_quadrature(apply: Operator, dim: int, *, probes: int = 16, steps: int = 40, dtype=torch.float64,
