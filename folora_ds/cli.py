@@ -36,7 +36,7 @@ from folora_ds.controller.proxy import sample_proxy, save_proxy_jsonl
 from folora_ds.distributed.phases import CollectiveTimeoutError
 from folora_ds.method.config import FoLoRAConfig, MissingFoloraBlockError
 from folora_ds.toolkit.evaluation import EvaluationSettings, evaluate_adapters, format_evaluation
-from folora_ds.toolkit.grid import collect_rows, load_spec, lost_questions, run_grid
+from folora_ds.toolkit.grid import collect_rows, direction_rows, load_spec, lost_questions, run_grid
 from folora_ds.toolkit.report import write_report
 from folora_ds.training.interrupts import RunInterrupted
 from folora_ds.training.models import load_model
@@ -219,6 +219,9 @@ def _build_parser() -> argparse.ArgumentParser:
     only_report.add_argument("--lost-questions", action="store_true", help="train nothing; answer the retention "
                              "questions again with every finished run (or --only's) and write lost_questions.md: "
                              "which base-correct questions each run lost, number answers apart from the rest")
+    only_report.add_argument("--directions", action="store_true", help="train nothing; split every finished "
+                             "adapter's change by FoLoRA's passed and attenuated directions and write "
+                             "directions.md/.csv: how far each method moved along what FoLoRA lets through")
     grid.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -232,6 +235,9 @@ def _grid(args: argparse.Namespace) -> int:
                              f"(labels: {', '.join(sorted({run.label for run in spec.runs}))})")
     if args.lost_questions:
         print(lost_questions(spec, args.output, labels=args.only, progress=not args.no_progress))
+        return 0
+    if args.directions:
+        print(direction_rows(spec, args.output, labels=args.only, progress=not args.no_progress))
         return 0
     if args.report_only:
         rows = collect_rows(spec, args.output)

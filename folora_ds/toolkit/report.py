@@ -7,6 +7,8 @@
 - ``gates.png``: FoLoRA's gate per layer — effective rank Σg / d of each input kind.
 - The *frontier comparison*: for each group, plain LoRA's lowest KL at an accuracy at least as high (interpolated
   on the frontier), so "beyond the frontier" is a number, not an impression.
+- ``directions.md`` (``folora-ds grid --directions``): how far each group moved along FoLoRA's passed and
+  attenuated directions, and FoLoRA's passed size against plain LoRA's at the same rate (its effective rate there).
 - The *forgetting-proxy check*: Spearman correlation, across every row, of measured KL with each printed proxy
   (raw Σ tr(ΔW C_pre ΔWᵀ), the same relative to Σ tr(W C_pre Wᵀ), and the per-module relative mean).
 
@@ -216,7 +218,7 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     with replace_atomically(path) as scratch, open(scratch, "w", newline="") as handle:
         if rows:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -309,6 +311,53 @@ def lost_questions_markdown(questions: Sequence[Any], base_correct: Sequence[boo
                       *detail, ""])
 
 
+def equal_move_rate(plain: Mapping[float, float], size: float) -> float | None:
+    """The plain-LoRA learning rate that moves as far as ``size``: ``plain`` maps rate → passed size (at one step
+    count), interpolated linearly in (log rate, log size) between the two rates around ``size``; None outside
+    plain's range or for sizes that do not grow with the rate there."""
+    points = sorted((lr, value) for lr, value in plain.items() if lr > 0 and value > 0)
+    for (lr0, s0), (lr1, s1) in zip(points, points[1:]):
+        if size > 0 and min(s0, s1) <= size <= max(s0, s1) and s1 > s0:
+            share = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
+            return math.exp(math.log(lr0) + share * (math.log(lr1) - math.log(lr0)))
+    return None
+
+
+def directions_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``directions.md``: per (label, lr, steps), mean ± std over seeds of the passed and attenuated sizes
+    (√ of the C̃-energy of ΔW along them, summed over modules), the passed share of that energy, the passed size
+    over plain LoRA's at the same rate and steps, and the plain rate that moves as far along the passed directions
+    (``equal_move_rate``): a method whose passed size at rate lr equals plain LoRA's at 2·lr has twice plain's
+    effective rate there."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["label"], row["method"], row["knobs"], row["lr"], row["steps"]), []).append(row)
+    means = {key: {metric: mean_std([float(r[metric]) for r in members])
+                   for metric in ("passed_size", "attenuated_size", "forgetting_share_passed")}
+             for key, members in groups.items()}
+    plain: dict[int, dict[float, float]] = {}
+    for (_, method, knobs, lr, steps), value in means.items():
+        if method == PLAIN_LABEL_METHOD and knobs == "{}":
+            plain.setdefault(steps, {})[lr] = value["passed_size"][0]
+    lines = ["| method | lr | steps | seeds | passed size | attenuated size | energy share passed | "
+             "passed size / plain's at this lr | moves like plain LoRA at lr |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(means, key=lambda k: (k[1] != PLAIN_LABEL_METHOD, k[0], k[3], k[4])):
+        label, method, knobs, lr, steps = key
+        value, reference = means[key], plain.get(steps, {}).get(lr)
+        size = value["passed_size"][0]
+        like = equal_move_rate(plain.get(steps, {}), size)
+        lines.append(f"| {label} | {lr:g} | {steps} | {len(groups[key])} | {_fmt(*value['passed_size'], digits=3)} | "
+                     f"{_fmt(*value['attenuated_size'], digits=3)} | "
+                     f"{_fmt(*value['forgetting_share_passed'], percent=True)} | "
+                     f"{'—' if not reference else f'{size / reference:.2f}'} | "
+                     f"{'—' if like is None else f'{like:.2g}'} |")
+    return "\n".join(["# Where each adapter moved: FoLoRA's passed and attenuated directions", "",
+                       "Sizes are √ of tr(ΔW C̃ ΔWᵀ) restricted to the directions FoLoRA's default gate passes "
+                       "(g ≥ 0.5) or attenuates, on the grid's shared statistics, summed over modules.", "",
+                       *lines, ""])
+
+
 def write_report(rows: Sequence[Mapping[str, Any]], spec, output_dir: Path) -> Report:
     """Write the CSVs, ``results.md``, ``frontier.png`` (one ``frontier_<figure>.png`` more per figure named in
     the spec) and ``gates.png`` of ``rows`` into ``output_dir``."""
@@ -316,9 +365,9 @@ def write_report(rows: Sequence[Mapping[str, Any]], spec, output_dir: Path) -> R
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown = markdown_tables(rows)
     files = [output_dir / "results_runs.csv", output_dir / "results.csv", output_dir / "results.md"]
-    _write_csv(files[0], rows)
+    write_csv(files[0], rows)
     groups = aggregate(rows) if rows else []
-    _write_csv(files[1], groups)
+    write_csv(files[1], groups)
     with replace_atomically(files[2]) as scratch:
         scratch.write_text(markdown + "\n")
     for name, members in figure_groups(groups, getattr(spec, "figures", {})).items():

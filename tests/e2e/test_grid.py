@@ -4,6 +4,7 @@ bad specs are named before any work."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -67,6 +68,16 @@ def test_every_method_runs_and_a_finished_grid_is_not_redone(tmp_path, monkeypat
                  "--only", "folora", "--lost-questions", "--no-progress"]) == 0
     lost = (tmp_path / "lost_questions.md").read_text()
     assert "| lora | 0.002 | 0 | 3 |" in lost and "| folora | 0.002 | 0 | 3 |" in lost and "| pissa |" not in lost
+
+    # where each adapter moved along FoLoRA's passed and attenuated directions, every (run, step)
+    assert main(["grid", str(tmp_path / "spec.json"), "--output", str(tmp_path), "--only", "lora",
+                 "--only", "folora", "--directions", "--no-progress"]) == 0
+    with open(tmp_path / "directions.csv", newline="") as handle:
+        moved = list(csv.DictReader(handle))
+    assert sorted((row["label"], int(row["steps"])) for row in moved) == [(m, s) for m in ("folora", "lora")
+                                                                          for s in (2, 3)]
+    assert all(float(row["passed_size"]) > 0 and int(row["passed_directions"]) > 0 for row in moved)
+    assert "| folora | 0.002 | 3 | 1 |" in (tmp_path / "directions.md").read_text()
 
 
 def test_a_changed_setting_is_a_new_run_and_other_shared_settings_are_refused(tmp_path):

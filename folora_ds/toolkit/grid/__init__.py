@@ -7,12 +7,13 @@ Modules, each importing only those above it:
   fingerprints). No model, no training.
 - ``artifacts``: what runs share: the proxy set, C_pre, per-seed C_task and base evaluation computed once per grid
   folder (``SharedArtifacts``), and each seed's data and batch order (``TrainingData``).
-- ``rows``: a grid folder read back: which runs are complete, their result rows, the questions each run lost.
+- ``rows``: a grid folder read back: which runs are complete, their result rows, the questions each run lost,
+  where each adapter moved (``direction_rows``).
 - ``runner``: training and measuring each run under its claim, and the grid loop (``run_grid``).
 """
 
-from folora_ds.toolkit.grid.rows import collect_rows, lost_questions
+from folora_ds.toolkit.grid.rows import collect_rows, direction_rows, lost_questions
 from folora_ds.toolkit.grid.runner import run_grid
 from folora_ds.toolkit.grid.spec import load_spec
 
-__all__ = ["collect_rows", "load_spec", "lost_questions", "run_grid"]
+__all__ = ["collect_rows", "direction_rows", "load_spec", "lost_questions", "run_grid"]

@@ -4,7 +4,8 @@ each run lost.
 A run's folder (``<output>/runs/<slug>/``) is complete when every step's ``evaluation.json`` exists and its
 ``train.json`` was made with today's resolved settings. ``collect_rows`` reads the complete ones into the rows
 that ``folora_ds.toolkit.report`` turns into tables and plots; nothing is trained here. ``lost_questions`` loads
-each run's last adapter again to answer the retention questions (generation only).
+each run's last adapter again to answer the retention questions (generation only); ``direction_rows`` splits every
+saved adapter's change by FoLoRA's passed and attenuated directions (``folora_ds.toolkit.directions``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from folora_ds.common.files import read_json_file, replace_atomically
+from folora_ds.toolkit.directions import DirectionSplit, GateBasis, adapter_direction_split, gate_basis
 from folora_ds.toolkit.grid.artifacts import SharedArtifacts
 from folora_ds.toolkit.grid.spec import GridRun, GridSettings, GridSpec, changed_settings, resolved_settings
 from folora_ds.toolkit.measures import answer_is_correct, greedy_answers
-from folora_ds.toolkit.report import OPTIONAL_METRICS, lost_questions_markdown
+from folora_ds.toolkit.report import OPTIONAL_METRICS, directions_markdown, lost_questions_markdown, write_csv
 
 _log = logging.getLogger(__name__)
 
@@ -114,3 +116,52 @@ def lost_questions(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[s
     with replace_atomically(output_dir / "lost_questions.md") as scratch:
         scratch.write_text(text)
     return text
+
+
+def direction_rows(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[str] | None = None,
+                   progress: bool = True) -> str:
+    """Where every finished (run, step) of ``spec`` (optionally only ``labels``) moved the model: its adapter's ΔW
+    split by FoLoRA's passed and attenuated directions (``directions.split_change``). The yardstick is FoLoRA's gate
+    at the grid's FoLoRA defaults on the seed's shared statistics (C_pre, and C_task over every real token), the
+    same for every method. Writes ``directions.csv`` (one row per run and step) and ``directions.md``
+    (``report.directions_markdown``) and returns the markdown. No generation: ~1 s per adapter for SmolLM2, plus
+    one solve per input and seed.
+
+    Raises:
+        ValueError: no finished run (of ``labels``) in ``output_dir`` — checked before any model is loaded.
+    """
+    output_dir = Path(output_dir)
+    finished = [row for row in collect_rows(spec, output_dir) if labels is None or row["label"] in labels]
+    if not finished:
+        raise ValueError(f"no finished run{' of ' + ', '.join(map(repr, labels)) if labels else ''} in "
+                         f"{str(output_dir)!r}")
+    shared = SharedArtifacts(spec.settings, output_dir / "shared", progress=progress)
+    config = shared.folora_config()
+    measured, bases, bases_seed = [], {}, None
+    for row in sorted(finished, key=lambda r: (r["seed"], r["label"], r["lr"], r["steps"])):
+        if row["seed"] != bases_seed:
+            bases = _gate_bases(shared.statistics(row["seed"]), config)
+            bases_seed = row["seed"]
+        adapter = output_dir / "runs" / row["slug"] / f"step{row['steps']}" / "adapter"
+        with shared.adapted(adapter) as (model, _):
+            splits = adapter_direction_split(model, bases)
+        total = sum(splits.values(), DirectionSplit(0.0, 0.0, 0.0, 0.0, 0, 0))
+        measured.append({key: row[key] for key in ("label", "method", "lr", "seed", "steps", "knobs", "slug")}
+                        | {"passed_size": total.passed_size, "attenuated_size": total.attenuated_size,
+                           "forgetting_share_passed": total.forgetting_share_passed,
+                           "passed_task": total.passed_task, "attenuated_task": total.attenuated_task,
+                           "passed_directions": total.passed_directions, "directions": total.directions})
+    write_csv(output_dir / "directions.csv", measured)
+    text = directions_markdown(measured)
+    with replace_atomically(output_dir / "directions.md") as scratch:
+        scratch.write_text(text)
+    return text
+
+
+def _gate_bases(statistics: dict[str, Any], config) -> dict[str, GateBasis]:
+    """Module name → FoLoRA's gate basis of its input, one solve per input (``SharedArtifacts.statistics``)."""
+    bases = {}
+    for key, names in statistics["members"].items():
+        basis = gate_basis(statistics["task"][key], statistics["pre"][key], config, layer=key)
+        bases.update({name: basis for name in names})
+    return bases

@@ -8,6 +8,8 @@ import pytest
 from folora_ds.common.plots import plot_gates
 from folora_ds.toolkit.report import (
     aggregate,
+    directions_markdown,
+    equal_move_rate,
     figure_groups,
     frontier_comparison,
     frontier_kl_at,
@@ -165,3 +167,24 @@ def test_a_legacy_probe_gets_its_own_column_and_is_averaged_over_seeds():
     assert "| plain LoRA | 0.0004 | 60 | 3 | 60.0% ± 0.0% | 80.0% ± 0.0% | 60.0% ± 10.0% |" in table
     assert "| FoLoRA | 0.0004 | 60 | 1 | 40.0% ± 0.0% | 80.0% ± 0.0% | — |" in table
     assert "legacy probe" not in markdown_tables(rows[3:])  # grids without it keep their table
+
+
+def test_equal_move_rate_interpolates_in_log_space_and_refuses_outside_plains_range():
+    plain = {1e-4: 1.0, 4e-4: 4.0}
+    assert equal_move_rate(plain, 2.0) == pytest.approx(2e-4)  # log-linear between the two rates
+    assert equal_move_rate(plain, 4.0) == pytest.approx(4e-4)
+    assert equal_move_rate(plain, 8.0) is None and equal_move_rate(plain, 0.5) is None
+    assert equal_move_rate({1e-4: 4.0, 4e-4: 1.0}, 2.0) is None  # sizes that shrink with the rate say nothing
+
+
+def test_directions_markdown_compares_each_group_with_plain_lora_at_its_rate_and_steps():
+    def row(label, method, lr, seed, passed):
+        return {"label": label, "method": method, "knobs": "{}", "lr": lr, "seed": seed, "steps": 100,
+                "passed_size": passed, "attenuated_size": 1.0, "forgetting_share_passed": 0.5}
+    rows = [row("plain LoRA", "lora", 4e-4, 0, 2.0), row("plain LoRA", "lora", 8e-4, 0, 4.0),
+            row("FoLoRA", "folora", 4e-4, 0, 3.0), row("FoLoRA", "folora", 4e-4, 1, 5.0)]
+    text = directions_markdown(rows)
+    folora = next(line for line in text.splitlines() if line.startswith("| FoLoRA"))
+    # mean passed size 4.0 over two seeds: twice plain's at 4e-4, as far as plain moves at 8e-4
+    assert folora.startswith("| FoLoRA | 0.0004 | 100 | 2 | 4.000 ± 1.414 |") and "| 2.00 | 0.0008 |" in folora
+    assert text.index("| plain LoRA | 0.0004") < text.index("| FoLoRA")
