@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each method first")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a FoLoRA setting on top of the spec's (JSON value), e.g. statistics_flops_share=0.02")
+    parser.add_argument("--total-steps", type=int, default=None,
+                        help="the run length FoLoRA is told (controller.set_total_steps; default: the spec's FoLoRA "
+                             "run's last step, as the demo runs); 0 = unknown, statistics collected on every step "
+                             "as in a run longer than the refresh interval")
     parser.add_argument("--profile", action="store_true", help="cProfile FoLoRA's timed steps")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -52,6 +56,7 @@ def main() -> None:
     from folora_ds.adapters.engine import initialize
     from folora_ds.controller.proxy import calibration_batches, sample_proxy
     from folora_ds.distributed import comm
+    from folora_ds.method.statistics_cost import window_is_read
     from folora_ds.toolkit.grid.artifacts import TrainingData
     from folora_ds.toolkit.grid.spec import grid_folora_config, load_spec
 
@@ -80,6 +85,9 @@ def main() -> None:
         initialize, model, prepared, proxy_batches=calibration_batches(samples, data.tokenizer, folora),
         task_batches=data.calibration_batches())
     profiler.disable()
+    total_steps = max(folora_run.steps) if args.total_steps is None else (args.total_steps or None)
+    controller.set_total_steps(total_steps)
+    collecting = window_is_read(0, folora.refresh_interval, total_steps)
     calibration_profile = io.StringIO()
     pstats.Stats(profiler, stream=calibration_profile).sort_stats("cumulative").print_stats(25)
 
@@ -119,7 +127,9 @@ def main() -> None:
     plain, gated = statistics.median(times["plain"]), statistics.median(times["folora"])
     schedule = controller.statistics_schedule
     print(f"SmolLM2 demo ({args.spec} spec): batch {settings.batch_size}, {len(controller.dims)} inputs, k={folora.k}, "
-          f"statistics {schedule.tokens or 'all'} tokens in {schedule.every}; {args.steps} timed steps each "
+          f"statistics {schedule.tokens or 'all'} tokens in {schedule.every} "
+          f"({'collected' if collecting else 'not collected: no refresh within'} the run of {total_steps or '?'} "
+          f"steps, refresh every {folora.refresh_interval}); {args.steps} timed steps each "
           f"(after {args.warmup}), {torch.get_num_threads()} threads")
     print(f"step: plain LoRA {plain:.3f} s, FoLoRA {gated:.3f} s, ratio {gated / plain:.3f} "
           f"(plain {[round(t, 3) for t in times['plain']]}, FoLoRA {[round(t, 3) for t in times['folora']]})")
@@ -136,7 +146,8 @@ def main() -> None:
             "spec": args.spec, "settings": args.set, "steps": args.steps, "plain_seconds": plain,
             "folora_seconds": gated, "ratio": gated / plain, "proxy_sampling_seconds": sampling_seconds,
             "initialize_seconds": initialize_seconds, "threads": torch.get_num_threads(),
-            "statistics_schedule": [schedule.tokens, schedule.every]}, indent=1))
+            "statistics_schedule": [schedule.tokens, schedule.every], "total_steps": total_steps,
+            "statistics_collected": collecting}, indent=1))
 
 
 if __name__ == "__main__":

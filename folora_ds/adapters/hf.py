@@ -199,11 +199,14 @@ class _FoLoRACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.trainer._folora_ready:
             self.trainer._folora_calibrate()
+        # the Trainer knows the run's length: the last window's statistics and final refresh would gate nothing
+        self.trainer.folora_controller.set_total_steps(state.max_steps if state.max_steps > 0 else None)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         controller = self.trainer.folora_controller
-        if controller.after_step():
+        controller.after_step()
+        if controller.last_metrics.get("folora/optimizer_steps") == controller.optimizer_steps:  # logged just now
             self.trainer._folora_pending_logs.update(controller.last_metrics)  # joins the Trainer's next log
         return control
 

@@ -194,7 +194,7 @@ def budgeted_schedule(model: nn.Module, config: FoLoRAConfig, dims: Mapping[str,
 @contextlib.contextmanager
 def training_forward(collector: CovarianceCollector, batch: Mapping[str, torch.Tensor], config: FoLoRAConfig, *,
                      forward: int, schedule: StatisticsSchedule | None = None, replica: int | None = None,
-                     group=None) -> Iterator[None]:
+                     group=None, read: bool = True) -> Iterator[None]:
     """Count the training forward run inside this context towards ``collector``'s "task" sums when it is one in
     ``schedule.every`` (forwards 1, 1 + n, 1 + 2n, ...), ``schedule.tokens`` tokens per input (default: the
     configured ``statistics_every`` and ``statistics_tokens``).
@@ -209,6 +209,7 @@ def training_forward(collector: CovarianceCollector, batch: Mapping[str, torch.T
             ``labels_problem`` on every forward, counted or not.
         forward: this rank's training forwards so far, this one included (1 on the first).
         replica: this rank's data-parallel replica (default: its rank in ``group``, every rank its own replica).
+        read: False when no refresh will read this window (``statistics_cost.window_is_read``): nothing counted.
 
     Raises:
         DistributedStatisticsError: on every rank, when any rank's first batch fails ``labels_problem``.
@@ -222,7 +223,7 @@ def training_forward(collector: CovarianceCollector, batch: Mapping[str, torch.T
         raise ValueError(problem)
     if schedule is None:
         schedule = StatisticsSchedule(config.statistics_tokens, config.statistics_every)
-    if (forward - 1) % schedule.every != 0:
+    if not read or (forward - 1) % schedule.every != 0:
         yield
         return
     generator = None

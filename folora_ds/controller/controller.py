@@ -42,7 +42,7 @@ from folora_ds.controller.export import export_adapter
 from folora_ds.controller.forgetting import WholeWeights, adapter_penalty_per_module, base_energy_per_module
 from folora_ds.controller.initialization import write_initial_lora_a
 from folora_ds.controller.owned_statistics import load_owned_statistics, owned_covariances, save_owned_statistics
-from folora_ds.controller.reporting import LayerSummary, merge_summaries, refresh_metrics, summarize, write_events
+from folora_ds.controller.reporting import LayerSummary, controller_metrics, merge_summaries, summarize, write_events
 from folora_ds.controller.tensor_parallel import input_kinds, needed_rows, parallel_layout
 from folora_ds.distributed import comm
 from folora_ds.distributed.ownership import assign_owners
@@ -58,7 +58,7 @@ from folora_ds.method.peft_layers import lora_a_weight, lora_layers, tensor_para
 from folora_ds.method.projector import Projector, eigenvector_rows, project_rows
 from folora_ds.method.spectral import SolveReport, SpectralSolver
 from folora_ds.method.state import STATE_VERSION, check_state_fits
-from folora_ds.method.statistics_cost import StatisticsSchedule
+from folora_ds.method.statistics_cost import StatisticsSchedule, refresh_is_read, window_is_read
 
 
 class FoLoRAController:
@@ -95,6 +95,7 @@ class FoLoRAController:
         self.optimizer: GatedAdamW | None = None
         self.layouts: list[FlatPartitionLayout] = []
         self.optimizer_steps = self.refreshes = self.task_forwards = 0
+        self.total_steps: int | None = None  # set_total_steps
         self.statistics_schedule = StatisticsSchedule(config.statistics_tokens, config.statistics_every)
         self._base_energies: dict[str, float] = {}
         self._last_global_steps, self.last_solve_seconds, self.last_window_tokens = 0, 0.0, 0
@@ -191,10 +192,19 @@ class FoLoRAController:
         ``statistics_schedule`` says (``calibration.training_forward``; a resumed run draws the same tokens).
         Collective on N ranks: every rank must run as many training forwards inside it (as DP training does)."""
         self.task_forwards += 1
+        read = window_is_read(self.optimizer_steps, self.config.refresh_interval, self.total_steps)
         with calibration.training_forward(self.collector, batch, self.config, forward=self.task_forwards,
                                           schedule=self.statistics_schedule, replica=self.layout.dp_rank,
-                                          group=self.group):
+                                          group=self.group, read=read):
             yield
+
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """Tell the run's length in optimizer steps (None: unknown): the last window's C_task statistics and the
+        refresh at the last step, which would gate no step, are then skipped (``statistics_cost.window_is_read``).
+        The HF callback, ``folora-ds train`` and the grid set it; in a loop of your own call it after ``attach``."""
+        if total_steps is not None and not (isinstance(total_steps, int) and total_steps >= 1):
+            raise ValueError(f"set_total_steps: total_steps={total_steps!r} must be None or an integer >= 1")
+        self.total_steps = total_steps
 
     # ------------------------------------------------------------------ bases
     def solve(self, *, progress: bool = False) -> dict[str, SolveReport]:
@@ -282,10 +292,7 @@ class FoLoRAController:
     def after_step(self) -> bool:
         """Call after every ``optimizer.step()`` (or ``engine.step()``, which only counts at an accumulation
         boundary). Every ``refresh_interval`` optimizer steps: fold the C_task window, adapt τ (budget), re-solve,
-        re-deliver (collective).
-
-        Returns:
-            Whether a refresh ran.
+        re-deliver (collective); at the run's last step (``set_total_steps``) only log. Returns whether it refreshed.
         """
         if self.optimizer is None:
             raise RuntimeError("after_step() before attach(): no optimizer to gate")
@@ -294,12 +301,14 @@ class FoLoRAController:
                 return False
             self._last_global_steps = self.engine.global_steps
         self.optimizer_steps += 1
-        interval = self.config.refresh_interval
-        refresh = interval > 0 and self.optimizer_steps % interval == 0
+        interval, steps = self.config.refresh_interval, self.optimizer_steps
+        due = interval > 0 and steps % interval == 0
         every = 0 if self.engine is None else (self.engine.steps_per_print() or 0)  # DeepSpeed's own log cadence
-        if every > 0 and self.optimizer_steps % every == 0 and not refresh:  # a refresh logs it with the rest
+        if every > 0 and steps % every == 0 and not due:  # a refresh logs it with the rest
             write_events(self.engine, {"folora/gated_steps": float(min(self.gated_step_counts(), default=0))})
-        if not refresh:
+        if not refresh_is_read(steps, interval, self.total_steps):
+            if due:  # the run's last step: a solve would gate nothing, but its values are logged as at a refresh
+                self.log_metrics()
             return False
         with phase(f"refresh at optimizer step {self.optimizer_steps}"):
             self._fold_task_window()
@@ -312,17 +321,8 @@ class FoLoRAController:
         return True
 
     def metrics(self) -> dict[str, float]:
-        """Collective: what a refresh reports (``reporting.refresh_metrics``): F; Σg/d and the attenuated share,
-        over inputs and per input; τ and its budget scale; the slowest solve; the window's task tokens; the fewest
-        gated steps of any rank; refreshes and optimizer steps."""
-        summaries = self.layer_summaries()
-        solve_seconds, tokens, gated = zip(*comm.all_gather_objects(
-            (self.last_solve_seconds, self.last_window_tokens, min(self.gated_step_counts(), default=0)),
-            self.group))
-        return refresh_metrics(
-            summaries, relative_forgetting=self.measured_forgetting(), solve_seconds=solve_seconds,
-            window_tokens=tokens, gated_steps=gated, refreshes=self.refreshes, optimizer_steps=self.optimizer_steps,
-            tau_scale=None if self.budget is None else self.budget.tau_scale)
+        """Collective: what a refresh reports (``reporting.controller_metrics``)."""
+        return controller_metrics(self)
 
     def log_metrics(self) -> dict[str, float]:
         """Collective: ``metrics()``, kept in ``last_metrics`` and written to the engine's monitor (TensorBoard / CSV
@@ -412,7 +412,7 @@ class FoLoRAController:
         self.pre_covariances, self.task_ema, window = load_owned_statistics(state, mine, self._device,
                                                                             self.config.ema_decay)
         self.solver.load_state_dict(state["solver"], mine)
-        self.owned_projectors = {key: self.solver.projector(key).to(self._device) for key in mine}
+        self.owned_projectors = {key: self.solver.projector(key).to(self._device, torch.float32) for key in mine}
         self.collector.reset("task")
         for key, sums in window.items():  # the current window re-enters at its (new) owner
             self.collector.add_sums("task", key, sums)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from folora_ds.distributed import comm
 from folora_ds.method.spectral import SolveReport
 
 ATTENUATED_BELOW = 0.5
@@ -57,6 +58,21 @@ def merge_summaries(per_rank: Iterable[Iterable[LayerSummary]], keys: Iterable[s
     collector's input order, the same on every rank); a key no rank has solved is left out."""
     by_key = {summary.key: summary for summaries in per_rank for summary in summaries}
     return [by_key[key] for key in keys if key in by_key]
+
+
+def controller_metrics(controller) -> dict[str, float]:
+    """Collective: ``refresh_metrics`` of a ``FoLoRAController`` as it stands: F; Σg/d and the attenuated share, over
+    inputs and per input; τ and its budget scale; the slowest solve; the window's task tokens; the fewest gated
+    steps of any rank; refreshes and optimizer steps."""
+    summaries = controller.layer_summaries()
+    solve_seconds, tokens, gated = zip(*comm.all_gather_objects(
+        (controller.last_solve_seconds, controller.last_window_tokens,
+         min(controller.gated_step_counts(), default=0)), controller.group))
+    return refresh_metrics(
+        summaries, relative_forgetting=controller.measured_forgetting(), solve_seconds=solve_seconds,
+        window_tokens=tokens, gated_steps=gated, refreshes=controller.refreshes,
+        optimizer_steps=controller.optimizer_steps,
+        tau_scale=None if controller.budget is None else controller.budget.tau_scale)
 
 
 def refresh_metrics(summaries: Sequence[LayerSummary], *, relative_forgetting: float,

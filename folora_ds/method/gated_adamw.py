@@ -12,6 +12,11 @@ Decoupled weight decay (A ← A·(1 − lr·wd)) is not gated: it shrinks A towa
 opinion about. Projectors are set or refreshed per parameter between steps (``set_projector``); refreshing
 keeps the Adam moments (Variant A) or rotates them (Variant B). ``gated_step_counts`` tells how many steps
 really ran gated, so callers can assert that gating happened.
+
+Variant A gates the LoRA-A's of one input together (q/k/v read the same input, as do gate/up, and share its
+projector): their update rows are stacked so the projector is read once per step, and where 2k ≥ d as one
+(d, d) matrix P_g built once per refresh (``projector.dense_projector``) rather than its two (d, k) factors. The
+demo's exact projectors (k = d) are read 3.5x less per block that way (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from torch import nn
 from folora_ds.method.config import VARIANTS
 from folora_ds.method.flat_partitions import CutRow, Fragment, gate_flat_update
 from folora_ds.method.peft_layers import lora_a_weight, lora_layers
-from folora_ds.method.projector import Projector, apply_projector, apply_projector_shard, cap_row_norms
+from folora_ds.method.projector import (
+    Projector,
+    apply_projector,
+    apply_projector_shard,
+    cap_row_norms,
+    dense_projector,
+    prefers_dense,
+)
 
 
 @dataclass
@@ -93,6 +105,8 @@ class GatedAdamW(torch.optim.Optimizer):
         self._flat_layouts: dict[int, tuple[torch.Tensor, FlatPartitionLayout]] = {}
         self._named_projectors: dict[str, Projector] = {}
         self._shard_sums: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # id(param) → sum over TP
+        self._sources: dict[int, Projector] = {}  # id(param) → the projector object it was given (set_projector)
+        self._dense: dict[int, tuple[Projector, torch.Tensor | None]] = {}  # id(source) → (source, dense P or None)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -155,6 +169,7 @@ class GatedAdamW(torch.optim.Optimizer):
         if self.variant == "B" and projector.rank != projector.dim:
             raise ValueError(f"set_projector: Variant B needs the full basis for {name} (k = d = {projector.dim}), "
                              f"got k = {projector.rank}")
+        self._sources[id(param)] = projector  # members of one input share it: they are gated together
         projector = projector.to(device=param.device, dtype=param.dtype)
         state = self.state[param]
         if self.variant == "B" and "exp_avg" in state:
@@ -242,6 +257,7 @@ class GatedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sharing: dict[int, list[tuple[nn.Parameter, torch.Tensor, float]]] = {}  # id(source) → its LoRA-A's updates
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
@@ -285,20 +301,59 @@ class GatedAdamW(torch.optim.Optimizer):
                     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
                     continue
                 update = exp_avg / denom / bias_correction1
+                sum_over_shards = self._shard_sums.get(id(param))
+                if self.variant == "A" and sum_over_shards is None:  # gated below, with the others of its input
+                    sharing.setdefault(id(self._source(param)), []).append((param, update, lr))
+                    continue
                 if self.variant == "A":
                     reference = update
-                    sum_over_shards = self._shard_sums.get(id(param))
-                    gated_update = (apply_projector(update, self.projector(param)) if sum_over_shards is None else
-                                    apply_projector_shard(update, self.projector(param), sum_over_shards))
+                    gated_update = apply_projector_shard(update, self.projector(param), sum_over_shards)
                 else:
                     reference = update @ state["projector_v"].mT
                     gated_update = (update * state["projector_gates"]) @ state["projector_v"].mT
-                if self.cap_update_norm:
-                    gated_update = cap_row_norms(gated_update, reference)
-                state["update_norm_ratio"] = gated_update.norm() / reference.norm().clamp_min(1e-30)
-                param.add_(gated_update, alpha=-lr)
-                state["gated_steps"] += 1
+                self._apply_gated(param, gated_update, reference, lr)
+        for members in sharing.values():
+            self._gate_shared(members)
         return loss
+
+    def _gate_shared(self, members: Sequence[tuple[nn.Parameter, torch.Tensor, float]]) -> None:
+        """Variant A for the LoRA-A's of one input (q/k/v, gate/up share theirs): their update rows stacked, so the
+        projector is read once per step, as one (d, d) matrix where that reads less (``prefers_dense``)."""
+        source = self._source(members[0][0])
+        rows = torch.cat([update for _, update, _ in members]) if len(members) > 1 else members[0][1]
+        cached = self._dense.get(id(source))
+        if cached is None or cached[0] is not source:
+            projector = self.projector(members[0][0])
+            cached = (source, dense_projector(projector) if prefers_dense(projector) else None)
+            live = {id(held) for held in self._sources.values()}
+            self._dense = {key: value for key, value in self._dense.items() if key in live}  # refreshed inputs go
+            self._dense[id(source)] = cached
+        gated = rows @ cached[1] if cached[1] is not None else apply_projector(rows, self.projector(members[0][0]))
+        start = 0
+        for param, update, lr in members:
+            self._apply_gated(param, gated[start:start + update.shape[0]], update, lr)
+            start += update.shape[0]
+
+    def _source(self, param: nn.Parameter) -> Projector:
+        """The projector object ``param`` was given (shared by the members of one input), or, for a projector that
+        came with a loaded state dict, one of its own."""
+        if id(param) not in self._sources:
+            self._sources[id(param)] = self.projector(param)
+        return self._sources[id(param)]
+
+    def _apply_gated(self, param: nn.Parameter, gated_update: torch.Tensor, reference: torch.Tensor,
+                     lr: float) -> None:
+        """Apply one LoRA-A's gated update (capped first where asked) and count the gated step."""
+        state = self.state[param]
+        if self.cap_update_norm:
+            gated_update = cap_row_norms(gated_update, reference)
+        state["update_norm_ratio"] = gated_update.norm() / reference.norm().clamp_min(1e-30)
+        param.add_(gated_update, alpha=-lr)
+        state["gated_steps"] += 1
+
+    def dense_projector_bytes(self) -> int:
+        """Bytes of the (d, d) matrices built for inputs gated densely (``projector.prefers_dense``)."""
+        return sum(dense.numel() * dense.element_size() for _, dense in self._dense.values() if dense is not None)
 
     def _step_flat(self, flat: torch.Tensor, layout: FlatPartitionLayout, update: torch.Tensor, lr: float) -> None:
         projectors = {}

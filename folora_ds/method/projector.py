@@ -156,6 +156,20 @@ def apply_projector(update: torch.Tensor, projector: Projector) -> torch.Tensor:
     return gate_with_coordinates(update, update @ projector.c_tilde_v, projector)
 
 
+def prefers_dense(projector: Projector) -> bool:
+    """Whether gating with the one (d, d) matrix of ``dense_projector`` reads less than the two (d, k) factors:
+    2k ≥ d (the exact projector, k = d, reads half as much; a 70B input at k = 64 keeps its factors)."""
+    return 2 * projector.rank >= projector.dim
+
+
+def dense_projector(projector: Projector) -> torch.Tensor:
+    """P_g as one (d, d) matrix, u·P_g = u @ P: P = b·I + C̃V_k·diag(g_k − b)·V_kᵀ (equal to ``apply_projector`` up to
+    round-off). The optimizer builds it once per input and refresh when ``prefers_dense``."""
+    dense = (projector.c_tilde_v * (projector.gates - projector.base)) @ projector.v.mT
+    dense.diagonal().add_(projector.base)
+    return dense
+
+
 def projector_shard(projector: Projector, start: int, stop: int) -> Projector:
     """The rows ``start:stop`` of a projector's stored directions: what a rank holding only columns
     ``start:stop`` of LoRA-A (a row-parallel layer's A under tensor parallelism, split along d_in) keeps.

@@ -116,3 +116,22 @@ def schedule_within_share(share: float, requested: StatisticsSchedule, shape: St
     every = max(requested.every, math.ceil(floor / allowed))
     return StatisticsSchedule(floor, every if max_every is None else max(requested.every, min(every, max_every)))
 
+
+
+def refresh_is_read(step: int, refresh_interval: int, total_steps: int | None) -> bool:
+    """Whether a refresh after optimizer step ``step`` (1-based) would gate a later step: it is a refresh step
+    (a multiple of ``refresh_interval`` > 0) before the run's last step (``total_steps``; None = unknown, always)."""
+    return refresh_interval > 0 and step % refresh_interval == 0 and (total_steps is None or step < total_steps)
+
+
+def window_is_read(completed_steps: int, refresh_interval: int, total_steps: int | None) -> bool:
+    """Whether C_task statistics collected while optimizer step ``completed_steps`` + 1 accumulates reach a refresh
+    that gates a later step. A run that knows its length (``total_steps``) collects nothing in a last window that
+    ends with the run (nor, with ``refresh_interval`` = 0, ever): those statistics would feed no gate, and they are
+    the step's largest FoLoRA cost after the gated update (docs/benchmarks.md)."""
+    if total_steps is None:
+        return True
+    if refresh_interval <= 0:
+        return False
+    next_refresh = (completed_steps // refresh_interval + 1) * refresh_interval
+    return refresh_is_read(next_refresh, refresh_interval, total_steps)

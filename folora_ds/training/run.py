@@ -360,6 +360,7 @@ def _run(settings: RunSettings, prepared, output_dir: Path, started: float, sess
             raise ValueError(f"--resume: the task data {settings.data!r} now gives {len(train_set)} training "
                              f"examples, the checkpointed run had {start['train_examples']}; the data changed")
         checkpoints.restore_random_state(folora_folder)
+    controller.set_total_steps(settings.steps)  # the last window's statistics would gate no step: not collected
     settings_read = engine_settings(engine, controller.optimizer, prepared.ds_config)
     if folora_done is None:
         label = f"FoLoRA, ZeRO-{prepared.stage} ×{world}"

@@ -37,7 +37,8 @@ def test_deepspeed_launcher_zero2(tmp_path):
     assert launcher, "the deepspeed launcher is installed with the package"
     summary = _run([launcher, "--num_gpus", "2", "--master_port", "29631", str(REPO / "launch" / "train.py"),
                     "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), *SMALL], tmp_path / "ds")
-    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["folora"]["refreshes"] == 2
+    # refresh_interval 3 of 6 steps: the refresh at 3 gates steps 4-6; the one at 6 would gate nothing (skipped)
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["folora"]["refreshes"] == 1
     baseline = summary["adamw"]  # the comparison run at 2 ranks: same batches, plain AdamW, measured penalty
     assert baseline is not None and set(baseline["penalty_by_module"]) == set(summary["folora"]["penalty_by_module"])
     assert sum(summary["folora"]["penalty_by_module"].values()) < sum(baseline["penalty_by_module"].values())

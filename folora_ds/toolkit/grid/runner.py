@@ -203,6 +203,7 @@ def train_run(run: GridRun, shared: SharedArtifacts, directory: Path, *, progres
         engine, controller = initialize(model, prepared, proxy_batches=calibration_batches(samples, data.tokenizer,
                                                                                             folora),
                                         task_batches=data.calibration_batches(), progress=progress)
+        controller.set_total_steps(max(run.steps))  # no statistics for a last window that no refresh reads
     else:
         covariances = shared.module_covariances(run.seed) if run.method in COVARIANCE_INITS else None
         torch.manual_seed(run.seed)

@@ -90,6 +90,35 @@ def test_training_gates_every_step_and_refreshes_on_schedule():
         torch.testing.assert_close(delivered.v, controller.projectors[controller.collector.key_of(name)].v)
 
 
+@pytest.mark.parametrize("total, refreshes, collected", [(7, 2, 6), (6, 1, 3), (None, 2, 7), (2, 0, 0)])
+def test_a_run_of_known_length_skips_what_no_later_step_reads(total, refreshes, collected):
+    """refresh_interval 3: with 7 steps the refreshes at 3 and 6 gate later steps and step 7's window (ending with
+    the run) is not collected; with 6 the refresh at 6 and its window are skipped; unknown length collects all."""
+    model, controller = calibrated_controller(FoLoRAConfig(refresh_interval=3, statistics_tokens=None))
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach(optimizer)
+    controller.set_total_steps(total)
+    counted = []
+    window = controller.collector.sums
+
+    def after(batch_step: int) -> None:
+        counted.append(sum(int(sums.tokens) for sums in window("task").values()) > 0)
+
+    for step, batch in enumerate(token_batches(7 if total is None else total, 5, labels=True), start=1):
+        with controller.track_task(batch):
+            loss = model(**batch).loss
+        after(step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.after_step()
+    assert controller.refreshes == refreshes
+    assert sum(counted) == collected  # micro-batches whose window held task tokens when they ran
+    assert set(optimizer.gated_step_counts().values()) == {7 if total is None else total}
+    with pytest.raises(ValueError, match="total_steps=0 must be None or an integer >= 1"):
+        controller.set_total_steps(0)
+
+
 def test_refresh_without_tracked_forwards_names_the_problem():
     model, controller = calibrated_controller(FoLoRAConfig(refresh_interval=1))
     optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)

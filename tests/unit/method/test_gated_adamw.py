@@ -645,3 +645,58 @@ def test_a_column_block_needs_variant_a_without_the_cap(options):
     optimizer = GatedAdamW([{"params": [block], "gated": True}], **options)
     with pytest.raises(ValueError, match="is split along d_in; its gate supports variant='A' without cap"):
         optimizer.set_projector(block, _gated_projector(7, seed=24), sum_over_shards=lambda partial: partial)
+
+
+# ---------------------------------------------------------------------------------------------- shared inputs
+@pytest.mark.parametrize("k", [None, 6, 3])
+def test_loras_of_one_input_are_gated_together_as_each_alone(k):
+    """q/k/v-like LoRA-A's sharing one projector, beside one with its own: every update is its own u·P_g; the
+    shared input's projector becomes one dense (d, d) matrix where 2k ≥ d (k = None, 6 of d = 12), none for k = 3."""
+    d = 12
+    params = _params([(4, d), (4, d), (2, d), (4, d)], seed=40)
+    shared, alone = _gated_projector(d, seed=41, k=k), _gated_projector(d, seed=42, k=k)
+    optimizer = GatedAdamW([{"params": params, "gated": True}], lr=0.05, weight_decay=0.0)
+    for param in params[:3]:
+        optimizer.set_projector(param, shared)
+    optimizer.set_projector(params[3], alone)
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    solo = [GatedAdamW([{"params": [p], "gated": True}], lr=0.05, weight_decay=0.0) for p in reference]
+    for optimizer_alone, param, projector in zip(solo, reference, [shared] * 3 + [alone]):
+        optimizer_alone.projector(param)  # None before: each gets a projector object of its own
+        optimizer_alone.set_projector(param, Projector(projector.c_tilde_v.clone(), projector.v.clone(),
+                                                       projector.gates.clone(), projector.base))
+    for grads in _grads([tuple(p.shape) for p in params], steps=3, seed=43):
+        _run(optimizer, params, grads)
+        for optimizer_alone, param, grad in zip(solo, reference, grads):
+            _run(optimizer_alone, [param], [grad])
+        _assert_same(params, reference, atol=1e-12)
+    assert set(optimizer.gated_step_counts().values()) == {3}
+    dense = 0 if k == 3 else d * d * 8  # one matrix per input, float64
+    assert optimizer.dense_projector_bytes() == 2 * dense
+    before = [p.detach().clone() for p in params]
+    _run(optimizer, params, [p.grad for p in params])  # one more step of all four, against the formula itself
+    for param, start, p_g in zip(params, before, [_dense(shared)] * 3 + [_dense(alone)]):
+        state = optimizer.state[param]
+        u = state["exp_avg"] / (1 - 0.9 ** 4) / ((state["exp_avg_sq"] / (1 - 0.999 ** 4)).sqrt() + 1e-8)
+        torch.testing.assert_close(param.detach(), start - 0.05 * (u @ p_g), rtol=1e-10, atol=1e-12)
+
+
+def test_a_refresh_replaces_the_dense_matrix_of_an_input():
+    d = 10
+    params = _params([(4, d), (4, d)], seed=44)
+    optimizer = GatedAdamW([{"params": params, "gated": True}], lr=0.05, weight_decay=0.0)
+    for param in params:
+        optimizer.set_projector(param, _gated_projector(d, seed=45))
+    _run(optimizer, params, [torch.ones(4, d, dtype=F64)] * 2)
+    new = _gated_projector(d, seed=46, tau=20.0)
+    for param in params:
+        optimizer.set_projector(param, new)
+    before = [p.detach().clone() for p in params]
+    exp_avg = [optimizer.state[p]["exp_avg"].clone() for p in params]
+    _run(optimizer, params, [torch.ones(4, d, dtype=F64)] * 2)
+    assert optimizer.dense_projector_bytes() == d * d * 8  # the old input's matrix is gone
+    for param, start, m in zip(params, before, exp_avg):
+        state = optimizer.state[param]
+        u = state["exp_avg"] / (1 - 0.9 ** 2) / ((state["exp_avg_sq"] / (1 - 0.999 ** 2)).sqrt() + 1e-8)
+        torch.testing.assert_close(param.detach(), start - 0.05 * (u @ _dense(new)), rtol=1e-10, atol=1e-12)
+        assert not torch.equal(m, state["exp_avg"])

@@ -15,10 +15,12 @@ from folora_ds.method.projector import (
     build_projector,
     cap_row_norms,
     eigenvector_rows,
+    prefers_dense,
     project_rows,
     projector_shard,
     select_directions,
 )
+from folora_ds.method.projector import dense_projector as product_dense_projector
 from folora_ds.method.spectral import effective_tau, gate_values
 from tests.testing.linalg import F64, c_norm, dense_projector, random_rows, solve_random, spd
 
@@ -345,3 +347,17 @@ def test_a_projector_shard_keeps_k_gates_and_base_and_refuses_a_block_outside_d(
             projector_shard(projector, start, stop)
     with pytest.raises(ValueError, match="update shard has 5 columns, its projector shard 4"):
         apply_projector_shard(random_rows((2, 5), seed=73), shard, lambda local: local)
+
+
+@pytest.mark.parametrize("base", [1.0, 0.25])
+def test_the_dense_projector_gates_like_its_factors(base):
+    generator = torch.Generator().manual_seed(7)
+    d, k = 9, 5
+    v = torch.randn(d, k, generator=generator, dtype=torch.float64)
+    c_tilde_v = torch.randn(d, k, generator=generator, dtype=torch.float64)
+    projector = Projector(c_tilde_v, v, torch.rand(k, generator=generator, dtype=torch.float64), base)
+    rows = torch.randn(3, d, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(rows @ product_dense_projector(projector), apply_projector(rows, projector), rtol=1e-12,
+                               atol=1e-12)
+    assert prefers_dense(projector) and not prefers_dense(Projector(c_tilde_v[:, :4], v[:, :4],
+                                                                    projector.gates[:4], base))

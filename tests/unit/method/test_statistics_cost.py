@@ -11,8 +11,10 @@ from folora_ds.method.statistics_cost import (
     MIN_STATISTICS_TOKENS,
     StatisticsSchedule,
     StepShape,
+    refresh_is_read,
     schedule_within_share,
     statistics_share,
+    window_is_read,
 )
 
 # One Llama-2-7B block: inputs q/k/v (4096), o (4096), gate/up (4096), down (11008); 4·4096² + 3·4096·11008 weights
@@ -102,3 +104,14 @@ def test_fewer_collecting_micro_batches_stop_at_one_per_refresh_window():
     assert capped == StatisticsSchedule(MIN_STATISTICS_TOKENS, 4)
     assert statistics_share(capped, shape) > 0.001
     assert schedule_within_share(0.001, StatisticsSchedule(64, 6), shape, max_every=4).every == 6  # never more often
+
+
+def test_which_windows_and_refreshes_a_run_of_known_length_reads():
+    # refresh every 100 steps, 250 steps: refreshes at 100 and 200 gate later steps; steps 201-250 feed none
+    assert [refresh_is_read(step, 100, 250) for step in (99, 100, 200, 250)] == [False, True, True, False]
+    assert [window_is_read(done, 100, 250) for done in (0, 99, 100, 199, 200, 249)] == [True] * 4 + [False] * 2
+    # a run that ends at a refresh step: that refresh and its window gate nothing
+    assert refresh_is_read(200, 100, 200) is False and window_is_read(150, 100, 200) is False
+    # unknown length: everything, as before; no refreshes at all: nothing is read once the length is known
+    assert window_is_read(10_000, 100, None) and refresh_is_read(300, 100, None)
+    assert not window_is_read(0, 0, 50) and not refresh_is_read(5, 0, None)
