@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from folora_ds.controller import calibration
 from folora_ds.distributed.statistics import DistributedStatisticsError
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.method.covariance import CovarianceCollector
+from folora_ds.training.models import build_tiny_llama
 from tests.testing.controller import tiny_peft_llama, token_batches
 
 
@@ -64,6 +66,30 @@ def test_statistics_forwards_count_every_real_token_or_only_the_labelled_ones_an
     calibration.run_forwards(model, collector, "task", iter(batches), labels=True, device=torch.device("cpu"))
     assert {int(sums.tokens) for sums in collector.sums("task").values()} == {3 * (48 - 3 - 4 * 3)}
     assert model.training, "the statistics forwards must leave the model in training mode"
+
+
+def test_statistics_forwards_skip_the_lm_head_and_count_the_same_rows(monkeypatch):
+    """The statistics forwards ask for one position's logits (``logits_to_keep=1``): the LM head sees one row per
+    sequence, and the statistics are those of the full forward."""
+    model = tiny_peft_llama()
+    assert calibration.statistics_forward_arguments(model) == {"logits_to_keep": 1}
+    head_rows = []
+    hook = model.get_base_model().get_output_embeddings().register_forward_hook(
+        lambda module, args, output: head_rows.append(args[0].shape[1]))
+    batches = token_batches(2, 2)
+    skipped = CovarianceCollector(model)
+    calibration.run_forwards(model, skipped, "pre", iter(batches), labels=False, device=torch.device("cpu"))
+    assert head_rows == [1, 1]
+    monkeypatch.setattr(calibration, "statistics_forward_arguments", lambda model: {})
+    full = CovarianceCollector(model)
+    calibration.run_forwards(model, full, "pre", iter(batches), labels=False, device=torch.device("cpu"))
+    hook.remove()
+    assert head_rows == [1, 1, 12, 12]
+    for key, sums in skipped.sums("pre").items():
+        torch.testing.assert_close(sums.sum, full.sums("pre")[key].sum, rtol=1e-6, atol=1e-6)
+    base = build_tiny_llama(64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
+    with_lora_head = get_peft_model(base, LoraConfig(r=3, target_modules=["q_proj", "lm_head"]))
+    assert calibration.statistics_forward_arguments(with_lora_head) == {}  # LoRA on the head needs every row
 
 
 def test_a_refused_calibration_batch_raises_on_every_rank_and_restores_training_mode():
