@@ -351,6 +351,13 @@ class GatedAdamW(torch.optim.Optimizer):
         param.add_(gated_update, alpha=-lr)
         state["gated_steps"] += 1
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``; the loaded projectors are each parameter's own (gated alone,
+        nothing cached from before) until ``set_projector`` shares one again."""
+        super().load_state_dict(state_dict)
+        self._sources.clear()
+        self._dense.clear()
+
     def dense_projector_bytes(self) -> int:
         """Bytes of the (d, d) matrices built for inputs gated densely (``projector.prefers_dense``)."""
         return sum(dense.numel() * dense.element_size() for _, dense in self._dense.values() if dense is not None)

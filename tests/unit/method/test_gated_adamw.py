@@ -700,3 +700,24 @@ def test_a_refresh_replaces_the_dense_matrix_of_an_input():
         u = state["exp_avg"] / (1 - 0.9 ** 2) / ((state["exp_avg_sq"] / (1 - 0.999 ** 2)).sqrt() + 1e-8)
         torch.testing.assert_close(param.detach(), start - 0.05 * (u @ _dense(new)), rtol=1e-10, atol=1e-12)
         assert not torch.equal(m, state["exp_avg"])
+
+
+def test_a_loaded_state_gates_with_its_own_projectors_not_a_matrix_cached_before():
+    d = 10
+    params = _params([(4, d), (4, d)], seed=47)
+    optimizer = GatedAdamW([{"params": params, "gated": True}], lr=0.05, weight_decay=0.0)
+    for param in params:
+        optimizer.set_projector(param, _gated_projector(d, seed=48))
+    _run(optimizer, params, [torch.ones(4, d, dtype=F64)] * 2)  # the dense matrix of the first projector is built
+    other = GatedAdamW([{"params": _clone(params), "gated": True}], lr=0.05, weight_decay=0.0)
+    new = _gated_projector(d, seed=49, tau=20.0)
+    for param in other.param_groups[0]["params"]:
+        other.set_projector(param, new)
+    optimizer.load_state_dict(other.state_dict())  # a resume: the saved projectors replace the installed ones
+    before = [p.detach().clone() for p in params]
+    _run(optimizer, params, [torch.ones(4, d, dtype=F64)] * 2)
+    for param, start in zip(params, before):
+        state = optimizer.state[param]
+        u = state["exp_avg"] / (1 - 0.9 ** state["step"]) / (
+            (state["exp_avg_sq"] / (1 - 0.999 ** state["step"])).sqrt() + 1e-8)
+        torch.testing.assert_close(param.detach(), start - 0.05 * (u @ _dense(new)), rtol=1e-10, atol=1e-12)
