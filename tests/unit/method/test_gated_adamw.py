@@ -648,6 +648,14 @@ def test_a_column_block_needs_variant_a_without_the_cap(options):
 
 
 # ---------------------------------------------------------------------------------------------- shared inputs
+def _assert_last_step_was(optimizer, param, start, p_g, lr=0.05):
+    """``param`` moved from ``start`` by exactly −lr·u·P_g, u = m̂/(√v̂ + ε) of its state (default betas, no decay)."""
+    state = optimizer.state[param]
+    u = state["exp_avg"] / (1 - 0.9 ** state["step"]) / (
+        (state["exp_avg_sq"] / (1 - 0.999 ** state["step"])).sqrt() + 1e-8)
+    torch.testing.assert_close(param.detach(), start - lr * (u @ p_g), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("k", [None, 6, 3])
 def test_loras_of_one_input_are_gated_together_as_each_alone(k):
     """q/k/v-like LoRA-A's sharing one projector, beside one with its own: every update is its own u·P_g; the
@@ -676,18 +684,22 @@ def test_loras_of_one_input_are_gated_together_as_each_alone(k):
     before = [p.detach().clone() for p in params]
     _run(optimizer, params, [p.grad for p in params])  # one more step of all four, against the formula itself
     for param, start, p_g in zip(params, before, [_dense(shared)] * 3 + [_dense(alone)]):
-        state = optimizer.state[param]
-        u = state["exp_avg"] / (1 - 0.9 ** 4) / ((state["exp_avg_sq"] / (1 - 0.999 ** 4)).sqrt() + 1e-8)
-        torch.testing.assert_close(param.detach(), start - 0.05 * (u @ p_g), rtol=1e-10, atol=1e-12)
+        _assert_last_step_was(optimizer, param, start, p_g)
+
+
+def _one_input_after_a_step(d: int, seed: int):
+    """Two LoRA-A's (4, d) sharing one projector, after one step (its dense matrix built)."""
+    params = _params([(4, d), (4, d)], seed=seed)
+    optimizer = GatedAdamW([{"params": params, "gated": True}], lr=0.05, weight_decay=0.0)
+    for param in params:
+        optimizer.set_projector(param, _gated_projector(d, seed=seed + 1))
+    _run(optimizer, params, [torch.ones(4, d, dtype=F64)] * 2)
+    return params, optimizer
 
 
 def test_a_refresh_replaces_the_dense_matrix_of_an_input():
     d = 10
-    params = _params([(4, d), (4, d)], seed=44)
-    optimizer = GatedAdamW([{"params": params, "gated": True}], lr=0.05, weight_decay=0.0)
-    for param in params:
-        optimizer.set_projector(param, _gated_projector(d, seed=45))
-    _run(optimizer, params, [torch.ones(4, d, dtype=F64)] * 2)
+    params, optimizer = _one_input_after_a_step(d, seed=44)
     new = _gated_projector(d, seed=46, tau=20.0)
     for param in params:
         optimizer.set_projector(param, new)
@@ -696,19 +708,13 @@ def test_a_refresh_replaces_the_dense_matrix_of_an_input():
     _run(optimizer, params, [torch.ones(4, d, dtype=F64)] * 2)
     assert optimizer.dense_projector_bytes() == d * d * 8  # the old input's matrix is gone
     for param, start, m in zip(params, before, exp_avg):
-        state = optimizer.state[param]
-        u = state["exp_avg"] / (1 - 0.9 ** 2) / ((state["exp_avg_sq"] / (1 - 0.999 ** 2)).sqrt() + 1e-8)
-        torch.testing.assert_close(param.detach(), start - 0.05 * (u @ _dense(new)), rtol=1e-10, atol=1e-12)
-        assert not torch.equal(m, state["exp_avg"])
+        _assert_last_step_was(optimizer, param, start, _dense(new))
+        assert not torch.equal(m, optimizer.state[param]["exp_avg"])
 
 
 def test_a_loaded_state_gates_with_its_own_projectors_not_a_matrix_cached_before():
     d = 10
-    params = _params([(4, d), (4, d)], seed=47)
-    optimizer = GatedAdamW([{"params": params, "gated": True}], lr=0.05, weight_decay=0.0)
-    for param in params:
-        optimizer.set_projector(param, _gated_projector(d, seed=48))
-    _run(optimizer, params, [torch.ones(4, d, dtype=F64)] * 2)  # the dense matrix of the first projector is built
+    params, optimizer = _one_input_after_a_step(d, seed=47)
     other = GatedAdamW([{"params": _clone(params), "gated": True}], lr=0.05, weight_decay=0.0)
     new = _gated_projector(d, seed=49, tau=20.0)
     for param in other.param_groups[0]["params"]:
@@ -717,7 +723,4 @@ def test_a_loaded_state_gates_with_its_own_projectors_not_a_matrix_cached_before
     before = [p.detach().clone() for p in params]
     _run(optimizer, params, [torch.ones(4, d, dtype=F64)] * 2)
     for param, start in zip(params, before):
-        state = optimizer.state[param]
-        u = state["exp_avg"] / (1 - 0.9 ** state["step"]) / (
-            (state["exp_avg_sq"] / (1 - 0.999 ** state["step"])).sqrt() + 1e-8)
-        torch.testing.assert_close(param.detach(), start - 0.05 * (u @ _dense(new)), rtol=1e-10, atol=1e-12)
+        _assert_last_step_was(optimizer, param, start, _dense(new))
