@@ -78,6 +78,11 @@ class DirectionSplit:
         return math.sqrt(self.attenuated_forgetting)
 
     @property
+    def passed_task_size(self) -> float:
+        """√(Σ_passed λ_i y_i): how far the change moved the outputs on task inputs along the passed directions."""
+        return math.sqrt(max(self.passed_task, 0.0))
+
+    @property
     def forgetting_share_passed(self) -> float:
         """Share of the forgetting energy that lies in passed directions (0 for no change)."""
         total = self.passed_forgetting + self.attenuated_forgetting

@@ -332,30 +332,33 @@ def directions_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["label"], row["method"], row["knobs"], row["lr"], row["steps"]), []).append(row)
-    means = {key: {metric: mean_std([float(r[metric]) for r in members])
-                   for metric in ("passed_size", "attenuated_size", "forgetting_share_passed")}
+    metrics = ("passed_size", "attenuated_size", "forgetting_share_passed", "passed_task_size")
+    means = {key: {metric: mean_std([float(r[metric]) for r in members]) for metric in metrics}
              for key, members in groups.items()}
-    plain: dict[int, dict[float, float]] = {}
+    plain: dict[int, dict[float, tuple[float, float]]] = {}
     for (_, method, knobs, lr, steps), value in means.items():
         if method == PLAIN_LABEL_METHOD and knobs == "{}":
-            plain.setdefault(steps, {})[lr] = value["passed_size"][0]
-    lines = ["| method | lr | steps | seeds | passed size | attenuated size | energy share passed | "
-             "passed size / plain's at this lr | moves like plain LoRA at lr |",
-             "|---|---|---|---|---|---|---|---|---|"]
+            plain.setdefault(steps, {})[lr] = (value["passed_size"][0], value["passed_task_size"][0])
+    lines = ["| method | lr | steps | seeds | passed size | attenuated size | energy share passed | passed task size | "
+             "passed size / plain's at this lr | task size / plain's | moves like plain LoRA at lr |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(means, key=lambda k: (k[1] != PLAIN_LABEL_METHOD, k[0], k[3], k[4])):
         label, method, knobs, lr, steps = key
         value, reference = means[key], plain.get(steps, {}).get(lr)
-        size = value["passed_size"][0]
-        like = equal_move_rate(plain.get(steps, {}), size)
+        size, task = value["passed_size"][0], value["passed_task_size"][0]
+        like = equal_move_rate({rate: sizes[0] for rate, sizes in plain.get(steps, {}).items()}, size)
         lines.append(f"| {label} | {lr:g} | {steps} | {len(groups[key])} | {_fmt(*value['passed_size'], digits=3)} | "
                      f"{_fmt(*value['attenuated_size'], digits=3)} | "
                      f"{_fmt(*value['forgetting_share_passed'], percent=True)} | "
-                     f"{'—' if not reference else f'{size / reference:.2f}'} | "
+                     f"{_fmt(*value['passed_task_size'], digits=3)} | "
+                     f"{'—' if not reference else f'{size / reference[0]:.2f}'} | "
+                     f"{'—' if not reference else f'{task / reference[1]:.2f}'} | "
                      f"{'—' if like is None else f'{like:.2g}'} |")
     return "\n".join(["# Where each adapter moved: FoLoRA's passed and attenuated directions", "",
                        "Sizes are √ of tr(ΔW C̃ ΔWᵀ) restricted to the directions FoLoRA's default gate passes "
-                       "(g ≥ 0.5) or attenuates, on the grid's shared statistics, summed over modules.", "",
-                       *lines, ""])
+                       "(g ≥ 0.5) or attenuates, on the grid's shared statistics, summed over modules; the task "
+                       "size is √ of tr(ΔW C_task ΔWᵀ) along the passed ones (how far the outputs on task inputs "
+                       "moved).", "", *lines, ""])
 
 
 def write_report(rows: Sequence[Mapping[str, Any]], spec, output_dir: Path) -> Report:

@@ -148,6 +148,7 @@ def direction_rows(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[s
         total = sum(splits.values(), DirectionSplit(0.0, 0.0, 0.0, 0.0, 0, 0))
         measured.append({key: row[key] for key in ("label", "method", "lr", "seed", "steps", "knobs", "slug")}
                         | {"passed_size": total.passed_size, "attenuated_size": total.attenuated_size,
+                           "passed_task_size": total.passed_task_size,
                            "forgetting_share_passed": total.forgetting_share_passed,
                            "passed_task": total.passed_task, "attenuated_task": total.attenuated_task,
                            "passed_directions": total.passed_directions, "directions": total.directions})

@@ -32,6 +32,7 @@ def test_the_split_adds_up_to_the_forgetting_and_task_energies():
     assert split.passed_task + split.attenuated_task == pytest.approx(task, rel=1e-9)
     assert 0 < split.passed_directions < split.directions == 12
     assert split.passed_size == pytest.approx(split.passed_forgetting ** 0.5)
+    assert split.passed_task_size == pytest.approx(split.passed_task ** 0.5)
     assert 0 < split.forgetting_share_passed < 1
 
 

@@ -180,11 +180,12 @@ def test_equal_move_rate_interpolates_in_log_space_and_refuses_outside_plains_ra
 def test_directions_markdown_compares_each_group_with_plain_lora_at_its_rate_and_steps():
     def row(label, method, lr, seed, passed):
         return {"label": label, "method": method, "knobs": "{}", "lr": lr, "seed": seed, "steps": 100,
-                "passed_size": passed, "attenuated_size": 1.0, "forgetting_share_passed": 0.5}
+                "passed_size": passed, "attenuated_size": 1.0, "forgetting_share_passed": 0.5,
+                "passed_task_size": 10 * passed}
     rows = [row("plain LoRA", "lora", 4e-4, 0, 2.0), row("plain LoRA", "lora", 8e-4, 0, 4.0),
             row("FoLoRA", "folora", 4e-4, 0, 3.0), row("FoLoRA", "folora", 4e-4, 1, 5.0)]
     text = directions_markdown(rows)
     folora = next(line for line in text.splitlines() if line.startswith("| FoLoRA"))
     # mean passed size 4.0 over two seeds: twice plain's at 4e-4, as far as plain moves at 8e-4
-    assert folora.startswith("| FoLoRA | 0.0004 | 100 | 2 | 4.000 ± 1.414 |") and "| 2.00 | 0.0008 |" in folora
+    assert folora.startswith("| FoLoRA | 0.0004 | 100 | 2 | 4.000 ± 1.414 |") and "| 2.00 | 2.00 | 0.0008 |" in folora
     assert text.index("| plain LoRA | 0.0004") < text.index("| FoLoRA")
