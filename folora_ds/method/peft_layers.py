@@ -110,3 +110,10 @@ def base_weight_matrix(layer: nn.Module) -> torch.Tensor:
     shard: (d_out / TP, d_in) on a column layer, (d_out, d_in / TP) on a row layer)."""
     weight = layer.get_base_layer().weight.detach()
     return weight.mT if getattr(layer, "fan_in_fan_out", False) else weight
+
+
+def adapter_delta_weight(layer: LoraLayer) -> torch.Tensor:
+    """The adapter's ΔW = s·B·A of a peft LoRA layer as (d_out, d_in), detached (``fan_in_fan_out`` layers
+    transposed back, as ``base_weight_matrix``)."""
+    delta = layer.get_delta_weight(active_adapter(layer)).detach()
+    return delta.mT if getattr(layer, "fan_in_fan_out", False) else delta

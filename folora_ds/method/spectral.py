@@ -102,6 +102,15 @@ def gate_values(eigenvalues: torch.Tensor, *, kind: str, tau: float, temperature
     raise ValueError(f"gate kind {kind!r}; allowed: 'rational', 'sigmoid', 'hard'")
 
 
+def configured_gates(eigenvalues: torch.Tensor, config: FoLoRAConfig,
+                     tau_scale: float = 1.0) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """``(λ with the null space at 0, absolute τ, gates)`` of a full solve's eigenvalues under ``config``'s gate,
+    τ and τ mode, τ multiplied by ``tau_scale`` (the budget's)."""
+    eigenvalues = zero_null_space(eigenvalues)
+    tau = effective_tau(eigenvalues, config.tau, config.tau_mode) * tau_scale
+    return eigenvalues, tau, gate_values(eigenvalues, kind=config.gate, tau=tau, temperature=config.temperature)
+
+
 @dataclass(frozen=True)
 class SolveReport:
     """What one solve of one input produced (for logging and the per-layer summary).
@@ -176,9 +185,7 @@ class SpectralSolver:
                 solve_dtype=getattr(torch, cfg.solve_dtype), retry_float64=cfg.retry_float64, layer=key)
             if not bool((result.eigenvalues > 0).any()):
                 raise SpectralSolveError(key, "C_task is zero (no task tokens reached this input)")
-            eigenvalues = zero_null_space(result.eigenvalues)
-            tau = effective_tau(eigenvalues, cfg.tau, cfg.tau_mode) * tau_scale
-            gates = gate_values(eigenvalues, kind=cfg.gate, tau=tau, temperature=cfg.temperature)
+            eigenvalues, tau, gates = configured_gates(result.eigenvalues, cfg, tau_scale)
         except SpectralSolveError as error:
             if key not in self._projectors:
                 raise

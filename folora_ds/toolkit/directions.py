@@ -24,8 +24,8 @@ import torch
 from folora_ds.controller.reporting import ATTENUATED_BELOW
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.method.eigensolve import solve_generalized_eigenproblem
-from folora_ds.method.peft_layers import active_adapter, lora_layers
-from folora_ds.method.spectral import effective_tau, gate_values, zero_null_space
+from folora_ds.method.peft_layers import adapter_delta_weight, lora_layers
+from folora_ds.method.spectral import configured_gates
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,7 @@ def gate_basis(c_task: torch.Tensor, c_pre: torch.Tensor, config: FoLoRAConfig, 
     """
     result = solve_generalized_eigenproblem(c_task, c_pre, ridge=config.ridge,
                                             max_ridge_escalations=config.max_ridge_escalations, layer=layer)
-    eigenvalues = zero_null_space(result.eigenvalues)
-    tau = effective_tau(eigenvalues, config.tau, config.tau_mode) * tau_scale
-    gates = gate_values(eigenvalues, kind=config.gate, tau=tau, temperature=config.temperature)
+    eigenvalues, _, gates = configured_gates(result.eigenvalues, config, tau_scale)
     _, c_tilde_v = result.columns()
     return GateBasis(c_tilde_v=c_tilde_v, eigenvalues=eigenvalues, passed=gates >= ATTENUATED_BELOW)
 
@@ -135,8 +133,5 @@ def adapter_direction_split(peft_model, bases: Mapping[str, GateBasis]) -> dict[
     for name, layer in lora_layers(peft_model).items():
         if name not in bases:
             raise KeyError(f"no gate basis for LoRA module {name!r}")
-        delta = layer.get_delta_weight(active_adapter(layer)).double()
-        if getattr(layer, "fan_in_fan_out", False):
-            delta = delta.T
-        splits[name] = split_change(delta, bases[name])
+        splits[name] = split_change(adapter_delta_weight(layer).double(), bases[name])
     return splits

@@ -31,7 +31,7 @@ from folora_ds.common.files import claimed, read_json_file, write_json
 from folora_ds.controller.proxy import calibration_batches, load_proxy_jsonl
 from folora_ds.distributed import comm
 from folora_ds.method.budget import base_energy
-from folora_ds.method.peft_layers import active_adapter, base_weight_matrix, lora_layers
+from folora_ds.method.peft_layers import adapter_delta_weight, base_weight_matrix, lora_layers
 from folora_ds.toolkit.evaluation import EvaluationSuite, measure_adapted
 from folora_ds.toolkit.grid.artifacts import SharedArtifacts, TrainingData
 from folora_ds.toolkit.grid.rows import collect_rows, is_complete
@@ -272,9 +272,7 @@ def forgetting_proxies(peft_model, covariances: Mapping[str, tuple[torch.Tensor,
         if name not in covariances:
             raise KeyError(f"no calibration covariance for LoRA module {name!r}")
         c_pre = covariances[name][0].double()
-        delta = layer.get_delta_weight(active_adapter(layer)).double()
-        if getattr(layer, "fan_in_fan_out", False):
-            delta = delta.T
+        delta = adapter_delta_weight(layer).double()
         penalty[name] = float(torch.einsum("oi,ij,oj->", delta, c_pre, delta))
         energy[name] = float(base_energy(base_weight_matrix(layer).double(), c_pre))
     return {"penalty_by_module": penalty, "base_energy_by_module": energy}
