@@ -83,18 +83,22 @@ class DirectionChoice:
     split_ties: int
 
 
-def select_directions(gates: torch.Tensor, k: int | None, tie_tolerance: float = 0.0) -> DirectionChoice:
+def select_directions(gates: torch.Tensor, k: int | None, tie_tolerance: float = 0.0, *,
+                      null_count: int = 0) -> DirectionChoice:
     """Choose what a width-``k`` projector stores, the same way whatever the summation order of the statistics.
 
     ``k=None`` or k ≥ d: every direction, in ascending gate order (the exact P_g).
 
     Gates within ``tie_tolerance`` of their neighbour (in sorted order) form a tied cluster. Inside a cluster the
     generalized eigenvectors are defined only up to rotation, so storing part of a cluster would depend on
-    round-off (and so on the number of ranks). Clusters are therefore stored whole or not at all. Two bases are
-    tried — 1 (store the most attenuated directions) and the gate of the largest tied cluster (store what differs
-    from it, e.g. the few useful directions beside a large C_task null space) — each filling k with whole clusters
-    by decreasing |g − base|; the one that leaves the smaller Σ|g − base| over the directions not stored wins
-    (base 1 on a tie).
+    round-off (and so on the number of ranks). Clusters are therefore stored whole or not at all. The candidate
+    bases are 1 (store the most attenuated directions); the gate of C_task's null space when it has
+    ``null_count`` ≥ 2 directions (λ = 0 exactly after ``spectral.zero_null_space``: the smallest gates; store
+    the useful directions beside it); and the gate of the largest tied cluster when it has more than k members
+    (too many to store, e.g. a hard gate's plateau). Each fills k with whole clusters by decreasing |g − base|;
+    the one that leaves the smaller Σ|g − base| over the directions not stored wins (base 1 on a tie). Any other
+    cluster is no candidate: two gates that happen to lie within ``tie_tolerance`` among thousands of distinct ones
+    (a full-rank C_task) would otherwise offer their gate as the base and decide the projector by accident.
     """
     d = gates.numel()
     order = torch.argsort(gates, stable=True)
@@ -107,8 +111,10 @@ def select_directions(gates: torch.Tensor, k: int | None, tie_tolerance: float =
             clusters.append(list(range(start, position)))
             start = position
     candidates = [1.0]
+    if null_count >= 2:  # gates grow with λ: the null space's are the smallest
+        candidates.append(min(max(values[0], 0.0), 1.0))
     largest = max(clusters, key=len)
-    if len(largest) > 1:
+    if len(largest) > k:
         candidates.append(min(max(sum(values[i] for i in largest) / len(largest), 0.0), 1.0))
     best = None
     for base in candidates:

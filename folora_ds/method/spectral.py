@@ -198,7 +198,7 @@ class SpectralSolver:
             report = dataclasses.replace(self._reports[key], failed=True, consecutive_failures=failures)
             self._reports[key] = report
             return self._projectors[key], report
-        choice = select_directions(gates, cfg.k, cfg.gate_tie_tolerance)
+        choice = select_directions(gates, cfg.k, cfg.gate_tie_tolerance, null_count=int((eigenvalues == 0).sum()))
         projector = build_projector(result, gates, cfg.k, choice=choice)
         report = SolveReport(key, result.eigenvalues, gates, tau, result.ridge, failed=False,
                              consecutive_failures=0, stored=choice.indices.numel(), base_gate=choice.base,
@@ -218,10 +218,10 @@ class SpectralSolver:
         does not exist, or k would cut a tied cluster (which only the full solve stores whole or not at all).
 
         The spectrum estimate (SLQ through L = chol(C̃), ``generalized_spectrum``) gives λ_max (so the null space,
-        λ < NULL_SPACE_RTOL·λ_max), τ (its median) and the choice of base as ``select_directions`` makes it:
-        Σ|g − base| over the directions not stored, for base 1 (store the k smallest λ) and, beside a null-space
-        cluster, for its gate (store the k largest). Only the chosen end is then solved: the largest through the
-        same L, the smallest through K = chol(C_task + εC̃)."""
+        λ < NULL_SPACE_RTOL·λ_max), τ (its median) and the choice of base as ``select_directions`` makes it: base 1
+        (store the k smallest λ) unless the null-space cluster's gate leaves less Σ|g − base| (store the k
+        largest); a null count too close to k to tell on which side it lies falls back. Only the chosen end is then solved: the largest
+        through the same L, the smallest through K = chol(C_task + εC̃)."""
         cfg, dim, k = self.config, c_pre.shape[0], self.config.k
         dtype = getattr(torch, cfg.solve_dtype)
         scale = float(torch.trace(c_pre)) / dim
@@ -257,12 +257,20 @@ class SpectralSolver:
             at_end = torch.cumsum(spectrum.weights[order], 0) <= k / dim
             return float((spectrum.weights * values)[order][at_end].sum())
 
-        left_with_base_one = dim * (spectrum.mean(1 - node_gates) - end_share(1 - node_gates, descending=False))
         store_largest = False
-        if null_count >= 2:
+        if null_count >= 2:  # the null space's gate is the other candidate base
+            if abs(null_count - k) <= 4 * dim * spectrum.share_deviation(null_count / dim, dim):
+                return None  # whether k holds the null cluster (and so what base 1 leaves out) is not certain
             distance = (node_gates - null_gate).abs()
             left_with_null_base = dim * (spectrum.mean(distance) - end_share(distance, descending=True))
-            store_largest = null_count > k or left_with_null_base < left_with_base_one - 1e-9 * dim
+            if null_count > k:  # base 1 cannot store the cluster: it leaves it out whole, ≥ null_count·(1 − g₀)
+                if not left_with_null_base < null_count * (1 - null_gate) - 1e-9 * dim:
+                    return None  # base 1 around the left-out cluster: a choice from the middle, the full solve's
+                store_largest = True
+            else:
+                left_with_base_one = dim * (spectrum.mean(1 - node_gates)
+                                            - end_share(1 - node_gates, descending=False))
+                store_largest = left_with_null_base < left_with_base_one - 1e-9 * dim
         if not store_largest:
             try:
                 small = generalized_top_k(c_task, c_tilde, k + 1, "smallest", factor=shifted_cholesky(c_task, c_tilde),

@@ -253,10 +253,29 @@ def test_a_tied_cluster_that_does_not_fit_is_left_out_whole_and_reported():
     choice = select_directions(gates, 6, tie_tolerance=1e-6)
     assert choice.base == 1.0 and sorted(choice.indices.tolist()) == [0, 1, 2]
     assert (choice.approximated, choice.split_ties) == (5, 5)
-    # when the tied cluster is the largest, storing its complement is the better (here exact) choice
-    gates = torch.tensor([0.1, 0.2] + [0.4] * 5 + [1.0] * 3, dtype=F64)
-    choice = select_directions(gates, 5, tie_tolerance=1e-6)
-    assert choice.base == pytest.approx(0.4) and choice.approximated == 0 and choice.indices.numel() == 5
+    # when the tied cluster is too large for k, storing its complement is the better (here exact) choice
+    gates = torch.tensor([0.1] + [0.4] * 6 + [1.0] * 3, dtype=F64)
+    choice = select_directions(gates, 4, tie_tolerance=1e-6)
+    assert choice.base == pytest.approx(0.4) and choice.approximated == 0 and choice.indices.numel() == 4
+
+
+def test_a_tied_cluster_that_k_can_hold_is_no_base():
+    """Base 1 stores a cluster of ≤ k members whole, so its gate is not offered as the base: two gates that
+    happen to tie among many distinct ones (a full-rank C_task) must not decide the projector. Here the pair at
+    0.05 would win under Σ|g − base| (most gates are small) if it were a candidate."""
+    distinct = torch.linspace(0.001, 0.3, 40, dtype=F64)
+    gates = torch.cat([distinct, torch.tensor([0.05 + 1e-8, 0.05 - 1e-8], dtype=F64)])
+    choice = select_directions(gates, 6, tie_tolerance=1e-6)
+    assert choice.base == 1.0
+    assert sorted(choice.indices.tolist()) == sorted(torch.argsort(gates)[:6].tolist())
+    # the same gates without the accidental pair choose the same way (the rule does not depend on it)
+    alone = select_directions(distinct, 6, tie_tolerance=1e-6)
+    assert alone.base == 1.0 and sorted(alone.indices.tolist()) == list(range(6))
+    # C_task's null space (λ = 0 exactly, counted by the solver) is a candidate at any size: 3 null directions
+    nulls = torch.cat([torch.zeros(3, dtype=F64), distinct])
+    choice = select_directions(nulls, 6, tie_tolerance=1e-6, null_count=3)
+    assert choice.base == 0.0 and sorted(choice.indices.tolist()) == list(range(37, 43))
+    assert select_directions(nulls, 6, tie_tolerance=1e-6).base == 1.0  # not counted: 3 ≤ k is no candidate
 
 
 def test_without_ties_the_k_smallest_gates_are_kept_with_base_one():

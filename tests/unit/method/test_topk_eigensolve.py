@@ -160,6 +160,30 @@ def test_a_tie_at_the_cut_falls_back_to_the_exact_solve(one_torch_thread):
     torch.testing.assert_close(top_projector.gates, full_projector.gates)
 
 
+def test_two_gates_tied_by_accident_decide_neither_solver(one_torch_thread):
+    """A full-rank C_task whose gates are mostly tiny, with two λ that happen to lie within the tie tolerance: both
+    solvers keep base 1 and the k most attenuated directions (``select_directions`` offers a cluster's gate as the
+    base only when k cannot hold it). Before, the full solve offered the pair's gate, which won Σ|g − base| here
+    and made it store the k *largest* λ, while the top-k solver stored the smallest (issue 26's benchmark at
+    d = 4096: min cosine 0)."""
+    d = 300
+    generator = torch.Generator().manual_seed(13)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=F64))
+    low = torch.logspace(-4, -3, 100, dtype=F64)
+    low[60], low[61] = 5e-4, 5e-4 * (1 + 1e-9)  # the accidental pair, far from the cut at k = 12
+    spectrum = torch.cat([low, torch.logspace(0, 0.5, 200, dtype=F64)])
+    c_task = q @ torch.diag(spectrum) @ q.mT
+    top_k, full = _solvers()
+    top_projector, top_report = top_k.solve("layer", (c_task + c_task.mT) / 2, torch.eye(d, dtype=F64))
+    full_projector, full_report = full.solve("layer", (c_task + c_task.mT) / 2, torch.eye(d, dtype=F64))
+    assert top_k.top_k_fallbacks == {} and top_report.estimated
+    assert full_projector.base == top_projector.base == 1.0
+    cosines = torch.linalg.svdvals(full_projector.c_tilde_v.mT @ top_projector.v)
+    assert float(cosines.min()) > 1 - 1e-8
+    gated_top, gated_full = _gated_rows(top_projector, 1, d), _gated_rows(full_projector, 1, d)
+    assert float((gated_top - gated_full).norm() / gated_full.norm()) < 0.01
+
+
 def test_a_refresh_reuses_the_factor_of_an_unchanged_c_pre(monkeypatch, one_torch_thread):
     """C_pre is fixed after calibration: a refresh skips chol(C̃) (the d³/3 that dominates a wide top-k solve),
     and the same projector comes out; a C_pre changed in place is factored again."""
