@@ -220,8 +220,8 @@ class SpectralSolver:
         The spectrum estimate (SLQ through L = chol(C̃), ``generalized_spectrum``) gives λ_max (so the null space,
         λ < NULL_SPACE_RTOL·λ_max), τ (its median) and the choice of base as ``select_directions`` makes it: base 1
         (store the k smallest λ) unless the null-space cluster's gate leaves less Σ|g − base| (store the k
-        largest); a null count too close to k to tell on which side it lies falls back. Only the chosen end is then solved: the largest
-        through the same L, the smallest through K = chol(C_task + εC̃)."""
+        largest); a null count too close to k to tell on which side it lies falls back. Only the chosen end is
+        then solved: the largest through the same L, the smallest through K = chol(C_task + εC̃)."""
         cfg, dim, k = self.config, c_pre.shape[0], self.config.k
         dtype = getattr(torch, cfg.solve_dtype)
         scale = float(torch.trace(c_pre)) / dim

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +101,19 @@ class SharedArtifacts:
             self._base = load_model(self.settings.model)
         return self._base
 
-    @contextlib.contextmanager
-    def adapted(self, adapter: Path) -> Iterator[tuple[Any, Any]]:
+    def adapted(self, adapter: Path) -> contextlib.AbstractContextManager[tuple[Any, Any]]:
         """The saved ``adapter`` on the base model (a ``PeftModel`` in eval mode) and the tokenizer; the adapter
         is unloaded on leaving, so the base is untouched for the next one."""
         from peft import PeftModel
 
+        return self.peft_on_base(lambda base: PeftModel.from_pretrained(base, str(adapter)))
+
+    @contextlib.contextmanager
+    def peft_on_base(self, build: Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
+        """The peft model ``build`` makes from the base model (in eval mode) and the tokenizer; unloaded on
+        leaving, so the base is untouched for the next one."""
         base, tokenizer = self.base()
-        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        model = build(base).eval()
         try:
             yield model, tokenizer
         finally:
