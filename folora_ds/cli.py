@@ -6,7 +6,7 @@
     folora-ds plan --model-config llama-3-70b --world 64 --nodes 8 [--tp 8] [--config ds.json] [--set k=64] [--json]
     folora-ds evaluate --model smollm2-135m-instruct --adapter folora=out/folora_adapter --adapter adamw=...
     folora-ds grid smollm2 --output runs/grid [--only "plain LoRA"] [--report-only | --lost-questions |
-                                                                     --directions | --noise-floor]
+                                                                     --directions | --noise-floor | --probe-kl]
 
 The run's settings come from a DeepSpeed JSON config (``--config``, alias ``--deepspeed``; a one-process ZeRO-0
 default without it): DeepSpeed's keys go to the engine, the ``"folora"`` block to FoLoRA, with ``--set`` overriding
@@ -37,7 +37,15 @@ from folora_ds.controller.proxy import sample_proxy, save_proxy_jsonl
 from folora_ds.distributed.phases import CollectiveTimeoutError
 from folora_ds.method.config import FoLoRAConfig, MissingFoloraBlockError
 from folora_ds.toolkit.evaluation import EvaluationSettings, evaluate_adapters, format_evaluation
-from folora_ds.toolkit.grid import collect_rows, direction_rows, load_spec, lost_questions, noise_floor, run_grid
+from folora_ds.toolkit.grid import (
+    collect_rows,
+    direction_rows,
+    load_spec,
+    lost_questions,
+    noise_floor,
+    probe_kl,
+    run_grid,
+)
 from folora_ds.toolkit.report import write_report
 from folora_ds.training.interrupts import RunInterrupted
 from folora_ds.training.models import load_model
@@ -226,6 +234,9 @@ def _build_parser() -> argparse.ArgumentParser:
     only_report.add_argument("--noise-floor", action="store_true", help="train nothing; measure the retention "
                              "probe on random adapters (no task) at KL 0.001-0.1 and write noise_floor.md/.json: "
                              "what any change of that size costs on the probe")
+    only_report.add_argument("--probe-kl", action="store_true", help="train nothing; KL of every finished run (or "
+                             "--only's) on the base model's own answers to the retention questions, beside its KL "
+                             "on held-out passages, written to probe_kl.md/.json: where each change sits")
     grid.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -245,6 +256,9 @@ def _grid(args: argparse.Namespace) -> int:
         return 0
     if args.noise_floor:
         print(noise_floor(spec, args.output, progress=not args.no_progress))
+        return 0
+    if args.probe_kl:
+        print(probe_kl(spec, args.output, labels=args.only, progress=not args.no_progress))
         return 0
     if args.report_only:
         rows = collect_rows(spec, args.output)

@@ -211,6 +211,63 @@ def kl_on_text(model, tokenizer, texts: Iterable[str], *, base_model=None, max_l
             "adapted_perplexity": math.exp(nll_adapted / tokens), "tokens": tokens}
 
 
+@torch.no_grad()
+def answer_kl(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 8
+              ) -> dict[str, float]:
+    """KL(base ‖ adapted) per token on given answers to user prompts, teacher-forced: each prompt as a user turn
+    of the chat template (as ``greedy_answers`` asks it) followed by its answer, and only the predictions of the
+    answer's tokens counted. With the base model's own greedy answers this measures how far the adapted model
+    moved where a chat answer is made, beside ``kl_on_text``'s plain passages. The base is ``model`` with its
+    peft adapter disabled.
+
+    Returns:
+        ``{"kl_per_token", "first_token_kl" (the mean at each answer's first token, where an answer's style is
+        chosen), "tokens", "answers"}``.
+
+    Raises:
+        ValueError: ``prompts`` and ``answers`` differ in length, or no answer has a token.
+    """
+    require_int("batch_size", batch_size)
+    if len(prompts) != len(answers):
+        raise ValueError(f"answer_kl: {len(prompts)} prompts but {len(answers)} answers")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pairs = []
+    for prompt, answer in zip(prompts, answers):
+        prompt_ids = tokenizer(_chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if answer_ids:
+            pairs.append((prompt_ids, answer_ids))
+    if not pairs:
+        raise ValueError("answer_kl: no answer has a token to score")
+    kl_sum, tokens, first_sum = 0.0, 0, 0.0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        length = max(len(p) + len(a) for p, a in batch)
+        input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
+        attention = torch.zeros(len(batch), length, dtype=torch.long)
+        counted = torch.zeros(len(batch), length - 1, dtype=torch.long)  # predictions of answer tokens
+        first = torch.zeros_like(counted)
+        for row, (prompt_ids, answer_ids) in enumerate(batch):
+            ids = prompt_ids + answer_ids
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention[row, :len(ids)] = 1
+            counted[row, len(prompt_ids) - 1:len(ids) - 1] = 1
+            first[row, len(prompt_ids) - 1] = 1
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+        adapted_logits = model(**inputs).logits[:, :-1]
+        with _base_of(model):
+            base_logits = model(**inputs).logits[:, :-1]
+        kl, count = token_kl(base_logits, adapted_logits, counted.to(device))
+        kl_sum, tokens = kl_sum + kl, tokens + count
+        first_sum += token_kl(base_logits, adapted_logits, first.to(device))[0]
+    model.train(was_training)
+    return {"kl_per_token": kl_sum / tokens, "first_token_kl": first_sum / len(pairs), "tokens": tokens,
+            "answers": len(pairs)}
+
+
 def _chat_prompt(tokenizer, prompt: str) -> str:
     """``prompt`` as one user turn of the tokenizer's chat template (ready for the answer), or as is without one."""
     if tokenizer.chat_template:

@@ -9,14 +9,14 @@ Modules, each importing only those above it:
   folder (``SharedArtifacts``), and each seed's data and batch order (``TrainingData``).
 - ``rows``: a grid folder read back: which runs are complete, their result rows, the questions each run lost,
   where each adapter moved (``direction_rows``).
-- ``noise_floor``: the retention probe on random adapters (no task) at given KLs: what any change of that size
-  costs on the probe.
+- ``probe``: what the retention probe measures: its noise floor (random adapters at given KLs) and where each
+  run's change sits (KL on the probe's answers vs on passages).
 - ``runner``: training and measuring each run under its claim, and the grid loop (``run_grid``).
 """
 
-from folora_ds.toolkit.grid.noise_floor import noise_floor
+from folora_ds.toolkit.grid.probe import noise_floor, probe_kl
 from folora_ds.toolkit.grid.rows import collect_rows, direction_rows, lost_questions
 from folora_ds.toolkit.grid.runner import run_grid
 from folora_ds.toolkit.grid.spec import load_spec
 
-__all__ = ["collect_rows", "direction_rows", "load_spec", "lost_questions", "noise_floor", "run_grid"]
+__all__ = ["collect_rows", "direction_rows", "load_spec", "lost_questions", "noise_floor", "probe_kl", "run_grid"]

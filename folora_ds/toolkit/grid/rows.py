@@ -82,6 +82,22 @@ def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]
     return rows
 
 
+def last_step_rows(spec: GridSpec, output_dir: Path, labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The row of each finished run's last step (optionally only ``labels``), by label, lr and seed.
+
+    Raises:
+        ValueError: no finished run (of ``labels``) in ``output_dir``.
+    """
+    last: dict[str, dict[str, Any]] = {}
+    for row in collect_rows(spec, output_dir):
+        if (labels is None or row["label"] in labels) and row["steps"] > last.get(row["slug"], {"steps": -1})["steps"]:
+            last[row["slug"]] = row
+    if not last:
+        raise ValueError(f"no finished run{' of ' + ', '.join(map(repr, labels)) if labels else ''} in "
+                         f"{str(output_dir)!r}")
+    return sorted(last.values(), key=lambda r: (r["label"], r["lr"], r["seed"]))
+
+
 def lost_questions(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[str] | None = None,
                    progress: bool = True) -> str:
     """Which base-correct retention questions each finished run lost at its last step, and how: every run's
@@ -93,18 +109,12 @@ def lost_questions(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[s
         ValueError: no finished run (of ``labels``) in ``output_dir`` — checked before any model is loaded.
     """
     output_dir = Path(output_dir)
-    last: dict[str, dict[str, Any]] = {}
-    for row in collect_rows(spec, output_dir):
-        if (labels is None or row["label"] in labels) and row["steps"] > last.get(row["slug"], {"steps": -1})["steps"]:
-            last[row["slug"]] = row
-    if not last:
-        raise ValueError(f"no finished run{' of ' + ', '.join(map(repr, labels)) if labels else ''} in "
-                         f"{str(output_dir)!r}")
+    last = last_step_rows(spec, output_dir, labels)
     shared = SharedArtifacts(spec.settings, output_dir / "shared", progress=progress)
     suite = shared.suite()
     questions = list(suite.questions)
     answered = []
-    for row in sorted(last.values(), key=lambda r: (r["label"], r["lr"], r["seed"])):
+    for row in last:
         adapter = output_dir / "runs" / row["slug"] / f"step{row['steps']}" / "adapter"
         with shared.adapted(adapter) as (model, tokenizer):
             answers = greedy_answers(model, tokenizer, [q.prompt for q in questions],

@@ -15,6 +15,7 @@ from folora_ds.toolkit.measures import (
     BaseLogitsCache,
     Question,
     answer_is_correct,
+    answer_kl,
     exact_match,
     greedy_answer,
     greedy_answers,
@@ -124,6 +125,40 @@ def test_kl_against_the_disabled_adapter_is_zero_until_the_adapter_moves():
     assert single["base_perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
     separate = kl_on_text(model, tokenizer, texts, base_model=load_model("tiny-llama")[0], max_length=64)
     assert separate["kl_per_token"] == pytest.approx(moved["kl_per_token"], rel=1e-9)
+
+
+def test_answer_kl_counts_only_the_answer_tokens_in_chat_format():
+    base, tokenizer = load_model("tiny-llama")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    prompts, answers = ["What is the capital of Peru?", "Name a colour.", "Two plus two?"], ["Lima", "red", "four"]
+    assert answer_kl(model, tokenizer, prompts, answers)["kl_per_token"] == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            lora_b_weight(layer).normal_(std=0.5)
+    batched = answer_kl(model, tokenizer, prompts, answers, batch_size=3)
+    assert batched["kl_per_token"] > 1e-4 and batched["answers"] == 3
+    single = [answer_kl(model, tokenizer, [p], [a], batch_size=1) for p, a in zip(prompts, answers)]
+    assert batched["tokens"] == sum(r["tokens"] for r in single)  # right padding changes no counted position
+    assert batched["kl_per_token"] == pytest.approx(
+        sum(r["kl_per_token"] * r["tokens"] for r in single) / batched["tokens"], rel=1e-6)
+    # by hand for the first: the chat prompt, then the answer; the predictions of the answer's tokens only
+    prompt_ids = tokenizer(measures._chat_prompt(tokenizer, prompts[0]), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answers[0], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + answer_ids])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits[:, :-1]
+        with model.disable_adapter():
+            reference = model(input_ids=ids).logits[:, :-1]
+    mask = torch.zeros(1, ids.shape[1] - 1, dtype=torch.long)
+    mask[0, len(prompt_ids) - 1:] = 1
+    total, count = token_kl(reference, adapted, mask)
+    assert single[0]["tokens"] == count == len(answer_ids)
+    assert single[0]["kl_per_token"] == pytest.approx(total / count, rel=1e-6)
+    first = torch.zeros_like(mask)
+    first[0, len(prompt_ids) - 1] = 1
+    assert single[0]["first_token_kl"] == pytest.approx(token_kl(reference, adapted, first)[0], rel=1e-6)
+    with pytest.raises(ValueError, match="3 prompts but 2 answers"):
+        answer_kl(model, tokenizer, prompts, answers[:2])
 
 
 def test_base_logits_cache_runs_the_base_once_and_changes_no_result(monkeypatch):

@@ -1,5 +1,6 @@
-"""``folora-ds grid SPEC --noise-floor`` on the tiny Llama: random adapters reach each KL target, their retention is
-scored like a run's, the base model is left untouched, and bad targets are refused before any model loads."""
+"""``folora-ds grid SPEC --noise-floor`` and ``--probe-kl`` on the tiny Llama: random adapters reach each KL target,
+their retention is scored like a run's, the base model is left untouched, bad targets are refused before any model
+loads; every finished run's KL on the probe's answers is measured beside its KL on passages."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from folora_ds.cli import main
-from folora_ds.toolkit.grid import load_spec, noise_floor
+from folora_ds.toolkit.grid import load_spec, noise_floor, run_grid
 from folora_ds.toolkit.grid.artifacts import SharedArtifacts
 
 SETTINGS = {"model": "tiny-llama", "batch_size": 4, "calibration_steps": 2, "target_modules": ["q_proj", "down_proj"],
@@ -56,3 +57,19 @@ def test_the_cli_writes_the_floor_and_refuses_bad_targets(tmp_path):
     assert not (tmp_path / "shared").exists()  # refused before anything was computed
     assert main(["grid", str(path), "--output", str(tmp_path), "--noise-floor", "--no-progress"]) == 0
     assert (tmp_path / "noise_floor.md").read_text().startswith("# The retention probe's noise floor")
+
+
+def test_probe_kl_measures_every_finished_run_at_its_last_step(tmp_path, capsys):
+    spec = load_spec({**SPEC, "runs": [{"label": "plain LoRA", "method": "lora", "lrs": [2e-3], "seeds": [0],
+                                        "steps": [2, 3]}]})
+    path = tmp_path / "words.json"  # not spec.json: the grid writes its own there
+    path.write_text(json.dumps({**SPEC, "runs": [{"label": "plain LoRA", "method": "lora", "lrs": [2e-3],
+                                                  "seeds": [0], "steps": [2, 3]}]}))
+    assert main(["grid", str(path), "--output", str(tmp_path), "--probe-kl", "--no-progress"]) == 2
+    assert "no finished run" in capsys.readouterr().err
+    run_grid(spec, tmp_path, progress=False)
+    assert main(["grid", str(path), "--output", str(tmp_path), "--probe-kl", "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "probe_kl.json").read_text())
+    assert [(row["label"], row["steps"]) for row in rows] == [("plain LoRA", 3)]
+    assert rows[0]["answer_kl"] > 0 and rows[0]["answer_tokens"] > 0 and rows[0]["kl_per_token"] > 0
+    assert "| plain LoRA | 0.002 | 0 | 3 |" in (tmp_path / "probe_kl.md").read_text()

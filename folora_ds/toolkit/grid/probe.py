@@ -1,14 +1,16 @@
-"""The retention probe's noise floor: what a change with no task in it costs on the probe, at a given KL.
+"""What the retention probe measures: its noise floor, and where each run's change sits.
 
-Retention counts the base-correct questions an adapted model still answers right, by greedy exact match. A
-question the base model gets right by a slim margin (its first token nearly tied between "Dublin" and "Ireland
-is ...") flips under *any* small change of the model, so part of every run's loss is the probe's fragility, not
-forgetting of what the task overwrote. This measures that part: peft LoRA adapters with random A and B (the grid's
-rank, alpha and target modules; ``init_lora_weights=False``), B scaled until the adapter's KL(base ‖ adapted) on the
-grid's held-out passages hits each target, answer the same questions in the same batches as every run. A run
-whose retention is near the floor at its KL has lost little beyond what any change of that size costs.
+Retention counts the base-correct questions an adapted model still answers right, by greedy exact match. Two
+measures put a run's retention in context (nothing is trained; the base model is restored after each adapter):
 
-Nothing is trained; the base model is restored after each adapter (``peft``'s ``unload``).
+- ``noise_floor``: what a change with no task in it costs on the probe at a given KL. A question the base model
+  gets right by a slim margin (its first token nearly tied between "Dublin" and "Ireland is ...") flips under *any*
+  small change of the model. peft LoRA adapters with random A and B (the grid's rank, alpha and targets;
+  ``init_lora_weights=False``), B scaled until KL(base ‖ adapted) on the grid's held-out passages hits each target,
+  answer the same questions in the same batches as every run.
+- ``probe_kl``: each finished run's KL on the base model's own answers to the probe's questions (chat format,
+  teacher-forced; ``measures.answer_kl``) beside its KL on the held-out passages: a run whose change sits where
+  chat answers are made loses more questions than its passage KL says.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import torch
 
 from folora_ds.common.files import replace_atomically
 from folora_ds.toolkit.grid.artifacts import SharedArtifacts
+from folora_ds.toolkit.grid.rows import last_step_rows
 from folora_ds.toolkit.grid.spec import GridSettings, GridSpec
-from folora_ds.toolkit.measures import answers_correct, kl_on_text, retention
+from folora_ds.toolkit.measures import answer_kl, answers_correct, greedy_answers, kl_on_text, retention
 
 _log = logging.getLogger(__name__)
 
@@ -136,4 +139,54 @@ def noise_floor_markdown(rows: Sequence[dict[str, Any]]) -> str:
         legacy = [row["legacy_retention"] for row in at if "legacy_retention" in row]
         legacy_mean = f"{100 * sum(legacy) / len(legacy):.1f}%" if legacy else "—"
         lines.append(f"| {target:g} | {reached} | {100 * mean:.1f}% | {per_seed} | {legacy_mean} |")
+    return "\n".join(lines) + "\n"
+
+
+def probe_kl(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[str] | None = None,
+             progress: bool = True) -> str:
+    """Every finished run's (or ``labels``') KL at its last step on the base model's greedy answers to the
+    retention questions, beside its KL on held-out passages and its retention; writes and returns
+    ``probe_kl.md`` and ``probe_kl.json`` in ``output_dir``.
+
+    Raises:
+        ValueError: no finished run (of ``labels``) in ``output_dir`` — checked before any model is loaded.
+    """
+    output_dir = Path(output_dir)
+    last = last_step_rows(spec, output_dir, labels)
+    shared = SharedArtifacts(spec.settings, output_dir / "shared", progress=progress)
+    suite = shared.suite()
+    prompts = [question.prompt for question in suite.questions]
+    base, tokenizer = shared.base()
+    base_answers = greedy_answers(base, tokenizer, prompts, max_new_tokens=suite.settings.max_new_tokens,
+                                  batch_size=suite.settings.batch_size, progress=progress,
+                                  description="the base model's answers")
+    rows = []
+    for row in last:
+        adapter = output_dir / "runs" / row["slug"] / f"step{row['steps']}" / "adapter"
+        with shared.adapted(adapter) as (model, model_tokenizer):
+            measured = answer_kl(model, model_tokenizer, prompts, base_answers, batch_size=suite.settings.batch_size)
+        rows.append({key: row[key] for key in ("label", "lr", "seed", "steps", "target_accuracy", "retention",
+                                               "kl_per_token")}
+                    | {"answer_kl": measured["kl_per_token"], "first_token_kl": measured["first_token_kl"],
+                       "answer_tokens": measured["tokens"]})
+        _log.info("probe KL: %s lr %g seed %d: %.4f on answers, %.4f on passages", row["label"], row["lr"],
+                  row["seed"], measured["kl_per_token"], row["kl_per_token"])
+    text = probe_kl_markdown(rows)
+    with replace_atomically(output_dir / "probe_kl.json") as scratch:
+        scratch.write_text(json.dumps(rows, indent=1))
+    with replace_atomically(output_dir / "probe_kl.md") as scratch:
+        scratch.write_text(text)
+    return text
+
+
+def probe_kl_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """``probe_kl.md``: per run, KL on the probe's answers against KL on passages, and retention."""
+    lines = ["# Where each run's change sits: KL on the probe's answers vs on held-out passages", "",
+             "| run | lr | seed | steps | target accuracy | retention | KL, passages | KL, probe answers | "
+             "KL, first answer token | answers ÷ passages |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['label']} | {row['lr']:g} | {row['seed']} | {row['steps']} | "
+                     f"{100 * row['target_accuracy']:.0f}% | {100 * row['retention']:.1f}% | "
+                     f"{row['kl_per_token']:.4f} | {row['answer_kl']:.4f} | {row['first_token_kl']:.4f} | "
+                     f"{row['answer_kl'] / max(row['kl_per_token'], 1e-30):.1f} |")
     return "\n".join(lines) + "\n"
