@@ -106,8 +106,9 @@ def random_lora(base, settings: GridSettings, seed: int):
     config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
                         target_modules=list(targets) if isinstance(targets, tuple) else targets,
                         init_lora_weights=False)
-    torch.manual_seed(seed)
-    return get_peft_model(base, config)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is untouched
+        torch.manual_seed(seed)
+        return get_peft_model(base, config)
 
 
 def _probe_row(model, tokenizer, suite, base_evaluation: dict[str, Any]) -> dict[str, Any]:
