@@ -89,12 +89,7 @@ def noise_floor(spec: GridSpec, output_dir: str | Path, *, kls: Sequence[float] 
                     "seed": seed, "target_kl": target, "kl_per_token": kl, "scale": scale, "reached": reached})
                 _log.info("noise floor: seed %d, KL %.4f (target %g): retention %.1f%%", seed, kl, target,
                           100 * rows[-1]["retention"])
-    text = noise_floor_markdown(rows)
-    with replace_atomically(output_dir / "noise_floor.json") as scratch:
-        scratch.write_text(json.dumps(rows, indent=1))
-    with replace_atomically(output_dir / "noise_floor.md") as scratch:
-        scratch.write_text(text)
-    return text
+    return _written(output_dir, "noise_floor", rows, noise_floor_markdown(rows))
 
 
 def random_lora(base, settings: GridSettings, seed: int):
@@ -172,12 +167,7 @@ def probe_kl(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[str] | 
                        "answer_tokens": measured["tokens"]})
         _log.info("probe KL: %s lr %g seed %d: %.4f on answers, %.4f on passages", row["label"], row["lr"],
                   row["seed"], measured["kl_per_token"], row["kl_per_token"])
-    text = probe_kl_markdown(rows)
-    with replace_atomically(output_dir / "probe_kl.json") as scratch:
-        scratch.write_text(json.dumps(rows, indent=1))
-    with replace_atomically(output_dir / "probe_kl.md") as scratch:
-        scratch.write_text(text)
-    return text
+    return _written(output_dir, "probe_kl", rows, probe_kl_markdown(rows))
 
 
 def probe_kl_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -191,3 +181,13 @@ def probe_kl_markdown(rows: Sequence[dict[str, Any]]) -> str:
                      f"{row['kl_per_token']:.4f} | {row['answer_kl']:.4f} | {row['first_token_kl']:.4f} | "
                      f"{row['answer_kl'] / max(row['kl_per_token'], 1e-30):.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _written(output_dir: Path, name: str, rows: Sequence[dict[str, Any]], text: str) -> str:
+    """``<name>.json`` (the rows) and ``<name>.md`` (``text``) in ``output_dir``, each complete or not at all;
+    returns ``text``."""
+    with replace_atomically(output_dir / f"{name}.json") as scratch:
+        scratch.write_text(json.dumps(list(rows), indent=1))
+    with replace_atomically(output_dir / f"{name}.md") as scratch:
+        scratch.write_text(text)
+    return text
