@@ -1,7 +1,8 @@
 """The pretraining-proxy calibration set: text the model samples itself (docs/method.md), saved as JSONL.
 
 C_pre is estimated on what the model generates on its own, not on one fixed corpus: sequences start from BOS,
-from an empty user turn of the chat template, or from one random token followed by a few greedy tokens, and
+from an empty user turn of the chat template, from one random token followed by a few greedy tokens, or from a
+user turn of the chat template holding one of the user's prompts (the model's own answers to them), and
 continue by sampling at the configured temperature / top-p (1.0 / 1.0: the model's own distribution).
 
 Sharding: global sequence i belongs to rank i mod world_size. A rank generates its sequences in batches of
@@ -37,7 +38,7 @@ class ProxySample:
     Attributes:
         token_ids: prompt tokens + generated tokens (what the statistics pass feeds the model).
         prompt_length: tokens of the prompt at the start of ``token_ids``.
-        prompt_kind: "bos", "random_token", "chat_empty_user" or "user_text".
+        prompt_kind: "bos", "random_token", "chat_empty_user", "chat_prompt" or "user_text".
         seed: seed of the batch that produced it (-1 for user text).
         index: global sequence index.
     """
@@ -50,6 +51,8 @@ class ProxySample:
 
 
 def _prompt_kind(requested: str, index: int, tokenizer) -> str:
+    if requested == "chat_prompts":
+        return "chat_prompt"
     if requested != "mixed":
         return requested
     if index % 2 == 0:
@@ -57,17 +60,40 @@ def _prompt_kind(requested: str, index: int, tokenizer) -> str:
     return "chat_empty_user" if tokenizer.chat_template else "random_token"
 
 
-def _prompt_ids(kind: str, tokenizer, generator: torch.Generator) -> list[int]:
+def read_chat_prompts(path: str | Path) -> list[str]:
+    """The user turns of a ``{"prompt": ...}`` JSONL file (``proxy.prompts_path``), in file order.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a line without a non-empty string "prompt" (with its 1-based number), or no lines.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"proxy.prompts_path {str(path)!r} does not exist")
+    prompts = []
+    for line_number, record in read_jsonl_objects(path, what="proxy prompts file"):
+        prompt = record.get("prompt")
+        if not (isinstance(prompt, str) and prompt.strip()):
+            raise ValueError(f"proxy prompts file {str(path)!r} line {line_number}: expected a non-empty string "
+                             f"'prompt', got {prompt!r}")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"proxy prompts file {str(path)!r} is empty")
+    return prompts
+
+
+def _prompt_ids(kind: str, tokenizer, generator: torch.Generator, user_text: str = "") -> list[int]:
     if kind == "bos":
         if tokenizer.bos_token_id is None:
             raise ValueError("proxy prompt 'bos' needs a tokenizer with a BOS token; use 'random_token' or "
                              "'chat_empty_user'")
         return [tokenizer.bos_token_id]
-    if kind == "chat_empty_user":
+    if kind in ("chat_empty_user", "chat_prompt"):
         if not tokenizer.chat_template:
-            raise ValueError("proxy prompt 'chat_empty_user' needs a tokenizer with a chat template; use 'bos' or "
+            requested = "chat_prompts" if kind == "chat_prompt" else kind
+            raise ValueError(f"proxy prompt {requested!r} needs a tokenizer with a chat template; use 'bos' or "
                              "'random_token'")
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=True,
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=True,
                                                   add_generation_prompt=True, return_dict=False))
     if kind == "random_token":
         special = set(tokenizer.all_special_ids) | {  # also added special tokens (chat role markers and the like)
@@ -123,6 +149,7 @@ def sample_proxy(model, tokenizer, settings: ProxyConfig, *, rank: int = 0, worl
     if pad_token_id is None:
         raise ValueError("proxy sampling needs a tokenizer with a pad or EOS token")
     eos_token_id = tokenizer.eos_token_id
+    user_texts = read_chat_prompts(settings.prompts_path) if settings.prompt == "chat_prompts" else [""]
     indices = list(range(rank, settings.num_sequences, world_size))
     batches = [indices[i:i + settings.batch_size] for i in range(0, len(indices), settings.batch_size)]
     was_training = model.training
@@ -135,7 +162,8 @@ def sample_proxy(model, tokenizer, settings: ProxyConfig, *, rank: int = 0, worl
                 torch.manual_seed(seed)
                 generator = torch.Generator().manual_seed(seed)
                 kinds = [_prompt_kind(settings.prompt, index, tokenizer) for index in batch]
-                prompts = [_prompt_ids(kind, tokenizer, generator) for kind in kinds]
+                prompts = [_prompt_ids(kind, tokenizer, generator, user_texts[index % len(user_texts)])
+                           for kind, index in zip(kinds, batch)]
                 prompt_lengths = [len(p) for p in prompts]
                 greedy = settings.greedy_prefix_tokens
                 if greedy > 0 and "random_token" in kinds:

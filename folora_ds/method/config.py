@@ -30,7 +30,7 @@ TOP_K_MIN_DIM = 8192
 8B's 14336): below it the full solve takes seconds."""
 SOLVE_DTYPES = ("float64", "float32")
 STATISTICS_DTYPES = ("float32", "float64")
-PROXY_PROMPTS = ("bos", "random_token", "chat_empty_user", "mixed")
+PROXY_PROMPTS = ("bos", "random_token", "chat_empty_user", "mixed", "chat_prompts")
 
 
 class MissingFoloraBlockError(KeyError):
@@ -60,9 +60,12 @@ class ProxyConfig:
         top_p: nucleus mass kept (1.0 = no truncation).
         seed: base seed; each batch derives its own seed from it and its first sequence index.
         prompt: how a sequence starts: "bos", "random_token" (then ``greedy_prefix_tokens`` greedy tokens),
-            "chat_empty_user" (an empty user turn in the chat template), or "mixed" (alternating).
+            "chat_empty_user" (an empty user turn in the chat template), "mixed" (bos and chat_empty_user
+            alternating) or "chat_prompts" (a user turn from ``prompts_path``: the model's own answers to them).
         greedy_prefix_tokens: greedy tokens after a random first token ("random_token" prompts).
         path: a saved proxy set (JSONL) or a user corpus of ``{"text": ...}`` lines to use instead of sampling.
+        prompts_path: JSONL of ``{"prompt": ...}`` user turns for ``prompt="chat_prompts"`` (sequence i answers
+            prompt i mod their count); only with that prompt.
     """
 
     num_sequences: int = 64
@@ -74,6 +77,7 @@ class ProxyConfig:
     prompt: str = "mixed"
     greedy_prefix_tokens: int = 3
     path: str | None = None
+    prompts_path: str | None = None
 
     def __post_init__(self) -> None:
         _require_int("proxy.num_sequences", self.num_sequences, 1)
@@ -86,6 +90,11 @@ class ProxyConfig:
         _require_int("proxy.greedy_prefix_tokens", self.greedy_prefix_tokens, 0)
         _require(self.path is None or (isinstance(self.path, str) and self.path != ""), "proxy.path", self.path,
                  "null or a non-empty file path")
+        _require(self.prompts_path is None or (isinstance(self.prompts_path, str) and self.prompts_path != ""),
+                 "proxy.prompts_path", self.prompts_path, "null or a non-empty file path")
+        _require((self.prompts_path is not None) == (self.prompt == "chat_prompts"), "proxy.prompts_path",
+                 self.prompts_path, 'a file of {"prompt": ...} lines exactly when proxy.prompt is "chat_prompts" '
+                 f"(proxy.prompt={self.prompt!r})")
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -290,7 +290,7 @@ def test_a_best_rate_entry_runs_as_soon_as_its_sweep_is_finished(tmp_path, monke
     assert order == [("plain LoRA", 0), ("plain LoRA", 0), ("plain LoRA", 1), ("late", 0)]
 
 
-@pytest.mark.parametrize("bad", ["data", "test_data", "questions"])
+@pytest.mark.parametrize("bad", ["data", "test_data", "questions", "proxy_prompts"])
 def test_bad_input_files_stop_the_grid_before_any_work_and_leave_no_fingerprint(tmp_path, monkeypatch, bad):
     """Once the task data was checked after sampling the proxy set and measuring the base model, and the bad file's
     fingerprint then refused the folder after the fix. Now nothing is sampled, measured or recorded first."""
@@ -304,17 +304,19 @@ def test_bad_input_files_stop_the_grid_before_any_work_and_leave_no_fingerprint(
 
     monkeypatch.setattr(SharedArtifacts, "ensure_proxy", never)
     broken = tmp_path / f"{bad}.jsonl"
-    first = ('{"prompt": "a", "answers": ["b"], "kind": "fact"}' if bad == "questions" else
-             '{"prompt": "a", "response": "b"}')
+    first = {"questions": '{"prompt": "a", "answers": ["b"], "kind": "fact"}',
+             "proxy_prompts": '{"prompt": "a"}'}.get(bad, '{"prompt": "a", "response": "b"}')
     second = '{"prompt": 7, "response": "b"}' if bad == "data" else '{"prompt": "c"'
     broken.write_text(f"{first}\n{second}\n")
     entry = [{"label": "plain LoRA", "method": "lora", "lrs": [2e-3], "seeds": [0], "steps": [2]}]
-    settings = {"data": str(broken)} if bad == "data" else {
-        "evaluation": {**SETTINGS["evaluation"], bad: str(broken)}}
+    settings = {"data": {"data": str(broken)},
+                "proxy_prompts": {"proxy": {**SETTINGS["proxy"], "prompt": "chat_prompts", "prompts_path": str(broken)}}
+                }.get(bad, {"evaluation": {**SETTINGS["evaluation"], bad: str(broken)}})
     with pytest.raises(ValueError, match=f"{bad}.jsonl' line 2"):
         run_grid(load_spec(_spec(entry, **settings)), tmp_path / "grid", progress=False)
     assert not (tmp_path / "grid" / "shared" / "settings.json").exists()
-    fixed = {"data": DEFAULT_TASK_FILE, "test_data": TEST_FILE, "questions": QUESTIONS_FILE}[bad]
+    fixed = {"data": DEFAULT_TASK_FILE, "test_data": TEST_FILE, "questions": QUESTIONS_FILE,
+             "proxy_prompts": DEFAULT_TASK_FILE.parent / "chat_prompts.jsonl"}[bad]
     broken.write_text(Path(fixed).read_text())
 
     def reached(self):

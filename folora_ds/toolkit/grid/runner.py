@@ -28,7 +28,7 @@ import torch
 from folora_ds.adapters.ds_config import prepare_ds_config
 from folora_ds.adapters.engine import initialize
 from folora_ds.common.files import claimed, read_json_file, write_json
-from folora_ds.controller.proxy import calibration_batches, load_proxy_jsonl
+from folora_ds.controller.proxy import calibration_batches, load_proxy_jsonl, read_chat_prompts
 from folora_ds.distributed import comm
 from folora_ds.method.budget import base_energy
 from folora_ds.method.peft_layers import adapter_delta_weight, base_weight_matrix, lora_layers
@@ -125,8 +125,8 @@ def run_grid(spec: GridSpec, output_dir: str | Path, *, progress: bool = True,
 
 def check_grid_inputs(settings: GridSettings) -> None:
     """Load and check every input file of the grid (task data and each record's shape, test records, retention
-    questions) before anything is sampled, measured or recorded, so a bad file costs seconds and leaves no
-    fingerprint behind that would block the output folder once the file is fixed.
+    questions, the proxy's prompts) before anything is sampled, measured or recorded, so a bad file costs seconds
+    and leaves no fingerprint behind that would block the output folder once the file is fixed.
 
     Raises:
         ValueError / FileNotFoundError: naming the file and, where there is one, the record or line.
@@ -135,6 +135,8 @@ def check_grid_inputs(settings: GridSettings) -> None:
     for index, record in enumerate(dataset):
         record_to_messages(record, index=index)
     EvaluationSuite.load(settings.evaluation)
+    if settings.proxy.prompts_path is not None:
+        read_chat_prompts(settings.proxy.prompts_path)
 
 
 def _run_claimed(run: GridRun, settings: GridSettings, shared: SharedArtifacts, output_dir: Path,

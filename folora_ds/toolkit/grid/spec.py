@@ -229,7 +229,7 @@ SHIPPED_PREFIX = "shipped:"
 """A data path ``"shipped:<name>"`` in a spec is the package's ``data_files/<name>``: the shipped grids name the
 shipped data wherever the package is installed."""
 _PATH_SETTINGS = (("data",), ("evaluation", "test_data"), ("evaluation", "questions"),
-                  ("evaluation", "legacy_questions"))
+                  ("evaluation", "legacy_questions"), ("proxy", "prompts_path"))
 
 
 def shipped_paths(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -358,12 +358,15 @@ def resolved_settings(run: GridRun, settings: GridSettings) -> dict[str, Any]:
 
 def data_fingerprints(settings: GridSettings) -> dict[str, str]:
     """A content hash (16 hex digits) of each data file the grid reads (task data, test split, retention
-    questions): the settings name them by path, so an edited file would otherwise reuse results measured on the
-    old content. A directory (a saved ``datasets`` folder) is hashed over its files' relative names and bytes."""
+    questions, the proxy's prompts): the settings name them by path, so an edited file would otherwise reuse
+    results measured on the old content. A directory (a saved ``datasets`` folder) is hashed over its files'
+    relative names and bytes."""
     paths = {"data": settings.data, "test_data": settings.evaluation.test_data,
              "questions": settings.evaluation.questions}
     if settings.evaluation.legacy_questions is not None:  # absent without it: older grids keep their record
         paths["legacy_questions"] = settings.evaluation.legacy_questions
+    if settings.proxy.prompts_path is not None:  # the same: only grids with a prompts file record one
+        paths["proxy_prompts"] = settings.proxy.prompts_path
     fingerprints = {}
     for name, path in paths.items():
         digest = hashlib.sha256()

@@ -10,8 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from folora_ds.controller.proxy import ProxySample, load_proxy_jsonl, proxy_batches, sample_proxy, save_proxy_jsonl
+from folora_ds.controller.proxy import (
+    ProxySample,
+    load_proxy_jsonl,
+    proxy_batches,
+    read_chat_prompts,
+    sample_proxy,
+    save_proxy_jsonl,
+)
 from folora_ds.method.config import ProxyConfig
+from folora_ds.training.data import DEFAULT_TASK_FILE
 from folora_ds.training.models import build_byte_tokenizer, load_model
 
 SEED_STRIDE = 1_000_003  # documented derivation: batch seed = seed * stride + first global index of the batch
@@ -79,6 +87,64 @@ def test_samples_record_kind_seed_index_and_respect_length_budget(tiny):
         assert prompt == ([tokenizer.bos_token_id] if sample.prompt_kind == "bos" else list(chat_prompt))
         assert sample.prompt_length < len(sample.token_ids) <= sample.prompt_length + settings.seq_len
         assert tokenizer.pad_token_id not in sample.token_ids[sample.prompt_length:]
+
+
+def _prompts_file(tmp_path, prompts) -> str:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts), encoding="utf-8")
+    return str(path)
+
+
+def test_chat_prompts_start_every_sequence_with_a_user_turn_of_its_prompt_in_file_order(tiny, tmp_path):
+    model, tokenizer = tiny
+    prompts = ["Explain rain.", "Write a poem about a cat.", "How do I boil an egg?"]
+    settings = _settings(num_sequences=5, seq_len=4, prompt="chat_prompts",
+                         prompts_path=_prompts_file(tmp_path, prompts))
+    samples = sample_proxy(model, tokenizer, settings)
+    assert [s.prompt_kind for s in samples] == ["chat_prompt"] * 5
+    for sample in samples:  # sequence i answers prompt i mod 3: the user turn, then the model's own reply
+        expected = tokenizer.apply_chat_template([{"role": "user", "content": prompts[sample.index % 3]}],
+                                                 tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert sample.token_ids[:sample.prompt_length] == list(expected)
+        assert sample.prompt_length < len(sample.token_ids) <= sample.prompt_length + settings.seq_len
+    shares = [sample_proxy(model, tokenizer, settings, rank=rank, world_size=2) for rank in (0, 1)]
+    assert sorted((s.index, s.token_ids[:s.prompt_length]) for share in shares for s in share) == \
+        [(s.index, s.token_ids[:s.prompt_length]) for s in samples]  # each sequence keeps its prompt on any rank
+
+
+def test_shipped_chat_prompts_are_open_requests_disjoint_from_both_retention_probes():
+    """The proxy of the model's own chat answers must not be the probe: no probe question, none of its
+    short-answer instructions ("Answer with one word: ..."), no factoid "What is the capital/plural/opposite"."""
+    data = DEFAULT_TASK_FILE.parent
+    prompts = read_chat_prompts(data / "chat_prompts.jsonl")
+    assert len(prompts) == len(set(prompts)) == 64
+    probe = set()
+    for name in ("retention_probe.jsonl", "retention_questions.jsonl"):
+        probe |= {json.loads(line)["prompt"].lower() for line in (data / name).read_text().splitlines() if line}
+    for prompt in prompts:
+        lowered = prompt.lower()
+        assert lowered not in probe, prompt
+        assert not lowered.startswith(("answer with", "reply with", "respond with", "give only")), prompt
+        assert not any(f"what is the {word}" in lowered for word in ("capital", "plural", "opposite", "past")), prompt
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (None, r"proxy.prompts_path .*missing\.jsonl' does not exist"),
+    ("", r"is empty"),
+    ('{"prompt": "ok"}\n{"prompt": ""}\n', r"line 2: expected a non-empty string 'prompt'"),
+    ('{"text": "no prompt key"}\n', r"line 1: expected a non-empty string 'prompt', got None"),
+])
+def test_bad_prompts_files_are_refused_before_the_model_generates(tmp_path, content, match):
+    path = tmp_path / "missing.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    model = _CounterLM()
+    error = FileNotFoundError if content is None else ValueError
+    with pytest.raises(error, match=match):
+        read_chat_prompts(path)
+    with pytest.raises(error, match=match):
+        sample_proxy(model, build_byte_tokenizer(), _settings(prompt="chat_prompts", prompts_path=str(path)))
+    assert model.calls == []
 
 
 def test_random_token_prompt_is_bos_plus_one_ordinary_token_and_greedy_tokens_count_toward_seq_len(tiny):
@@ -251,6 +317,9 @@ def test_prompt_kinds_missing_their_special_tokens_are_rejected():
     no_template.chat_template = None
     with pytest.raises(ValueError, match="'chat_empty_user' needs a tokenizer with a chat template"):
         sample_proxy(_CounterLM(), no_template, _settings(prompt="chat_empty_user"))
+    with pytest.raises(ValueError, match="'chat_prompts' needs a tokenizer with a chat template"):
+        prompts_path = str(DEFAULT_TASK_FILE.parent / "chat_prompts.jsonl")
+        sample_proxy(_CounterLM(), no_template, _settings(prompt="chat_prompts", prompts_path=prompts_path))
 
 
 def test_training_mode_is_restored_after_a_failure():

@@ -59,6 +59,7 @@ PROXY_BAD = [
     ("prompt", "eos"),
     ("greedy_prefix_tokens", -1),
     ("path", ""), ("path", 3),
+    ("prompts_path", "prompts.jsonl"), ("prompts_path", ""), ("prompts_path", 3),  # without prompt="chat_prompts"
 ]
 
 TOP_LEVEL_VALID = [
@@ -157,6 +158,17 @@ def test_valid_boundary_top_level_values_are_accepted(field, value):
 def test_valid_boundary_proxy_values_are_accepted(field, value):
     assert getattr(ProxyConfig(**{field: value}), field) == value
     assert getattr(FoLoRAConfig(proxy={field: value}).proxy, field) == value
+
+
+def test_chat_prompts_and_prompts_path_come_together():
+    config = ProxyConfig(prompt="chat_prompts", prompts_path="prompts.jsonl")
+    assert (config.prompt, config.prompts_path) == ("chat_prompts", "prompts.jsonl")
+    assert FoLoRAConfig.from_dict({"proxy": {"prompt": "chat_prompts", "prompts_path": "p.jsonl"}}).proxy == \
+        ProxyConfig(prompt="chat_prompts", prompts_path="p.jsonl")
+    with pytest.raises(ValueError, match=_names_field("proxy.prompts_path") + r".*proxy.prompt='chat_prompts'"):
+        ProxyConfig(prompt="chat_prompts")
+    with pytest.raises(ValueError, match=_names_field("proxy.prompts_path")):
+        ProxyConfig(prompt="chat_prompts", prompts_path="")
 
 
 def test_target_modules_list_becomes_tuple():
@@ -267,7 +279,8 @@ NON_DEFAULT = FoLoRAConfig(
     cap_update_norm=True, init="kaiming", task_token_mask="attention", statistics_dtype="float64", max_seq_len=64,
     forgetting_budget=0.02, budget_step_size=0.25, budget_max_tau_scale=50.0,
     proxy=ProxyConfig(num_sequences=16, seq_len=32, batch_size=4, temperature=0.9, top_p=0.95, seed=7,
-                      prompt="random_token", greedy_prefix_tokens=1, path="calib.jsonl"),
+                      prompt="chat_prompts", greedy_prefix_tokens=1, path="calib.jsonl",
+                      prompts_path="prompts.jsonl"),
 )
 
 

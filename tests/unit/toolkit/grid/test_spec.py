@@ -278,6 +278,20 @@ def test_data_fingerprints_follow_the_content_of_the_data_file(tmp_path):
     assert (after["test_data"], after["questions"]) == (before["test_data"], before["questions"])
 
 
+def test_a_proxy_prompts_file_is_fingerprinted_and_resolved_from_the_shipped_files(tmp_path):
+    from folora_ds.toolkit.grid.spec import DATA_FILES_DIR, shipped_paths
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Explain rain."}\n')
+    settings = GridSettings.from_dict({"proxy": {"prompt": "chat_prompts", "prompts_path": str(prompts)}})
+    before = data_fingerprints(settings)
+    assert set(before) == {"data", "test_data", "questions", "proxy_prompts"}
+    prompts.write_text('{"prompt": "Explain snow."}\n')
+    assert data_fingerprints(settings)["proxy_prompts"] != before["proxy_prompts"]
+    resolved = shipped_paths({"proxy": {"prompt": "chat_prompts", "prompts_path": "shipped:chat_prompts.jsonl"}})
+    assert resolved["proxy"]["prompts_path"] == str(DATA_FILES_DIR / "chat_prompts.jsonl")
+
+
 def test_data_fingerprints_of_a_dataset_folder_follow_every_file(tmp_path):
     folder = tmp_path / "saved"
     (folder / "train").mkdir(parents=True)
