@@ -1,6 +1,6 @@
 """One prepared check for a GPU machine (one GPU, a few minutes), and its CPU smoke mode for CI.
 
-Four steps, each a subprocess with its own time limit (a step that fails or runs out is recorded, the rest run):
+Five steps, each a subprocess with its own time limit (a step that fails or runs out is recorded, the rest run):
 
 1. ``train``: ``deepspeed --num_gpus 1 launch/train.py --deepspeed ds_configs/zero2_bf16.json`` on SmolLM2 (bf16,
    ZeRO-2, NCCL), FoLoRA and plain LoRA, 20 steps; checks that every optimizer step was gated on every rank and
@@ -11,6 +11,9 @@ Four steps, each a subprocess with its own time limit (a step that fails or runs
    training step ÷ plain AdamW's.
 4. ``eigensolve``: ``benchmarks/eigensolve.py``, the full solve against the top-k solver (k = 64) at d = 4096, 8192,
    14336, 28672 in float32 and float64, with the accuracy columns.
+5. ``statistics``: ``benchmarks/statistics_update.py``: the running C_task's float32 fold of 32-512 rows into a
+   (d, d) sum at d = 8192 and 28672, with and without TF32, against a bf16 model GEMM: what one statistics flop
+   costs in model flops (the statistics budget counts flops).
 
 It writes ``OUTPUT/result.json`` (every step's rows, times, errors) and ``OUTPUT/result.md`` (tables ready for
 docs/benchmarks.md) and exits non-zero when a step failed. ``--cpu`` runs the same steps at small sizes on the CPU
@@ -50,7 +53,8 @@ def _steps(cpu: bool, output: Path) -> dict[str, tuple[list[str], int]]:
                  "--vocab", "128", "--rank", "4", "--k", "8", "--batch", "2", "--seq", "16", "--steps", "2",
                  "--warmup", "1"]
         eigensolve = ["--dims", "256", "384", "--dtypes", "float64", "--k", "8"]
-        limits = (300, 120, 300, 300)
+        statistics = ["--dims", "256", "--rows", "8", "32", "--tokens", "16", "--model-shape", "64", "256"]
+        limits = (300, 120, 300, 300, 60)
     else:
         train = [launcher, "--num_gpus", "1", str(REPO / "launch" / "train.py"), "--deepspeed",
                  str(REPO / "ds_configs" / "zero2_bf16.json"), "--model", "smollm2-135m-instruct", "--steps", "20"]
@@ -60,7 +64,8 @@ def _steps(cpu: bool, output: Path) -> dict[str, tuple[list[str], int]]:
                  "--batch", "1", "--seq", "256", "--steps", "4", "--precision", "bf16"]
         eigensolve = ["--device", "cuda", "--dims", "4096", "8192", "14336", "28672", "--dtypes", "float32",
                       "float64", "--k", "64"]
-        limits = (180, 60, 120, 240)
+        statistics = ["--device", "cuda", "--threads", "0", "--repeats", "5"]
+        limits = (180, 60, 120, 240, 60)
     block_launch = ([python] if cpu else [shutil.which("torchrun", path=str(Path(python).parent)) or "torchrun",
                                           "--nproc_per_node", "1"])
     return {
@@ -71,6 +76,8 @@ def _steps(cpu: bool, output: Path) -> dict[str, tuple[list[str], int]]:
                    "--json", str(output / "block.json")], limits[2]),
         "eigensolve": ([python, str(REPO / "benchmarks" / "eigensolve.py"), "--solvers", "full", "top_k",
                         "--repeats", "1", *eigensolve, "--json", str(output / "eigensolve.json")], limits[3]),
+        "statistics": ([python, str(REPO / "benchmarks" / "statistics_update.py"), *statistics, "--json",
+                        str(output / "statistics.json")], limits[4]),
     }
 
 
@@ -151,6 +158,15 @@ def markdown(result: dict) -> str:
         lines += [f"| {r['dim']} | {r['dtype']} | {r['full_seconds']:.2f} | {r['top_k_seconds']:.2f} | "
                   f"{r['top_k_warm_seconds']:.2f} | {r['speedup']:.1f} | {r['min_cosine']:.8f} | {r['gate_error']:.1e} "
                   f"| {r['update_error']:.1e} | {r['tau_error']:.1e} |" for r in steps["eigensolve"]["rows"]]
+        lines.append("")
+    if "rows" in steps.get("statistics", {}):
+        rows = steps["statistics"]["rows"]
+        model = ", ".join(f"{name} {rate:.0f}" for name, rate in rows["model"].items())
+        lines += [f"Model GEMM GFLOP/s: {model}.", "", "| d | rows folded | TF32 | statistics GFLOP/s | one statistics "
+                  "flop in model flops |", "|---|---|---|---|---|"]
+        lines += [f"| {r['dim']} | {r['rows']} | {r['tf32']} | {r['gflops']:.0f} | "
+                  + ", ".join(f"{ratio:.2f} ({name})" for name, ratio in r["cost_per_flop_vs_model"].items()) + " |"
+                  for r in rows["statistics"]]
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ def test_the_smoke_mode_runs_every_step_and_writes_the_tables(tmp_path):
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     result = json.loads((tmp_path / "result.json").read_text())
-    assert set(result["steps"]) == {"train", "optimizer", "block", "eigensolve"}
+    assert set(result["steps"]) == {"train", "optimizer", "block", "eigensolve", "statistics"}
     assert not [name for name, entry in result["steps"].items() if "error" in entry]
     train = result["steps"]["train"]["rows"]
     assert train["gated_steps_per_rank"] == [[3] * len(train["gated_steps_per_rank"][0])] and train["bf16"]
@@ -35,8 +35,13 @@ def test_the_smoke_mode_runs_every_step_and_writes_the_tables(tmp_path):
     assert result["steps"]["block"]["rows"]["gated_steps"] == [3]  # warm-up + timed steps, every one gated
     for row in result["steps"]["eigensolve"]["rows"]:
         assert row["min_cosine"] > 1 - 1e-6 and row["update_error"] < 0.05 and row["top_k_fallbacks"] == 0
+    statistics = result["steps"]["statistics"]["rows"]
+    assert set(statistics["model"]) == {"bfloat16", "float32"} and len(statistics["statistics"]) == 2
+    assert all(row["gflops"] > 0 and set(row["cost_per_flop_vs_model"]) == {"bfloat16", "float32"}
+               for row in statistics["statistics"])
     table = (tmp_path / "result.md").read_text()
     assert "| d | dtype | full s | top-k s |" in table and "gated on every rank" in table
+    assert "| d | rows folded | TF32 |" in table
 
 
 def test_a_failing_step_is_recorded_and_fails_the_check(tmp_path, monkeypatch):
