@@ -150,13 +150,16 @@ def _bench(rank: int, world: int, args) -> None:
         return time.perf_counter() - start
 
     plain_steps, folora_steps = [], []
-    for index in range(args.warmup + args.steps):
-        batch = _batch(args, 1000 + index * world + rank, device)
-        plain_seconds = step(plain_engine, batch, False)
-        folora_seconds = step(folora_engine, batch, True)
-        if index >= args.warmup:
-            plain_steps.append(plain_seconds)
-            folora_steps.append(folora_seconds)
+    batches = [_batch(args, 1000 + index * world + rank, device) for index in range(args.warmup + args.steps)]
+    if args.order == "phases":  # every plain step, then every FoLoRA step: as two separate runs would
+        plain_steps = [step(plain_engine, batch, False) for batch in batches][args.warmup:]
+        folora_steps = [step(folora_engine, batch, True) for batch in batches][args.warmup:]
+    else:
+        for index, batch in enumerate(batches):
+            pair = (step(plain_engine, batch, False), step(folora_engine, batch, True))
+            if index >= args.warmup:
+                plain_steps.append(pair[0])
+                folora_steps.append(pair[1])
     controller.check_gating()
     sent_per_micro_batch = (exchange.bytes_sent - sent_before) / (args.warmup + args.steps)
     statistics_held = controller.statistics_bytes()
@@ -184,10 +187,13 @@ def _bench(rank: int, world: int, args) -> None:
               f"statistics_tokens={args.statistics_tokens or 'all'}")
         fitted = controller.statistics_schedule
         print(f"statistics: {fitted.tokens or 'every'} tokens on one micro-batch in {fitted.every} "
-              f"(statistics_flops_share {args.statistics_share}; plan: {plan.statistics_share:.2%} of the step's "
-              f"model flops, {plan.configured_statistics_share:.2%} as configured)")
+              f"(statistics_flops_share {args.statistics_share}; plan: {plan.statistics_share:.2%} of the step, "
+              f"{plan.configured_statistics_share:.2%} as configured)")
+        plain_mean, folora_mean = statistics.fmean(plain_steps), statistics.fmean(folora_steps)
         print(f"training step: AdamW {plain_step * 1e3:.1f} ms, FoLoRA {folora_step * 1e3:.1f} ms, "
-              f"ratio {folora_step / plain_step:.3f}")
+              f"ratio {folora_step / plain_step:.3f} (medians); means {plain_mean * 1e3:.1f} / "
+              f"{folora_mean * 1e3:.1f} ms, ratio {folora_mean / plain_mean:.3f} (what a schedule that collects on "
+              "one micro-batch in several costs on average)")
         if stats_times:
             print(f"exact statistics pass ÷ plain forward: "
                   f"{statistics.median(stats_times) / statistics.median(plain_times):.3f} "
@@ -211,6 +217,7 @@ def _bench(rank: int, world: int, args) -> None:
                 "hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "rank": args.rank,
                 "k": args.k, "batch": args.batch, "seq": args.seq, "adamw_ms": plain_step * 1e3,
                 "folora_ms": folora_step * 1e3, "ratio": folora_step / plain_step,
+                "mean_ratio": folora_mean / plain_mean,
                 "refresh_ms": refresh_seconds * 1e3, "statistics_share": args.statistics_share,
                 "statistics_schedule": [fitted.tokens, fitted.every],
                 "gated_steps": sorted(set(controller.gated_step_counts()))}, indent=1))
@@ -259,6 +266,10 @@ def main() -> None:
                         "eigensolves (real block widths: a d = 28672 solve takes over an hour on 2 cores)")
     parser.add_argument("--statistics-tokens", type=int, default=FoLoRAConfig().statistics_tokens,
                         help="tokens per input and micro-batch counted towards C_task (0: every token, exact)")
+    parser.add_argument("--order", choices=["alternate", "phases"], default="alternate",
+                        help="alternate the two engines' steps on the same batches (default), or run every plain step "
+                             "first and then every FoLoRA step (at ZeRO-3 over gloo a step right after the other "
+                             "engine's waits longer in its parameter gathers: docs/benchmarks.md)")
     parser.add_argument("--statistics-share", type=float, default=None,
                         help="statistics_flops_share: fit the statistics into this share of the step's flops")
     args = parser.parse_args()

@@ -29,7 +29,14 @@ from folora_ds.distributed import comm
 from folora_ds.distributed.statistics import raise_if_any
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.method.covariance import CovarianceCollector
-from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share, statistics_share
+from folora_ds.method.statistics_cost import (
+    StatisticsSchedule,
+    StepShape,
+    owner_imbalance,
+    schedule_within_share,
+    statistics_flop_cost,
+    statistics_share,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -168,41 +175,59 @@ class TokenTally:
         return batch
 
 
+def _linear_weights(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The weight of every module with a 2-D weight but embeddings (ZeRO-3 keeps the whole shape in ds_shape)."""
+    for module in model.modules():
+        weight = dict(module.named_parameters(recurse=False)).get("weight")  # own, not a wrapper's property
+        if weight is not None and not isinstance(module, nn.Embedding) and \
+                len(getattr(weight, "ds_shape", weight.shape)) == 2:
+            yield weight
+
+
 def linear_parameters(model: nn.Module) -> int:
     """P of ``statistics_cost.StepShape``: the weights of every module with a 2-D weight but embeddings (a lookup
     costs no multiply-adds), whole under ZeRO-3 (``ds_numel``), this rank's shard under tensor parallelism."""
-    total = 0
-    for module in model.modules():
-        weight = dict(module.named_parameters(recurse=False)).get("weight")  # own, not a wrapper's property
-        if weight is None or isinstance(module, nn.Embedding):
-            continue
-        if len(getattr(weight, "ds_shape", weight.shape)) == 2:  # ZeRO-3 keeps the whole shape in ds_shape
-            total += int(getattr(weight, "ds_numel", weight.numel()))
-    return total
+    return sum(int(getattr(weight, "ds_numel", weight.numel())) for weight in _linear_weights(model))
+
+
+def model_itemsize(model: nn.Module) -> int:
+    """Bytes per element of the dtype the model's linear layers compute in: the dtype of most of their weights
+    (bf16 base weights beside float32 LoRA factors count as bf16; 4 for a model without linear layers)."""
+    counts: dict[torch.dtype, int] = {}
+    for weight in _linear_weights(model):
+        counts[weight.dtype] = counts.get(weight.dtype, 0) + int(getattr(weight, "ds_numel", weight.numel()))
+    return max(counts, key=counts.__getitem__).itemsize if counts else 4
 
 
 def budgeted_schedule(model: nn.Module, config: FoLoRAConfig, dims: Mapping[str, int], tally: TokenTally,
-                      group=None) -> StatisticsSchedule:
+                      group=None, owners: Mapping[str, int] | None = None) -> StatisticsSchedule:
     """Collective when ``config.statistics_flops_share`` is set: the training statistics' schedule, the
-    configured one lowered into that share of the step's flops (``statistics_cost.schedule_within_share``) for the
+    configured one lowered into that share of the step (``statistics_cost.schedule_within_share``) for the
     mean calibration micro-batch over every rank (all ranks get the same schedule: the collecting forwards are
-    collective). Without a share, the configured schedule."""
+    collective), a statistics flop weighted by ``statistics_flop_cost`` and the busiest of the ``owners`` (None:
+    every input on one rank). Without a share, the configured schedule."""
     requested = StatisticsSchedule(config.statistics_tokens, config.statistics_every)
     if config.statistics_flops_share is None:
         return requested
     totals = comm.all_reduce_sum(torch.tensor([tally.micro_batches, tally.tokens, tally.counted_tokens],
                                               dtype=torch.float64), group)
     batches = max(float(totals[0]), 1.0)
+    world = comm.world_size(group)
+    cost = statistics_flop_cost(config.statistics_flop_cost, model_itemsize(model),
+                                getattr(torch, config.statistics_dtype).itemsize)
     shape = StepShape(tokens=float(totals[1]) / batches, counted_tokens=float(totals[2]) / batches,
-                      input_widths=tuple(dims.values()), linear_parameters=linear_parameters(model))
+                      input_widths=tuple(dims.values()), linear_parameters=linear_parameters(model), flop_cost=cost,
+                      owner_imbalance=owner_imbalance(owners or dict.fromkeys(dims, 0), dims,
+                                                      world if owners else 1))
     schedule = schedule_within_share(config.statistics_flops_share, requested, shape,
                                      max_every=config.refresh_interval or None)  # every window counts something
     if comm.rank(group) == 0:
-        _log.info("FoLoRA statistics: %s tokens on one micro-batch in %d, %.2f%% of the step's flops "
-                  "(statistics_flops_share %g; configured %s in %d: %.2f%%; %.0f tokens per micro-batch)",
+        _log.info("FoLoRA statistics: %s tokens on one micro-batch in %d, %.2f%% of the step "
+                  "(statistics_flops_share %g; configured %s in %d: %.2f%%; %.0f tokens per micro-batch; a "
+                  "statistics flop = %g model flops; busiest owner %.2fx the average)",
                   schedule.tokens or "all", schedule.every, 100 * statistics_share(schedule, shape),
                   config.statistics_flops_share, requested.tokens or "all", requested.every,
-                  100 * statistics_share(requested, shape), shape.tokens)
+                  100 * statistics_share(requested, shape), shape.tokens, cost, shape.owner_imbalance)
     return schedule
 
 

@@ -139,8 +139,7 @@ class FoLoRAController:
             self._calibrate(iter(proxy_batches), iter(task_batches), progress)
 
     def _calibrate(self, proxy: Iterator, task: Iterator, progress: bool) -> None:
-        for source in ("pre", "task"):
-            self.collector.reset(source)
+        self.collector.reset("pre", "task")
         first_proxy, first_task = next(proxy, None), next(task, None)
         error = ("the proxy calibration set produced no batches" if first_proxy is None
                  else "the task calibration set produced no batches" if first_task is None else None)
@@ -151,7 +150,8 @@ class FoLoRAController:
         labels = self.config.task_token_mask == "labels"
         tally = calibration.TokenTally(itertools.chain([first_task], task), labels=labels)
         self._forward("task", tally, progress)
-        self.statistics_schedule = calibration.budgeted_schedule(self.model, self.config, self.dims, tally, self.group)
+        self.statistics_schedule = calibration.budgeted_schedule(self.model, self.config, self.dims, tally, self.group,
+                                                                 self.owners)
         try:
             self.pre_covariances = owned_covariances(self.collector, "pre", self._owned_keys(), in_place=True)
         except ValueError as problem:

@@ -147,7 +147,12 @@ class FoLoRAConfig:
             micro-batches' tokens, the input widths and the model's linear parameters
             (``statistics_cost.statistics_share``) and, above it, lowers ``statistics_tokens`` (down to 16) and
             then collects on fewer micro-batches (at least one per ``refresh_interval``); never more than the two
-            settings ask. ``plan`` prints it.
+            settings ask. The share is of the busiest owner's time: its flops are weighted by how unevenly the
+            owners' Σd² fall and by ``statistics_flop_cost``. ``plan`` prints it.
+        statistics_flop_cost: what one statistics flop (a fold in ``statistics_dtype``) costs in model flops, for
+            ``statistics_flops_share``; None = 1 when the model computes in the statistics' width or wider, 2.5
+            when narrower (bf16: 2.2-2.8 measured on a CPU, ``benchmarks/statistics_update.py``; measure it on a
+            GPU, where float32 against bf16 tensor cores can cost far more).
         statistics_dtype: accumulation dtype of the covariance sums. "float64" makes the statistics (and so the
             bases) independent of summation order across ranks up to ~1e-16; useful for ill-conditioned inputs.
         max_seq_len: tokens per task example after truncation.
@@ -185,6 +190,7 @@ class FoLoRAConfig:
     statistics_tokens: int | None = 64
     statistics_every: int = 1
     statistics_flops_share: float | None = None
+    statistics_flop_cost: float | None = None
     statistics_dtype: str = "float32"
     max_seq_len: int = 256
     forgetting_budget: float | None = None
@@ -234,6 +240,8 @@ class FoLoRAConfig:
         _require_int("statistics_every", self.statistics_every, 1)
         if self.statistics_flops_share is not None:
             _require_real("statistics_flops_share", self.statistics_flops_share, low=0.0, high=1.0)
+        if self.statistics_flop_cost is not None:
+            _require_real("statistics_flop_cost", self.statistics_flop_cost, low=0.0)
         _require_choice("statistics_dtype", self.statistics_dtype, STATISTICS_DTYPES)
         _require_int("max_seq_len", self.max_seq_len, 2)
         if self.forgetting_budget is not None:

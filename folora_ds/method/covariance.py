@@ -209,9 +209,10 @@ class CovarianceCollector:
             current.sum += sums.sum.to(device=current.sum.device, dtype=self.dtype)
             current.tokens += sums.tokens.to(current.tokens.device)
 
-    def reset(self, source: str) -> None:
-        """Forget the sums of ``source`` (the sharing of inputs is kept)."""
-        self._sums[source] = {}
+    def reset(self, *sources: str) -> None:
+        """Forget the sums of each of ``sources`` (the sharing of inputs is kept)."""
+        for source in sources:
+            self._sums[source] = {}
 
     def remove(self) -> None:
         """Remove every hook. The collected statistics stay readable."""

@@ -55,7 +55,14 @@ from folora_ds.method.eigensolve import solve_generalized_eigenproblem
 from folora_ds.method.peft_layers import lora_layers
 from folora_ds.method.solve_cost import solve_seconds, solve_workspace
 from folora_ds.method.spectral import solves_top_k
-from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share, statistics_share
+from folora_ds.method.statistics_cost import (
+    StatisticsSchedule,
+    StepShape,
+    owner_imbalance,
+    schedule_within_share,
+    statistics_flop_cost,
+    statistics_share,
+)
 
 MODEL_CONFIGS = Path(__file__).parent.parent / "model_configs"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -277,9 +284,11 @@ def make_plan(shape: ModelShape, settings: PlanSettings, folora: FoLoRAConfig) -
 
     tokens = settings.micro_batch * settings.seq_len
     configured = StatisticsSchedule(folora.statistics_tokens, folora.statistics_every)
+    widths = {key: shape.inputs[key] // tp if key in shape.row_parallel_inputs else shape.inputs[key]
+              for key in shape.inputs}
     step = StepShape(tokens=tokens, counted_tokens=tokens, linear_parameters=max(shape.linear_parameters // tp, 1),
-                     input_widths=tuple(shape.inputs[key] // tp if key in shape.row_parallel_inputs
-                                        else shape.inputs[key] for key in shape.inputs))
+                     input_widths=tuple(widths.values()), owner_imbalance=owner_imbalance(owners, widths, world),
+                     flop_cost=statistics_flop_cost(folora.statistics_flop_cost, model_bytes, statistics_bytes))
     schedule = (configured if folora.statistics_flops_share is None
                 else schedule_within_share(folora.statistics_flops_share, configured, step,
                                            max_every=folora.refresh_interval or None))
@@ -418,7 +427,8 @@ def format_plan(plan: Plan) -> str:
            if plan.zero3_parameter_bytes_per_micro_batch else ""),
         "",
         f"statistics: {plan.statistics_schedule.tokens or 'every'} tokens per input on one micro-batch in "
-        f"{plan.statistics_schedule.every}, {plan.statistics_share:.2%} of the step's model flops"
+        f"{plan.statistics_schedule.every}, {plan.statistics_share:.2%} of the step (its flops in model flops on the "
+        f"busiest owner)"
         + (f" (statistics_flops_share {f.statistics_flops_share:g}; configured {f.statistics_tokens or 'every'} in "
            f"{f.statistics_every}: {plan.configured_statistics_share:.2%})" if f.statistics_flops_share is not None
            else (" (set statistics_flops_share to bound it)" if plan.statistics_share > 0.02 else "")),

@@ -165,7 +165,8 @@ def test_ranks_agree_on_the_schedule_fitted_to_every_ranks_calibration_batches()
     """The collecting forwards are collective, so every rank must collect on the same micro-batches: the schedule
     comes from the mean calibration micro-batch over all ranks, not each rank's own."""
     from folora_ds.controller.calibration import linear_parameters
-    from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share
+    from folora_ds.distributed.ownership import assign_owners
+    from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, owner_imbalance, schedule_within_share
 
     results = run_ranks(2, _fitted_schedule)
     assert results[0] == results[1]
@@ -178,6 +179,7 @@ def test_ranks_agree_on_the_schedule_fitted_to_every_ranks_calibration_batches()
         counted.append(int(mask.sum()))
     dims = results[0][1]
     shape = StepShape(tokens=20, counted_tokens=sum(counted) / 5, input_widths=tuple(dims.values()),
-                      linear_parameters=linear_parameters(tiny_model()))
+                      linear_parameters=linear_parameters(tiny_model()),
+                      owner_imbalance=owner_imbalance(assign_owners(dims, 2), dims, 2))  # the busier owner counts
     assert results[0][0] == schedule_within_share(0.05, StatisticsSchedule(None, 1), shape)
     assert results[0][0] != StatisticsSchedule(None, 1)

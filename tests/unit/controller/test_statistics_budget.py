@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from folora_ds.controller import FoLoRAController
-from folora_ds.controller.calibration import TokenTally, linear_parameters
+from folora_ds.controller.calibration import TokenTally, linear_parameters, model_itemsize
 from folora_ds.method.config import FoLoRAConfig
 from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share
 from tests.testing.controller import tiny_peft_llama, token_batches
@@ -56,6 +56,26 @@ def test_a_share_lowers_the_schedule_to_what_the_calibration_batches_allow_and_t
         with controller.track_task(batch), torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert {int(sums.tokens) for sums in controller.collector.sums("task").values()} == {3 * 16}
+
+
+def test_a_statistics_flop_is_weighed_by_its_cost_in_model_flops():
+    """``statistics_flop_cost`` (measured, say, on a GPU) tightens the fit; by default it follows the dtype the
+    model's linear layers compute in against the statistics' float32."""
+    config = FoLoRAConfig(k=4, statistics_tokens=64, statistics_flops_share=0.2, statistics_flop_cost=4.0,
+                          refresh_interval=0)
+    model, controller = _calibrated(config)
+    shape = StepShape(tokens=48, counted_tokens=33, input_widths=tuple(controller.dims.values()),
+                      linear_parameters=linear_parameters(model), flop_cost=4.0)
+    assert controller.statistics_schedule == schedule_within_share(0.2, StatisticsSchedule(64, 1), shape)
+    unweighted = schedule_within_share(0.2, StatisticsSchedule(64, 1), StepShape(**{**shape.__dict__,
+                                                                                   "flop_cost": 1.0}))
+    assert controller.statistics_schedule != unweighted
+    assert model_itemsize(model) == 4 and model_itemsize(tiny_peft_llama().to(torch.bfloat16)) == 2
+    mixed = tiny_peft_llama().to(torch.bfloat16)
+    for name, parameter in mixed.named_parameters():  # float32 LoRA factors beside bf16 base weights, as DeepSpeed
+        if "lora_" in name:                          # keeps them under bf16: the base weights decide
+            parameter.data = parameter.data.float()
+    assert model_itemsize(mixed) == 2
 
 
 def test_the_fitted_schedule_survives_a_resume_without_calibration():

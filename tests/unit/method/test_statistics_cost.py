@@ -9,10 +9,13 @@ import pytest
 
 from folora_ds.method.statistics_cost import (
     MIN_STATISTICS_TOKENS,
+    NARROW_MODEL_FLOP_COST,
     StatisticsSchedule,
     StepShape,
+    owner_imbalance,
     refresh_is_read,
     schedule_within_share,
+    statistics_flop_cost,
     statistics_share,
     window_is_read,
 )
@@ -36,6 +39,49 @@ def test_the_share_is_the_sampled_rows_times_the_squared_widths_over_twice_the_m
     # every counted token when tokens is None, and never more rows than a micro-batch counts
     assert statistics_share(StatisticsSchedule(None, 1), _block(2048, 100)) == pytest.approx(expected * 100 / 64)
     assert statistics_share(StatisticsSchedule(64, 1), _block(2048, 10)) == pytest.approx(expected * 10 / 64)
+
+
+def test_the_share_weighs_a_statistics_flop_by_its_cost_and_the_busiest_owner():
+    """At 70B in bf16 the fitted 1.85% of the flops ran 1.10x: a float32 statistics flop costs ~2.5 bf16 model
+    flops on the CPU, and the owner of the d_ff input folds most of the rows (docs/benchmarks.md)."""
+    plain = _block(2048)
+    weighted = StepShape(tokens=2048, counted_tokens=2048, flop_cost=2.5, owner_imbalance=1.4, **LLAMA7B_BLOCK)
+    schedule = StatisticsSchedule(64, 1)
+    assert statistics_share(schedule, weighted) == pytest.approx(2.5 * 1.4 * statistics_share(schedule, plain))
+    fitted = schedule_within_share(0.02, schedule, weighted)  # 1.3% unweighted fits; 4.7% weighted does not
+    assert schedule_within_share(0.02, schedule, plain) is schedule
+    assert fitted.tokens < 64 and statistics_share(fitted, weighted) <= 0.02
+
+
+def test_the_default_flop_cost_follows_the_model_dtype_against_the_statistics_dtype():
+    assert statistics_flop_cost(None, model_itemsize=2, statistics_itemsize=4) == NARROW_MODEL_FLOP_COST
+    assert statistics_flop_cost(None, model_itemsize=4, statistics_itemsize=4) == 1.0
+    assert statistics_flop_cost(None, model_itemsize=4, statistics_itemsize=8) == NARROW_MODEL_FLOP_COST
+    assert statistics_flop_cost(7.0, model_itemsize=2, statistics_itemsize=4) == 7.0  # measured on a GPU, say
+
+
+def test_owner_imbalance_is_the_busiest_owners_squared_widths_over_the_average():
+    dims = {"qkv": 4096, "o": 4096, "gate_up": 4096, "down": 11008}
+    owners = {"down": 0, "qkv": 1, "o": 1, "gate_up": 1}  # one 7B block on 2 ranks, as assign_owners splits it
+    total = 3 * 4096**2 + 11008**2
+    assert owner_imbalance(owners, dims, 2) == pytest.approx(2 * 11008**2 / total)  # 1.42
+    assert owner_imbalance(dict.fromkeys(dims, 0), dims, 1) == 1.0
+    assert owner_imbalance({"a": 0, "b": 1}, {"a": 8, "b": 8}, 2) == 1.0
+    with pytest.raises(ValueError, match="'down' has owner 2"):
+        owner_imbalance({**owners, "down": 2}, dims, 2)
+    with pytest.raises(ValueError, match="'o' has owner None"):
+        owner_imbalance({"down": 0, "qkv": 1, "gate_up": 1}, dims, 2)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("flop_cost", 0.0, "flop_cost=0.0 must be a finite number > 0"),
+    ("flop_cost", math.inf, "flop_cost=inf"),
+    ("owner_imbalance", 0.9, "owner_imbalance=0.9 must be a finite number >= 1"),
+    ("owner_imbalance", math.nan, "owner_imbalance=nan"),
+])
+def test_a_bad_weight_is_refused(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        StepShape(tokens=256, counted_tokens=256, **{field: value}, **LLAMA7B_BLOCK)
 
 
 def test_a_schedule_within_the_share_is_kept_as_configured():

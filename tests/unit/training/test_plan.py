@@ -168,13 +168,22 @@ def test_a_model_config_with_impossible_sizes_is_named(tiny_config, tmp_path, ca
 
 
 def test_the_plan_prints_the_statistics_share_the_controller_fits_to_the_same_shape(tiny_config, capsys):
-    """The plan's statistics share equals ``statistics_cost`` on the model's own linear weights and inputs; with
+    """The plan's statistics share equals ``statistics_cost`` on the model's own linear weights and inputs, weighted
+    by the busiest of the owners the controller assigns and by a bf16 model's flop cost; with
     ``statistics_flops_share`` it shows the schedule the controller would fit (every token of a micro-batch
     counted, as the plan cannot know the labels)."""
     from peft import LoraConfig, get_peft_model
 
     from folora_ds.controller.calibration import linear_parameters
-    from folora_ds.method.statistics_cost import StatisticsSchedule, StepShape, schedule_within_share, statistics_share
+    from folora_ds.distributed.ownership import assign_owners
+    from folora_ds.method.statistics_cost import (
+        NARROW_MODEL_FLOP_COST,
+        StatisticsSchedule,
+        StepShape,
+        owner_imbalance,
+        schedule_within_share,
+        statistics_share,
+    )
 
     shape = model_shape(load_model_config(tiny_config), FOLORA)
     model = build_tiny_llama(64, hidden_size=32, intermediate_size=48, num_layers=2)
@@ -182,9 +191,18 @@ def test_the_plan_prints_the_statistics_share_the_controller_fits_to_the_same_sh
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=FOLORA.lora_alpha,
                                                   target_modules=list(FOLORA.target_modules)))
     assert shape.linear_parameters == linear_parameters(peft_model)
-    step = StepShape(tokens=2 * 40, counted_tokens=2 * 40, input_widths=tuple(shape.inputs.values()),
-                     linear_parameters=shape.linear_parameters)
+    def step_on(world: int) -> StepShape:
+        return StepShape(tokens=2 * 40, counted_tokens=2 * 40, input_widths=tuple(shape.inputs.values()),
+                         linear_parameters=shape.linear_parameters, flop_cost=NARROW_MODEL_FLOP_COST,
+                         owner_imbalance=owner_imbalance(assign_owners(shape.inputs, world), shape.inputs, world))
+
+    step, uneven = step_on(2), step_on(3)
+    assert uneven.owner_imbalance > 1  # three owners of eight inputs: one folds more than the average
+    on_three = make_plan(shape, PlanSettings(world_size=3, micro_batch=2, seq_len=40, solve_seconds_per_gflop=1.0),
+                         FOLORA)
+    assert on_three.statistics_share == pytest.approx(statistics_share(StatisticsSchedule(64, 1), uneven))
     settings = PlanSettings(world_size=2, micro_batch=2, seq_len=40, solve_seconds_per_gflop=1.0)
+    assert settings.model_dtype == "bfloat16"  # narrower than the float32 statistics
     plan = make_plan(shape, settings, FOLORA)
     assert plan.statistics_schedule == StatisticsSchedule(64, 1)
     assert plan.statistics_share == pytest.approx(statistics_share(StatisticsSchedule(64, 1), step))
