@@ -2,10 +2,11 @@
 
 Pure arithmetic, no torch. Flops per rank and collecting micro-batch: each rank's ``n`` sampled token rows of an
 input of width d go to that input's owner, which multiplies them into the (d, d) sums: 2·n·d² per rank on average
-(the owner does world·2·n·d², the others none; owners are balanced by the solves' d³, so the average is what a
-whole model sees). The step's model flops per micro-batch of T tokens are 4·P·T for P parameters in linear layers:
-the forward's 2·P·T and the backward's 2·P·T for the input gradients (the frozen weights' gradients are not
-computed; LoRA's own flops are a fraction of a percent). So the share is
+(the owner does world·2·n·d², the others none; owners are balanced by the solves' d³, not by this, so the busiest
+owner can do more than the average: ``owner_imbalance`` below). The step's model flops per micro-batch of T
+tokens are 4·P·T for P parameters in linear layers: the forward's 2·P·T and the backward's 2·P·T for the input
+gradients (the frozen weights' gradients are not computed; LoRA's own flops are a fraction of a percent). So the
+share is
 
     share = 2·n·Σd² / (every · 4·P·T) = n·Σd² / (2·every·P·T)
 
