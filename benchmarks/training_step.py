@@ -268,8 +268,8 @@ def main() -> None:
                         help="tokens per input and micro-batch counted towards C_task (0: every token, exact)")
     parser.add_argument("--order", choices=["alternate", "phases"], default="alternate",
                         help="alternate the two engines' steps on the same batches (default), or run every plain step "
-                             "first and then every FoLoRA step (at ZeRO-3 over gloo a step right after the other "
-                             "engine's waits longer in its parameter gathers: docs/benchmarks.md)")
+                             "first and then every FoLoRA step, as two separate runs would (a check that one engine's "
+                             "step does not pay for the other's)")
     parser.add_argument("--statistics-share", type=float, default=None,
                         help="statistics_flops_share: fit the statistics into this share of the step's flops")
     args = parser.parse_args()
