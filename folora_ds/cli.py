@@ -5,8 +5,8 @@
     folora-ds sample-proxy --model DIR --output proxy.jsonl [--config ds.json] [--set ...]
     folora-ds plan --model-config llama-3-70b --world 64 --nodes 8 [--tp 8] [--config ds.json] [--set k=64] [--json]
     folora-ds evaluate --model smollm2-135m-instruct --adapter folora=out/folora_adapter --adapter adamw=...
-    folora-ds grid smollm2 --output runs/grid [--only "plain LoRA"] [--report-only | --lost-questions |
-                                                                     --directions | --noise-floor | --probe-kl]
+    folora-ds grid smollm2 --output runs/grid [--only "plain LoRA"] [--records DIR] [--report-only |
+                                       --lost-questions | --directions | --noise-floor | --probe-kl]
 
 The run's settings come from a DeepSpeed JSON config (``--config``, alias ``--deepspeed``; a one-process ZeRO-0
 default without it): DeepSpeed's keys go to the engine, the ``"folora"`` block to FoLoRA, with ``--set`` overriding
@@ -40,6 +40,8 @@ from folora_ds.toolkit.evaluation import EvaluationSettings, evaluate_adapters, 
 from folora_ds.toolkit.grid import (
     collect_rows,
     direction_rows,
+    export_records,
+    import_records,
     load_spec,
     lost_questions,
     noise_floor,
@@ -237,6 +239,9 @@ def _build_parser() -> argparse.ArgumentParser:
     only_report.add_argument("--probe-kl", action="store_true", help="train nothing; KL of every finished run (or "
                              "--only's) on the base model's own answers to the retention questions, beside its KL "
                              "on held-out passages, written to probe_kl.md/.json: where each change sits")
+    grid.add_argument("--records", metavar="DIR", help="a folder of run records (what each finished run measured, "
+                      "no adapters; e.g. docs/results/records/<grid>): its finished runs count as finished in "
+                      "--output, and every finished run's record is written back to it after the grid or report")
     grid.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -248,6 +253,8 @@ def _grid(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"--only {unknown[0]!r} names no entry of the grid "
                              f"(labels: {', '.join(sorted({run.label for run in spec.runs}))})")
+    if args.records and Path(args.records).exists():
+        import_records(spec, args.records, args.output)
     if args.lost_questions:
         print(lost_questions(spec, args.output, labels=args.only, progress=not args.no_progress))
         return 0
@@ -264,6 +271,8 @@ def _grid(args: argparse.Namespace) -> int:
         rows = collect_rows(spec, args.output)
     else:
         rows = run_grid(spec, args.output, progress=not args.no_progress, only=args.only)
+    if args.records:
+        export_records(spec, args.output, args.records)
     report = write_report(rows, spec, Path(args.output))
     print(report.markdown)
     print(f"tables and plots: {', '.join(str(path) for path in report.files)}")

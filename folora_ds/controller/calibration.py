@@ -212,13 +212,12 @@ def budgeted_schedule(model: nn.Module, config: FoLoRAConfig, dims: Mapping[str,
     totals = comm.all_reduce_sum(torch.tensor([tally.micro_batches, tally.tokens, tally.counted_tokens],
                                               dtype=torch.float64), group)
     batches = max(float(totals[0]), 1.0)
-    world = comm.world_size(group)
+    imbalance = 1.0 if owners is None else owner_imbalance(owners, dims, comm.world_size(group))
     cost = statistics_flop_cost(config.statistics_flop_cost, model_itemsize(model),
                                 getattr(torch, config.statistics_dtype).itemsize)
     shape = StepShape(tokens=float(totals[1]) / batches, counted_tokens=float(totals[2]) / batches,
                       input_widths=tuple(dims.values()), linear_parameters=linear_parameters(model), flop_cost=cost,
-                      owner_imbalance=owner_imbalance(owners or dict.fromkeys(dims, 0), dims,
-                                                      world if owners else 1))
+                      owner_imbalance=imbalance)
     schedule = schedule_within_share(config.statistics_flops_share, requested, shape,
                                      max_every=config.refresh_interval or None)  # every window counts something
     if comm.rank(group) == 0:

@@ -11,12 +11,16 @@ Modules, each importing only those above it:
   where each adapter moved (``direction_rows``).
 - ``probe``: what the retention probe measures: its noise floor (random adapters at given KLs) and where each
   run's change sits (KL on the probe's answers vs on passages).
+- ``records``: a grid's run records without their adapters, kept apart from its folder (committed beside the
+  results; ``--records``): brought in before a grid resumes, written back after.
 - ``runner``: training and measuring each run under its claim, and the grid loop (``run_grid``).
 """
 
 from folora_ds.toolkit.grid.probe import noise_floor, probe_kl
+from folora_ds.toolkit.grid.records import export_records, import_records
 from folora_ds.toolkit.grid.rows import collect_rows, direction_rows, lost_questions
 from folora_ds.toolkit.grid.runner import run_grid
 from folora_ds.toolkit.grid.spec import load_spec
 
-__all__ = ["collect_rows", "direction_rows", "load_spec", "lost_questions", "noise_floor", "probe_kl", "run_grid"]
+__all__ = ["collect_rows", "direction_rows", "export_records", "import_records", "load_spec", "lost_questions",
+           "noise_floor", "probe_kl", "run_grid"]

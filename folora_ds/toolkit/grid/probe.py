@@ -27,7 +27,7 @@ import torch
 
 from folora_ds.common.files import replace_atomically
 from folora_ds.toolkit.grid.artifacts import SharedArtifacts
-from folora_ds.toolkit.grid.rows import last_step_rows
+from folora_ds.toolkit.grid.rows import last_step_rows, saved_adapters
 from folora_ds.toolkit.grid.spec import GridSettings, GridSpec
 from folora_ds.toolkit.measures import answer_kl, answers_correct, greedy_answers, kl_on_text, retention
 
@@ -149,6 +149,7 @@ def probe_kl(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[str] | 
     """
     output_dir = Path(output_dir)
     last = last_step_rows(spec, output_dir, labels)
+    adapters = saved_adapters(output_dir, last)
     shared = SharedArtifacts(spec.settings, output_dir / "shared", progress=progress)
     suite = shared.suite()
     prompts = [question.prompt for question in suite.questions]
@@ -157,8 +158,7 @@ def probe_kl(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[str] | 
                                   batch_size=suite.settings.batch_size, progress=progress,
                                   description="the base model's answers")
     rows = []
-    for row in last:
-        adapter = output_dir / "runs" / row["slug"] / f"step{row['steps']}" / "adapter"
+    for row, adapter in zip(last, adapters):
         with shared.adapted(adapter) as (model, model_tokenizer):
             measured = answer_kl(model, model_tokenizer, prompts, base_answers, batch_size=suite.settings.batch_size)
         rows.append({key: row[key] for key in ("label", "lr", "seed", "steps", "target_accuracy", "retention",

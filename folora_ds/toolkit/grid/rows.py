@@ -82,6 +82,22 @@ def collect_rows(spec: GridSpec, output_dir: str | Path) -> list[dict[str, Any]]
     return rows
 
 
+def saved_adapters(output_dir: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
+    """The adapter each row's run saved at its step, to load again; all checked before any model is loaded.
+
+    Raises:
+        FileNotFoundError: a run has none: its record came without adapters (``--records``); train it in this
+            folder to measure it again.
+    """
+    adapters = [output_dir / "runs" / row["slug"] / f"step{row['steps']}" / "adapter" for row in rows]
+    for row, adapter in zip(rows, adapters):
+        if not adapter.is_dir():
+            raise FileNotFoundError(f"run {row['slug']} has no adapter at step {row['steps']} ({adapter}): its "
+                                    "record was brought in without adapters (--records); remove its folder and run "
+                                    "the grid to train it here")
+    return adapters
+
+
 def last_step_rows(spec: GridSpec, output_dir: Path, labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The row of each finished run's last step (optionally only ``labels``), by label, lr and seed.
 
@@ -110,12 +126,12 @@ def lost_questions(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[s
     """
     output_dir = Path(output_dir)
     last = last_step_rows(spec, output_dir, labels)
+    adapters = saved_adapters(output_dir, last)
     shared = SharedArtifacts(spec.settings, output_dir / "shared", progress=progress)
     suite = shared.suite()
     questions = list(suite.questions)
     answered = []
-    for row in last:
-        adapter = output_dir / "runs" / row["slug"] / f"step{row['steps']}" / "adapter"
+    for row, adapter in zip(last, adapters):
         with shared.adapted(adapter) as (model, tokenizer):
             answers = greedy_answers(model, tokenizer, [q.prompt for q in questions],
                                      max_new_tokens=suite.settings.max_new_tokens,
@@ -145,14 +161,15 @@ def direction_rows(spec: GridSpec, output_dir: str | Path, *, labels: Sequence[s
     if not finished:
         raise ValueError(f"no finished run{' of ' + ', '.join(map(repr, labels)) if labels else ''} in "
                          f"{str(output_dir)!r}")
+    finished.sort(key=lambda r: (r["seed"], r["label"], r["lr"], r["steps"]))
+    adapters = saved_adapters(output_dir, finished)
     shared = SharedArtifacts(spec.settings, output_dir / "shared", progress=progress)
     config = shared.folora_config()
     measured, bases, bases_seed = [], {}, None
-    for row in sorted(finished, key=lambda r: (r["seed"], r["label"], r["lr"], r["steps"])):
+    for row, adapter in zip(finished, adapters):
         if row["seed"] != bases_seed:
             bases = _gate_bases(shared.statistics(row["seed"]), config)
             bases_seed = row["seed"]
-        adapter = output_dir / "runs" / row["slug"] / f"step{row['steps']}" / "adapter"
         with shared.adapted(adapter) as (model, _):
             splits = adapter_direction_split(model, bases)
         total = sum(splits.values(), DirectionSplit(0.0, 0.0, 0.0, 0.0, 0, 0))

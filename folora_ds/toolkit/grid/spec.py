@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,8 +100,9 @@ class GridSettings:
 
     def identity(self) -> dict[str, Any]:
         """The settings that differ from their defaults (nested blocks too): what a run's cache key holds, so a
-        setting added later with a default does not invalidate finished runs."""
-        return _non_default(self)
+        setting added later with a default does not invalidate finished runs. A shipped data file is named
+        ``"shipped:<name>"``, not by where the package is installed, so a clone elsewhere finds the same runs."""
+        return portable_paths(_non_default(self))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,20 +239,37 @@ def shipped_paths(settings: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no shipped data file of that name (the shipped ones are listed).
     """
-    resolved = json.loads(json.dumps(settings))
+    def resolve(keys: tuple[str, ...], value: str) -> str:
+        if not value.startswith(SHIPPED_PREFIX):
+            return value
+        path = DATA_FILES_DIR / value[len(SHIPPED_PREFIX):]
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.name for p in DATA_FILES_DIR.glob("*.jsonl")))
+            raise FileNotFoundError(f"grid settings: {'.'.join(keys)}={value!r} names no shipped data file "
+                                    f"(shipped: {shipped})")
+        return str(path)
+
+    return _map_paths(settings, resolve)
+
+
+def portable_paths(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (a settings dict) with every path to a shipped data file written ``"shipped:<name>"`` again:
+    the inverse of ``shipped_paths``, for what enters run keys and records (they must not hold the install path)."""
+    return _map_paths(settings, lambda keys, value: SHIPPED_PREFIX + Path(value).name
+                      if Path(value).parent == DATA_FILES_DIR else value)
+
+
+def _map_paths(settings: Mapping[str, Any], rewrite: Callable[[tuple[str, ...], str], str]) -> dict[str, Any]:
+    """A copy of ``settings`` with each data path (``_PATH_SETTINGS``) that is a string replaced by
+    ``rewrite(keys, value)``."""
+    mapped = json.loads(json.dumps(settings))
     for keys in _PATH_SETTINGS:
-        holder = resolved
+        holder = mapped
         for key in keys[:-1]:
             holder = holder.get(key) if isinstance(holder.get(key), dict) else {}
-        value = holder.get(keys[-1])
-        if isinstance(value, str) and value.startswith(SHIPPED_PREFIX):
-            path = DATA_FILES_DIR / value[len(SHIPPED_PREFIX):]
-            if not path.is_file():
-                shipped = ", ".join(sorted(p.name for p in DATA_FILES_DIR.glob("*.jsonl")))
-                raise FileNotFoundError(f"grid settings: {'.'.join(keys)}={value!r} names no shipped data file "
-                                        f"(shipped: {shipped})")
-            holder[keys[-1]] = str(path)
-    return resolved
+        if isinstance(holder.get(keys[-1]), str):
+            holder[keys[-1]] = rewrite(keys, holder[keys[-1]])
+    return mapped
 
 
 def load_spec(source: str | Path | Mapping[str, Any]) -> GridSpec:
@@ -348,7 +366,7 @@ def grid_folora_config(settings: GridSettings, knobs: Mapping[str, Any] = {}, *,
 def resolved_settings(run: GridRun, settings: GridSettings) -> dict[str, Any]:
     """Every setting the run used, defaults included (its key holds only the non-default ones, so a field added
     later does not invalidate finished runs; this record catches a *changed* default instead)."""
-    resolved = {"settings": settings.to_dict(), "files": data_fingerprints(settings)}
+    resolved = {"settings": portable_paths(settings.to_dict()), "files": data_fingerprints(settings)}
     if run.method == "folora":
         resolved["folora"] = FoLoRAConfig.from_dict(dict(run.knobs)).to_dict()
     if run.proxy_sequences is not None:

@@ -370,3 +370,17 @@ def test_a_folora_field_added_later_keeps_the_keys_of_runs_made_before_it():
     assert other.identity(settings)["folora"]["eigensolver"] == "auto"
     assert other.slug(settings) != GridRun(label="FoLoRA", method="folora", lr=4e-4, seed=0, steps=(60,),
                                            knobs={"k": 64}).slug(settings)
+
+
+def test_run_keys_and_records_name_shipped_data_files_not_the_install_path():
+    """A clone in another folder must find the same finished runs (and committed run records): the key and the
+    record say ``shipped:<name>``, never where the package happens to be installed."""
+    from folora_ds.toolkit.grid.spec import DATA_FILES_DIR
+
+    spec = load_spec("converged_words")
+    run = spec.runs[0]
+    identity, record = json.dumps(run.identity(spec.settings)), json.dumps(resolved_settings(run, spec.settings))
+    assert spec.settings.data == str(DATA_FILES_DIR / "word_order.jsonl")  # the run itself reads the real file
+    for text in (identity, record):
+        assert str(DATA_FILES_DIR) not in text
+        assert '"shipped:word_order.jsonl"' in text and '"shipped:word_order_test.jsonl"' in text
