@@ -29,6 +29,7 @@ from torch import nn
 from folora_ds.adapters.checkpoint import check_deepspeed_files, load_engine_checkpoint, refuse_world_size_change
 from folora_ds.adapters.ds_config import PreparedConfig, prepare_ds_config
 from folora_ds.adapters.megatron.mpu import check_mpu
+from folora_ds.adapters.zero3_trace import forget_parameter_trace
 from folora_ds.controller import FoLoRAController
 from folora_ds.controller.checkpoint import read_folora_state, resolve_tag
 from folora_ds.controller.proxy import calibration_batches, proxy_samples_for_this_rank
@@ -111,6 +112,7 @@ def initialize(model: nn.Module, config: str | Path | Mapping[str, Any] | Prepar
                            "guarantee the gate runs inside it")
     if folder is None:  # calibration runs through the engine's module: ZeRO-3 gathers each layer as it runs
         controller.calibrate(proxy_batches, task_batches, progress=progress)
+        forget_parameter_trace(engine)  # training records its own ZeRO-3 trace, not the calibration's forwards'
         controller.solve()
         controller.initialize_lora_a(engine)
     else:

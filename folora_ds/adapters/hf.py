@@ -43,6 +43,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from folora_ds.adapters.ds_config import refuse_unsupported
+from folora_ds.adapters.zero3_trace import forget_parameter_trace
 from folora_ds.common.checks import require_int
 from folora_ds.common.plots import plot_gates
 from folora_ds.controller import FoLoRAController
@@ -182,6 +183,8 @@ class FoLoRATrainerMixin:
         proxy = [{k: v.to(device) for k, v in b.items()} for b in proxy]
         controller = self.folora_controller
         controller.calibrate(proxy, task)
+        if engine is not None:  # training records its own ZeRO-3 trace, not the calibration's forwards'
+            forget_parameter_trace(engine)
         controller.solve()
         controller.initialize_lora_a(engine)
         controller.attach(optimizer, engine)

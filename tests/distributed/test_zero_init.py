@@ -6,20 +6,18 @@ ranks when owners balance, as they do here)."""
 
 from __future__ import annotations
 
-import torch
-
 from tests.testing.ranks import (
     CLIP,
     FOLORA,
     MICRO_BATCHES_PER_STEP,
     STEPS,
-    TARGETS,
     assert_matches_reference,
     base_model,
     calibration_shards,
     ds_config,
     full_weights,
     micro_batch,
+    partitioned_tiny_model,
     run_ranks,
     single_process_reference,
     train_steps,
@@ -28,32 +26,12 @@ from tests.testing.ranks import (
 LAYERS = 3  # 12 inputs (9 of width 24, 3 of width 40): owners balance exactly over 3 ranks
 
 
-def partitioned_tiny_model(config: dict):
-    """``tiny_model()``'s weights, built under ``zero.Init`` and loaded the way transformers does under ZeRO-3
-    (rank 0 writes each gathered parameter, which is partitioned again on exit)."""
-    import deepspeed
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    replicated = base_model(LAYERS)
-    state = replicated.state_dict()
-    with deepspeed.zero.Init(config_dict_or_path={key: value for key, value in config.items() if key != "folora"}):
-        model = LlamaForCausalLM(replicated.config)
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
-            if torch.distributed.get_rank() == 0:
-                param.copy_(state[name])
-    torch.manual_seed(0)  # the LoRA init of tiny_model()
-    return get_peft_model(model, LoraConfig(r=FOLORA["lora_rank"], lora_alpha=FOLORA["lora_alpha"],
-                                            target_modules=TARGETS))
-
-
 def _zero_init_run(rank: int, world: int, directory: str) -> dict:
     import folora_ds
 
     accumulation = MICRO_BATCHES_PER_STEP // world
     config = ds_config(3, accumulation=accumulation, clip=CLIP, zero={"stage3_param_persistence_threshold": 0})
-    model = partitioned_tiny_model(config)
+    model = partitioned_tiny_model(config, LAYERS)
     frozen = [param for name, param in model.named_parameters() if not param.requires_grad]
     whole_before = sum(param.data.numel() for param in frozen)
     engine, controller = folora_ds.initialize(model, config, **calibration_shards(rank, world))
@@ -98,7 +76,7 @@ def _sample_proxy_from_partitioned(rank: int, world: int) -> str:
     _, tokenizer = load_model("tiny-llama")
     config = ds_config(3)
     try:
-        folora_ds.initialize(partitioned_tiny_model(config), config, task_batches=[micro_batch(0, rank)],
+        folora_ds.initialize(partitioned_tiny_model(config, LAYERS), config, task_batches=[micro_batch(0, rank)],
                              tokenizer=tokenizer)
     except ValueError as error:
         return str(error)

@@ -96,6 +96,25 @@ def tiny_model(lora_rank: int = FOLORA["lora_rank"], targets: list[str] = TARGET
     return get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=FOLORA["lora_alpha"], target_modules=targets))
 
 
+def partitioned_tiny_model(config: dict, num_layers: int = 1):
+    """``tiny_model(num_layers=...)``'s weights, built under ``zero.Init`` and loaded the way transformers does under
+    ZeRO-3 (rank 0 writes each gathered parameter, which is partitioned again on exit)."""
+    import deepspeed
+    from transformers import LlamaForCausalLM
+
+    replicated = base_model(num_layers)
+    state = replicated.state_dict()
+    with deepspeed.zero.Init(config_dict_or_path={key: value for key, value in config.items() if key != "folora"}):
+        model = LlamaForCausalLM(replicated.config)
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            if torch.distributed.get_rank() == 0:
+                param.copy_(state[name])
+    torch.manual_seed(0)  # the LoRA init of tiny_model()
+    return get_peft_model(model, LoraConfig(r=FOLORA["lora_rank"], lora_alpha=FOLORA["lora_alpha"],
+                                            target_modules=TARGETS))
+
+
 def batch(seed: int, tokens: int = VOCAB) -> dict[str, torch.Tensor]:
     """Two sequences of 10 random ids out of the first ``tokens`` of the vocabulary (one sequence padded)."""
     generator = torch.Generator().manual_seed(seed)
