@@ -78,6 +78,9 @@ def export_records(spec: GridSpec, output_dir: str | Path, records_dir: str | Pa
     for slug, run in sorted(known_runs(spec).items()):
         if not is_complete(run, runs_dir / slug, spec.settings):
             continue
+        if _same_record(run, runs_dir / slug, records_dir / slug):  # kept as is: workers finishing together
+            exported.append(slug)                                   # do not race to replace it
+            continue
         records_dir.mkdir(parents=True, exist_ok=True)
         with replace_atomically(records_dir / slug) as scratch:
             _copy_record(run, runs_dir / slug, scratch)
@@ -86,10 +89,18 @@ def export_records(spec: GridSpec, output_dir: str | Path, records_dir: str | Pa
     return exported
 
 
+def _record_files(run: GridRun) -> list[str]:
+    return ["train.json"] + [f"step{steps}/evaluation.json" for steps in run.steps]
+
+
+def _same_record(run: GridRun, source: Path, target: Path) -> bool:
+    """Whether ``target`` already holds ``source``'s record byte for byte."""
+    return all((target / name).is_file() and (target / name).read_bytes() == (source / name).read_bytes()
+               for name in _record_files(run))
+
+
 def _copy_record(run: GridRun, source: Path, target: Path) -> None:
     """``source``'s ``train.json`` and ``step<N>/evaluation.json`` (every step of ``run``) into a new ``target``."""
-    target.mkdir(parents=True)
-    shutil.copy2(source / "train.json", target / "train.json")
-    for steps in run.steps:
-        (target / f"step{steps}").mkdir()
-        shutil.copy2(source / f"step{steps}" / "evaluation.json", target / f"step{steps}" / "evaluation.json")
+    for name in _record_files(run):
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, target / name)
