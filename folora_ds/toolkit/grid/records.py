@@ -10,8 +10,8 @@ machine's session resumes on the next one without redoing its finished runs (``f
 
 A records folder is ``<records>/<slug>/train.json`` and ``<records>/<slug>/step<N>/evaluation.json``: the grid
 folder's layout less the adapters. Runs brought in from records have no adapters, so what reloads adapters
-(``--lost-questions``, ``--directions``, ``--probe-kl``) names them instead of reading nothing
-before loading any model (``rows.saved_adapters``).
+(``--lost-questions``, ``--directions``, ``--probe-kl``) names them before loading any model
+(``rows.saved_adapters``).
 """
 
 from __future__ import annotations
