@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from folora_ds.adapters import zero3_trace
-from tests.testing.ranks import ADAMW, calibration_shards, ds_config, micro_batch, partitioned_tiny_model, run_ranks
+from tests.testing.ranks import (
+    ADAMW,
+    calibration_shards,
+    ds_config,
+    micro_batch,
+    micro_step,
+    partitioned_tiny_model,
+    run_ranks,
+)
 
 STEPS = 5
 
@@ -36,14 +44,10 @@ def _gathers_per_step(engine, controller, rank: int, world: int) -> list[int]:
             counted[0] = 0
             data = micro_batch(step, rank)
             if controller is None:
-                loss = engine(**data).loss
+                engine.backward(engine(**data).loss)
+                engine.step()
             else:
-                with controller.track_task(data):
-                    loss = engine(**data).loss
-            engine.backward(loss)
-            engine.step()
-            if controller is not None:
-                controller.after_step()
+                micro_step(engine, controller, data)
             counts.append(counted[0])
         return counts
     finally:
