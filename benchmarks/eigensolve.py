@@ -5,7 +5,9 @@ collector keeps them: C_pre from 2d random inputs, C_task from ``--task-tokens``
 null space beside the useful directions; ``--task-tokens 0`` gives 2d, full rank). ``SpectralSolver.solve`` runs
 with ``eigensolver="full"`` and ``"top_k"`` (k = ``--k``) on the same statistics; the top-k solver then re-solves
 the next refresh's statistics (the C_task EMA after one more window of as many fresh tokens, decay 0.9: C_pre, and so
-its kept Cholesky factor, unchanged) warm-started from its own directions, as a refresh does. Columns:
+its kept Cholesky factor, unchanged) warm-started from its own directions, as a refresh does. Every solve is told
+the token rows folded into its C_task (``task_rows``, as the controller tells it from ``CovarianceEMA.rows``), so the
+top-k solver counts the null space instead of estimating it. Columns:
 
 - seconds (best of ``--repeats``), and the peak resident memory the solve added, in (d, d) matrices of its dtype;
 - ``speedup``: full ÷ top-k; ``min_cosine``: the smallest principal cosine between the stored directions of both
@@ -74,7 +76,7 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
             solver = SpectralSolver(config)  # no warm start: the first solve of a run
             sync()
             start = time.perf_counter()
-            projectors[solver_name], reports[solver_name] = solver.solve("input", c_task, c_pre)
+            projectors[solver_name], reports[solver_name] = solver.solve("input", c_task, c_pre, task_rows=tokens)
             sync()
             best = min(best, time.perf_counter() - start)
         added = (torch.cuda.max_memory_allocated() - 3 * dim * dim * 4 if device == "cuda"
@@ -86,7 +88,7 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
         if solver_name == "top_k" and refresh:
             sync()
             start = time.perf_counter()
-            solver.solve("input", moved, c_pre)  # a refresh: warm-started from the directions just found
+            solver.solve("input", moved, c_pre, task_rows=2 * tokens)  # a refresh, warm-started from the last V
             sync()
             row["top_k_warm_seconds"] = time.perf_counter() - start
             row["top_k_warm_fallbacks"] = sum(solver.top_k_fallbacks.values()) - row["top_k_fallbacks"]
@@ -150,8 +152,8 @@ def main() -> None:
                         help="rows of C_pre per input dimension (below 1 a spread diagonal floor is added; making "
                              "C_pre costs 2·ratio·d³ flops, 94 TFLOP at d = 28672 with the default 2)")
     parser.add_argument("--no-refresh", action="store_true",
-                        help="skip the top-k refresh (it falls back to a second full solve where SLQ misses a null "
-                             "space: half an hour at d = 28672 on 2 CPU cores)")
+                        help="skip the top-k refresh (where it falls back, a second full solve: half an hour at "
+                             "d = 28672 on 2 CPU cores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", help="also write the rows here")

@@ -178,7 +178,7 @@ class FoLoRAController:
         self.last_window_tokens = max((int(sums.tokens) for sums in window.values()), default=0)
         try:
             for key, covariance in owned_covariances(self.collector, "task", self._owned_keys(), in_place=True).items():
-                self.task_ema.update(key, covariance, take=True)  # the window's sums are spent: no copy
+                self.task_ema.update(key, covariance, take=True, rows=int(window[key].tokens))  # sums spent: no copy
         except ValueError as problem:
             hint = ("; run the training forward inside controller.track_task(batch) (and keep statistics_every at "
                     "most the micro-batches between refreshes)") if training else ""
@@ -219,7 +219,7 @@ class FoLoRAController:
             for key in tqdm(list(self.pre_covariances), desc="generalized eigensolves", disable=not progress,
                             leave=False):
                 projector, reports[key] = self.solver.solve(key, self.task_ema[key], self.pre_covariances[key],
-                                                            tau_scale=tau_scale)
+                                                            tau_scale=tau_scale, task_rows=self.task_ema.rows(key))
                 self.owned_projectors[key] = projector.to(dtype=torch.float32)
         except (SpectralSolveError, RuntimeError) as problem:
             error = str(problem)

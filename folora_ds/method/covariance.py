@@ -312,6 +312,10 @@ class CovarianceEMA:
     ``update(key, window)`` sets the estimate to a copy of ``window`` the first time and to
     ``decay·previous + (1 − decay)·window`` afterwards, in place (no (d, d) temporaries: at 70B one is 3.3 GB), so
     a tensor returned earlier for the key follows later updates.
+
+    It also counts the token rows folded into each estimate (``rows``), when every update says how many: a sum of
+    covariances of n₁, n₂, ... rows has rank ≤ n₁ + n₂ + ..., so an estimate of fewer rows than d has a null space
+    of at least d − rows, which the top-k solver counts instead of estimating (``SpectralSolver.solve``).
     """
 
     def __init__(self, decay: float) -> None:
@@ -319,16 +323,26 @@ class CovarianceEMA:
             raise ValueError(f"ema decay {decay!r} must be in [0, 1)")
         self.decay = decay
         self._estimates: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, int | None] = {}
 
-    def update(self, key: str, window: torch.Tensor, *, take: bool = False) -> torch.Tensor:
+    def update(self, key: str, window: torch.Tensor, *, take: bool = False, rows: int | None = None) -> torch.Tensor:
         """Fold ``window`` in; ``take=True`` lets the first estimate be ``window`` itself (the caller's spent
-        buffer: no (d, d) copy)."""
+        buffer: no (d, d) copy). ``rows``: the token rows ``window`` sums (None: unknown, and so from then on)."""
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
+            raise ValueError(f"CovarianceEMA.update({key!r}): rows={rows!r} must be None or an integer >= 0")
         previous = self._estimates.get(key)
         if previous is None:
             self._estimates[key] = window if take else window.clone()
+            self._rows[key] = rows
         else:
             previous.mul_(self.decay).add_(window.to(previous.dtype), alpha=1 - self.decay)
+            folded = self._rows.get(key)
+            self._rows[key] = None if folded is None or rows is None else folded + rows
         return self._estimates[key]
+
+    def rows(self, key: str) -> int | None:
+        """The token rows folded into ``key``'s estimate so far (an upper bound on its rank), None if unknown."""
+        return self._rows.get(key)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._estimates[key]
@@ -337,11 +351,15 @@ class CovarianceEMA:
         return key in self._estimates
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "estimates": dict(self._estimates)}
+        return {"decay": self.decay, "estimates": dict(self._estimates), "rows": dict(self._rows)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s output; a state without "rows" (saved before they were counted) leaves every
+        estimate's rows unknown."""
         decay = state["decay"]
         if not 0.0 <= float(decay) < 1.0:
             raise ValueError(f"CovarianceEMA state: decay={decay!r} must be a float in [0, 1)")
         self.decay = decay
         self._estimates = dict(state["estimates"])
+        rows = state.get("rows", {})
+        self._rows = {key: rows.get(key) for key in self._estimates}

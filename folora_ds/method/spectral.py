@@ -166,16 +166,20 @@ class SpectralSolver:
         self._pre_factors: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}  # key → (C_pre, version, L)
         self.top_k_fallbacks: dict[str, int] = {}
 
-    def solve(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor, *,
-              tau_scale: float = 1.0) -> tuple[Projector, SolveReport]:
+    def solve(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor, *, tau_scale: float = 1.0,
+              task_rows: int | None = None) -> tuple[Projector, SolveReport]:
         """Solve one input; returns the projector in use and a report. See the class docstring for failures.
 
         ``tau_scale`` multiplies the configured τ (the forgetting budget's dual-ascent factor, 1 without one).
+        ``task_rows``: the token rows folded into ``c_task`` (``CovarianceEMA.rows``; None: unknown), a bound on
+        its rank that the top-k solver uses to count C_task's null space (at least d − rows directions).
         """
         cfg = self.config
+        if task_rows is not None and (isinstance(task_rows, bool) or not isinstance(task_rows, int) or task_rows < 0):
+            raise ValueError(f"{key!r}: task_rows={task_rows!r} must be None or an integer >= 0")
         if solves_top_k(cfg, c_pre.shape[0]):
             check_statistics(c_task, c_pre, key)
-            solved = self._solve_top_k(key, c_task, c_pre, tau_scale)
+            solved = self._solve_top_k(key, c_task, c_pre, tau_scale, task_rows)
             if solved is not None:
                 return self._keep(key, *solved)
             self.top_k_fallbacks[key] = self.top_k_fallbacks.get(key, 0) + 1  # the exact solve decides
@@ -211,8 +215,8 @@ class SpectralSolver:
         self._consecutive_failures[key] = 0
         return projector, report
 
-    def _solve_top_k(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor,
-                     tau_scale: float) -> tuple[Projector, SolveReport] | None:
+    def _solve_top_k(self, key: str, c_task: torch.Tensor, c_pre: torch.Tensor, tau_scale: float,
+                     task_rows: int | None) -> tuple[Projector, SolveReport] | None:
         """The projector of the k directions ``select_directions`` would store, without the full solve (module
         ``topk_eigensolve``); None — the full solve then decides — when an iteration does not converge, a factor
         does not exist, or k would cut a tied cluster (which only the full solve stores whole or not at all).
@@ -221,7 +225,11 @@ class SpectralSolver:
         λ < NULL_SPACE_RTOL·λ_max), τ (its median) and the choice of base as ``select_directions`` makes it: base 1
         (store the k smallest λ) unless the null-space cluster's gate leaves less Σ|g − base| (store the k
         largest); a null count too close to k to tell on which side it lies falls back. Only the chosen end is
-        then solved: the largest through the same L, the smallest through K = chol(C_task + εC̃)."""
+        then solved: the largest through the same L, the smallest through K = chol(C_task + εC̃).
+
+        With ``task_rows`` < d, the null space is counted rather than estimated: at least d − task_rows
+        directions, moved to λ = 0 in the estimate (``SpectrumEstimate.with_null_share``), which SLQ alone cannot
+        tell from small positive λ (a refresh after a window of new tokens would fall back every time)."""
         cfg, dim, k = self.config, c_pre.shape[0], self.config.k
         dtype = getattr(torch, cfg.solve_dtype)
         scale = float(torch.trace(c_pre)) / dim
@@ -239,6 +247,9 @@ class SpectralSolver:
         if not largest > 0:
             return None
         threshold = NULL_SPACE_RTOL * largest
+        counted_null = 0 if task_rows is None else max(dim - task_rows, 0)  # C_task's rank is ≤ its rows
+        if counted_null:
+            spectrum = spectrum.with_null_share(counted_null / dim)
 
         def cleaned(values: torch.Tensor) -> torch.Tensor:  # round-off of C_task's null space is exactly 0
             return torch.where(values >= threshold, values, torch.zeros_like(values))
@@ -259,7 +270,8 @@ class SpectralSolver:
 
         store_largest = False
         if null_count >= 2:  # the null space's gate is the other candidate base
-            if abs(null_count - k) <= 4 * dim * spectrum.share_deviation(null_count / dim, dim):
+            uncertain = abs(null_count - k) <= 4 * dim * spectrum.share_deviation(null_count / dim, dim)
+            if uncertain and counted_null <= k:  # a counted null space larger than k settles it
                 return None  # whether k holds the null cluster (and so what base 1 leaves out) is not certain
             distance = (node_gates - null_gate).abs()
             left_with_null_base = dim * (spectrum.mean(distance) - end_share(distance, descending=True))

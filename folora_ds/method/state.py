@@ -5,8 +5,12 @@ sharing, counters, budget) plus the per-input entries of the inputs it owns::
 
     {"version": 4, "part": (rank, world), "config": {...}, "dims": {key: d}, "members": {key: [module, ...]},
      "optimizer_steps": n, "task_forwards": n, "refreshes": n, "budget": {...} | None,
-     "pre": {key: (d, d)}, "ema": {key: (d, d)}, "task_window": {key: {"sum": (d, d), "tokens": n}},
+     "pre": {key: (d, d)}, "ema": {key: (d, d)}, "ema_rows": {key: n | None},
+     "task_window": {key: {"sum": (d, d), "tokens": n}},
      "solver": {...}}                                   ← per-input entries: only the keys this rank owns
+
+``ema_rows`` (the token rows folded into each C_task EMA, a bound on its rank) came after version 4's other
+entries: a part without it still merges and loads, its EMAs' rows unknown.
 
 ``merge_state_parts`` of every rank's part is the whole state (``part == (0, 1)``), which any world size loads.
 Pure Python and torch.
@@ -21,7 +25,7 @@ from folora_ds.method.config import FoLoRAConfig
 
 STATE_VERSION = 4
 STRUCTURAL_FIELDS = ("lora_rank", "lora_alpha", "target_modules", "k", "variant", "statistics_dtype")
-PER_INPUT_PARTS = ("pre", "ema", "task_window", "solver")
+PER_INPUT_PARTS = ("pre", "ema", "ema_rows", "task_window", "solver")
 
 
 def merge_state_parts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -48,7 +52,7 @@ def merge_state_parts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     merged = {name: {} for name in PER_INPUT_PARTS}
     for part in parts:
         for name in PER_INPUT_PARTS:
-            merged[name].update(part[name])
+            merged[name].update(part.get(name, {}))  # "ema_rows" is missing from older parts
     return {**common, "part": (0, 1), **merged}
 
 

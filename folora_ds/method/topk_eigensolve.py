@@ -56,6 +56,23 @@ class SpectrumEstimate:
         Rademacher probe's xᵀPx/d has variance ≈ 2p(1 − p)/d, averaged over ``probes``."""
         return math.sqrt(2 * share * (1 - share) / (dim * self.probes))
 
+    def with_null_share(self, share: float) -> SpectrumEstimate:
+        """This measure with its lowest ``share`` of mass moved to λ = 0 exactly.
+
+        A C_task of n < d token rows has a null space of at least d − n directions. Lanczos separates it from the
+        positive λ only when they are far from 0: beside positive λ of ~1e-3 λ_max (a window folded into the EMA),
+        40 steps leave Gauss nodes that mix the two, so no mass falls below the null threshold and the median of
+        the "positive" λ lands among them. Moving the counted null share to 0 restores it (the nodes it comes
+        from are the lowest, where the null space's mass sits)."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"null share {share!r} must be in [0, 1]")
+        order = torch.argsort(self.nodes)
+        nodes, weights = self.nodes[order], self.weights[order]
+        below = torch.cumsum(weights, 0) - weights
+        moved = (share * weights.sum() - below).clamp_min(0).minimum(weights)
+        return SpectrumEstimate(torch.cat([nodes.new_zeros(1), nodes]),
+                                torch.cat([moved.sum().reshape(1), weights - moved]), self.probes)
+
     def mean(self, values: torch.Tensor) -> float:
         """Σ w·values, ``values`` = f(nodes)."""
         return float((self.weights * values).sum())
@@ -182,7 +199,9 @@ def top_eigenpairs(apply: Operator, dim: int, k: int, *, start: torch.Tensor | N
             if sum(b.shape[1] for b in basis) + width > dim:
                 break
             q = _orthonormal(images[-1], basis)
-        block = whole @ ritz_vectors[:, :width]
+        # restart from the Ritz vectors; where the basis could not grow past one block (k + oversample > d/2),
+        # from their images (one subspace-iteration step, no extra application): the same span would not move
+        block = (image if len(basis) == 1 else whole) @ ritz_vectors[:, :width]
     return TopEigenpairs(values, vectors, residual, False, applications)
 
 

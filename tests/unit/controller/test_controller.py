@@ -175,6 +175,7 @@ def test_label_mask_restricts_task_statistics():
     rows = inputs[mask]
     assert rows.shape[0] == 4 * 6 - 3
     torch.testing.assert_close(controller.task_ema[key], rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
+    assert controller.task_ema.rows(key) == rows.shape[0], "the rows folded in bound C_task's rank for the solver"
 
 
 def test_the_default_label_mask_refuses_task_batches_without_labels_and_attention_counts_them():
@@ -295,7 +296,7 @@ def _split_into_parts(state: dict, world: int) -> list[dict]:
     keys = list(state["dims"])
     return [{**state, "part": (rank, world),
              **{name: {key: value for key, value in state[name].items() if keys.index(key) % world == rank}
-                for name in ("pre", "ema", "task_window", "solver")}} for rank in range(world)]
+                for name in ("pre", "ema", "ema_rows", "task_window", "solver")}} for rank in range(world)]
 
 
 def test_state_parts_of_every_rank_merge_into_the_whole_state():
@@ -305,7 +306,7 @@ def test_state_parts_of_every_rank_merge_into_the_whole_state():
     state = controller.state_dict()
     parts = _split_into_parts(state, 3)
     merged = merge_state_parts(reversed(parts))
-    for name in ("pre", "ema", "solver"):
+    for name in ("pre", "ema", "ema_rows", "solver"):
         assert set(merged[name]) == set(state[name])
     for key, value in state["pre"].items():
         assert merged["pre"][key] is value or torch.equal(merged["pre"][key], value)

@@ -37,7 +37,7 @@ def test_owned_statistics_saved_by_one_rank_load_into_the_rank_that_owns_them_no
     pre = {key: _spd(dim, seed) for seed, (key, dim) in enumerate(dims.items())}
     ema = CovarianceEMA(0.9)
     for seed, (key, dim) in enumerate(dims.items()):
-        ema.update(key, _spd(dim, 10 + seed))
+        ema.update(key, _spd(dim, 10 + seed), rows=None if key == "o" else 3 + seed)
     window = {"down": CovarianceSums(_spd(6, 20) * 5, torch.tensor(5))}  # the only input with an open window
     state = save_owned_statistics(pre, ema, window)
     assert state["pre"]["attn"] is pre["attn"], "CPU tensors are saved live, not copied (gigabytes at 70B)"
@@ -48,11 +48,22 @@ def test_owned_statistics_saved_by_one_rank_load_into_the_rank_that_owns_them_no
     for key in ("down", "o"):
         torch.testing.assert_close(loaded.pre_covariances[key], pre[key], rtol=0, atol=0)
         torch.testing.assert_close(loaded.task_ema[key], ema[key], rtol=0, atol=0)
+    assert loaded.task_ema.rows("down") == 5 and loaded.task_ema.rows("o") is None, "the rank bounds travel too"
     assert "attn" not in loaded.task_ema, "an input this rank does not own is not loaded"
     assert loaded.task_ema.decay == 0.5, "the configured decay applies from here on"
     assert set(loaded.task_window) == {"down"}
     torch.testing.assert_close(loaded.task_window["down"].sum, window["down"].sum, rtol=0, atol=0)
     assert int(loaded.task_window["down"].tokens) == 5
+
+
+def test_a_state_saved_before_the_ema_rows_were_counted_loads_with_them_unknown():
+    ema = CovarianceEMA(0.9)
+    ema.update("attn", _spd(4, 1), rows=2)
+    state = save_owned_statistics({"attn": _spd(4, 0)}, ema, {})
+    del state["ema_rows"]
+    loaded = load_owned_statistics(state, ["attn"], torch.device("cpu"), ema_decay=0.9)
+    assert loaded.task_ema.rows("attn") is None
+    torch.testing.assert_close(loaded.task_ema["attn"], ema["attn"], rtol=0, atol=0)
 
 
 def test_a_state_without_an_input_this_rank_owns_is_refused_naming_the_merge():

@@ -514,6 +514,36 @@ def test_ema_state_dict_round_trip_continues_identically():
     assert torch.equal(restored.update("k", window), ema.update("k", window))
 
 
+def test_ema_counts_the_rows_folded_in_while_every_window_says_how_many():
+    ema = CovarianceEMA(0.9)
+    ema.update("k", torch.eye(3), rows=5)
+    ema.update("k", torch.eye(3), rows=7)
+    assert ema.rows("k") == 12, "the EMA of two windows has rank <= 5 + 7"
+    ema.update("k", torch.eye(3))
+    assert ema.rows("k") is None, "one window of unknown rows leaves the bound unknown from then on"
+    ema.update("k", torch.eye(3), rows=1)
+    assert ema.rows("k") is None
+    assert ema.rows("never seen") is None
+
+
+def test_ema_rows_follow_the_state_dict_and_an_older_state_has_none():
+    ema = CovarianceEMA(0.8)
+    ema.update("k", torch.eye(3), rows=4)
+    restored = CovarianceEMA(0.8)
+    restored.load_state_dict(ema.state_dict())
+    restored.update("k", torch.eye(3), rows=2)
+    assert restored.rows("k") == 6
+    older = {"decay": 0.8, "estimates": {"k": torch.eye(3)}}  # saved before rows were counted
+    restored.load_state_dict(older)
+    assert restored.rows("k") is None
+
+
+@pytest.mark.parametrize("rows", [-1, 2.5, True])
+def test_ema_refuses_rows_that_are_not_a_count(rows):
+    with pytest.raises(ValueError, match=r"CovarianceEMA.update\('k'\): rows="):
+        CovarianceEMA(0.5).update("k", torch.eye(2), rows=rows)
+
+
 # ---------------------------------------------------------------------------------------------- GPT-2 Conv1D
 def test_gpt2_conv1d_fan_in_fan_out_layers_collect_inputs_of_the_right_width():
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -19,7 +19,8 @@ def _part(rank: int, world: int, keys: list[str], **changes) -> dict:
             "dims": {"attn": 2, "down": 2}, "members": {"attn": ["layers.0.q_proj", "layers.0.k_proj"],
                                                          "down": ["layers.0.down_proj"]},
             "optimizer_steps": 4, "task_forwards": 8, "refreshes": 1, "budget": None,
-            "pre": per_input, "ema": dict(per_input), "task_window": {}, "solver": {key: {} for key in keys},
+            "pre": per_input, "ema": dict(per_input), "ema_rows": {key: 10 + rank for key in keys},
+            "task_window": {}, "solver": {key: {} for key in keys},
             **changes}
 
 
@@ -28,6 +29,15 @@ def test_parts_of_every_rank_merge_into_one_whole_state_in_any_order():
     assert merged["part"] == (0, 1) and set(merged["pre"]) == {"attn", "down"}
     assert float(merged["pre"]["down"][0, 0]) == 1.0 and float(merged["ema"]["attn"][0, 0]) == 0.0
     assert merged["optimizer_steps"] == 4 and merged["members"]["down"] == ["layers.0.down_proj"]
+
+
+def test_the_ema_rows_merge_with_their_inputs_and_a_part_saved_before_them_still_merges():
+    merged = merge_state_parts([_part(1, 2, ["down"]), _part(0, 2, ["attn"])])
+    assert merged["ema_rows"] == {"attn": 10, "down": 11}
+    older = _part(1, 2, ["down"])
+    del older["ema_rows"]  # written before the rows were counted
+    merged = merge_state_parts([older, _part(0, 2, ["attn"])])
+    assert merged["ema_rows"] == {"attn": 10} and set(merged["ema"]) == {"attn", "down"}
 
 
 def test_a_missing_rank_or_a_part_of_another_step_is_refused_by_name():

@@ -211,6 +211,67 @@ def test_a_refresh_reuses_the_factor_of_an_unchanged_c_pre(monkeypatch, one_torc
     torch.testing.assert_close(_gated_rows(moved, 0, d), _gated_rows(fresh, 0, d), atol=1e-8, rtol=0)
 
 
+def _refreshed_task(d: int, tokens: int):
+    """The C_task EMA (decay 0.9) after a second window of ``tokens`` fresh rows: rank 2·tokens, and positive λ
+    down to ~1e-3 of the largest beside its null space, which 40 Lanczos steps do not tell apart."""
+    return 0.9 * spd(d, 30, tokens=tokens) + 0.1 * spd(d, 32, tokens=tokens)
+
+
+@pytest.mark.parametrize(("d", "tokens", "tau_tolerance"), [(400, 100, 1e-9), (800, 150, 0.1)],
+                         ids=["every_positive_solved", "median_from_slq"])
+def test_a_refresh_beside_a_counted_null_space_needs_no_full_solve(d, tokens, tau_tolerance, one_torch_thread):
+    """Without the rows folded into C_task, SLQ sees no null space here and the top-k solver falls back to the full
+    solve (as every refresh of issue 26's benchmark did); with them it counts d − rows null directions and stores
+    what the full solve stores. 200 positive λ are all solved (τ exact); 300 (above ``EXACT_POSITIVES``) take τ
+    from the estimate's median with the counted null share moved to 0 (measured: 6% off)."""
+    c_task, c_pre = _refreshed_task(d, tokens), spd(d, 31)
+    full_projector, full_report = _solvers()[1].solve("layer", c_task, c_pre)
+    blind, _ = _solvers()
+    blind.solve("layer", c_task, c_pre)
+    assert blind.top_k_fallbacks == {"layer": 1}, "the case the count exists for"
+    top_k, _ = _solvers()
+    top_projector, top_report = top_k.solve("layer", c_task, c_pre, task_rows=2 * tokens)
+    assert top_k.top_k_fallbacks == {} and top_report.estimated
+    assert top_projector.base == full_projector.base == 0.0
+    assert top_report.stored == full_report.stored == 12
+    assert top_report.tau == pytest.approx(full_report.tau, rel=tau_tolerance)
+    cosines = torch.linalg.svdvals(full_projector.c_tilde_v.mT @ top_projector.v)
+    assert float(cosines.min()) > 1 - 1e-8
+    gated_top, gated_full = _gated_rows(top_projector, 0, d), _gated_rows(full_projector, 0, d)
+    assert float((gated_top - gated_full).norm() / gated_full.norm()) < max(tau_tolerance, 1e-9) / 4
+
+
+def test_a_null_share_moves_the_lowest_mass_to_zero():
+    from folora_ds.method.topk_eigensolve import SpectrumEstimate
+
+    estimate = SpectrumEstimate(torch.tensor([3.0, 1e-3, 2.0, 2e-3], dtype=F64),
+                                torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=F64), probes=2)
+    moved = estimate.with_null_share(0.4)
+    assert float(moved.weights[moved.nodes == 0].sum()) == pytest.approx(0.4)
+    torch.testing.assert_close(moved.weights.sum(), torch.tensor(1.0, dtype=F64))
+    assert moved.mean(moved.nodes) == pytest.approx(0.1 * 2e-3 + 0.25 * (2.0 + 3.0)), "taken from the lowest nodes"
+    assert moved.probes == 2
+    with pytest.raises(ValueError, match="null share 1.5 must be in"):
+        estimate.with_null_share(1.5)
+
+
+def test_a_solve_refuses_a_row_count_that_is_not_one():
+    top_k, _ = _solvers()
+    with pytest.raises(ValueError, match=r"'layer': task_rows=-3 must be None or an integer >= 0"):
+        top_k.solve("layer", spd(20, 1), spd(20, 2), task_rows=-3)
+
+
+def test_more_pairs_than_half_the_width_still_converge(one_torch_thread):
+    """k + oversample > d/2 (every positive λ of a C_task beside a null space, as the solver asks for when there
+    are few): the Krylov basis cannot grow past its first block, so each restart takes one subspace-iteration step
+    (before, it restarted from the same span and never converged)."""
+    d, k = 120, 70
+    c_task = spd(d, 40, tokens=60)  # 60 positive λ, then the null space
+    pairs = top_eigenpairs(lambda block: c_task @ block, d, k, dtype=F64, generator=torch.Generator().manual_seed(4))
+    assert pairs.converged
+    torch.testing.assert_close(pairs.values, torch.linalg.eigvalsh(c_task).flip(0)[:k], rtol=1e-8, atol=1e-12)
+
+
 def test_float32_solves_converge_at_their_own_precision():
     """float32 triangular solves stall near 5e-6 relative residual: a 1e-8 tolerance would fall back to the full
     solve every time (it did, before ``residual_tolerance``)."""
