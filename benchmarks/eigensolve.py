@@ -127,10 +127,10 @@ def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, s
             line = f"{dtype} d={dim}: " + ", ".join(
                 f"{name} {row[f'{name}_seconds']:.2f} s ({row[f'{name}_workspace_matrices']:.1f} (d, d))"
                 for name in solvers)
+            if "top_k_warm_seconds" in row:
+                line += (f"; top-k refresh {row['top_k_warm_seconds']:.2f} s "
+                         f"({row.get('top_k_warm_fallbacks', '?')} fallbacks)")
             if "speedup" in row:
-                if "top_k_warm_seconds" in row:
-                    line += (f"; top-k refresh {row['top_k_warm_seconds']:.2f} s "
-                             f"({row.get('top_k_warm_fallbacks', '?')} fallbacks)")
                 line += (f"; speedup {row['speedup']:.1f}x; min cosine "
                          f"{row['min_cosine']:.8f}, gate error {row['gate_error']:.1e}, update error "
                          f"{row['update_error']:.1e}, tau error {row['tau_error']:.1e}, fallbacks "
