@@ -13,7 +13,8 @@ top-k solver counts the null space instead of estimating it. Columns:
 - ``speedup``: full ÷ top-k; ``min_cosine``: the smallest principal cosine between the stored directions of both
   (in the C̃ inner product; 1 = the same subspace); ``gate_error``: the largest difference of their stored gates;
   ``update_error``: ‖P_topk u − P_full u‖ / ‖P_full u‖ over 16 random LoRA-A rows u; ``tau_error``: τ's relative
-  difference (the top-k solver estimates the median λ).
+  difference (the top-k solver estimates the median λ). The ``refresh_`` columns compare the top-k refresh with a
+  full solve of the refresh's statistics (run after the timings, untimed).
 
 The full solve's fit c = Σ t·d³ / Σ d⁶ gives the seconds per d³/10⁹ that ``folora-ds plan --solve-rate`` takes.
 
@@ -41,7 +42,6 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
     import torch
 
     from folora_ds.method.config import FoLoRAConfig
-    from folora_ds.method.projector import apply_projector
     from folora_ds.method.spectral import SpectralSolver
 
     generator = torch.Generator().manual_seed(dim)
@@ -88,22 +88,38 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
         if solver_name == "top_k" and refresh:
             sync()
             start = time.perf_counter()
-            solver.solve("input", moved, c_pre, task_rows=2 * tokens)  # a refresh, warm-started from the last V
+            refreshed = solver.solve("input", moved, c_pre, task_rows=2 * tokens)  # warm-started from the last V
             sync()
             row["top_k_warm_seconds"] = time.perf_counter() - start
             row["top_k_warm_fallbacks"] = sum(solver.top_k_fallbacks.values()) - row["top_k_fallbacks"]
     if {"full", "top_k"} <= set(projectors):
-        full, top = projectors["full"], projectors["top_k"]
-        rows = torch.randn(16, dim, generator=generator).to(device, full.v.dtype)
-        reference = apply_projector(rows, full)
-        count = reports["full"].stored
-        cosines = torch.linalg.svdvals(full.c_tilde_v[:, :count].mT @ top.v[:, :count])
+        rows = torch.randn(16, dim, generator=generator).to(device, projectors["full"].v.dtype)
         row.update(speedup=row["full_seconds"] / row["top_k_seconds"],
-                   min_cosine=float(cosines.min()) if count else 1.0,
-                   gate_error=float((torch.sort(full.gates).values - torch.sort(top.gates).values).abs().max()),
-                   update_error=float((apply_projector(rows, top) - reference).norm() / reference.norm()),
-                   tau_error=abs(reports["top_k"].tau / reports["full"].tau - 1))
+                   **_agreement((projectors["full"], reports["full"]), (projectors["top_k"], reports["top_k"]), rows))
+        if refresh:  # the refresh against a full solve of the same statistics (untimed)
+            exact = SpectralSolver(FoLoRAConfig(k=k, eigensolver="full", solve_dtype=dtype_name))
+            agreement = _agreement(exact.solve("input", moved, c_pre), refreshed, rows)
+            row.update({f"refresh_{name}": value for name, value in agreement.items()})
     return row
+
+
+def _agreement(full, top, rows) -> dict:
+    """How far the top-k solve ``top`` is from the full one ``full`` (each a (projector, report)): the smallest
+    principal cosine between their stored directions, the largest stored-gate difference, the relative difference
+    of the gated ``rows``, and τ's relative difference."""
+    import torch
+
+    from folora_ds.method.projector import apply_projector
+
+    (full_projector, full_report), (top_projector, top_report) = full, top
+    reference = apply_projector(rows, full_projector)
+    count = full_report.stored
+    cosines = torch.linalg.svdvals(full_projector.c_tilde_v[:, :count].mT @ top_projector.v[:, :count])
+    sorted_gates = [projector.gates.sort().values for projector in (full_projector, top_projector)]
+    return {"min_cosine": float(cosines.min()) if count else 1.0,
+            "gate_error": float((sorted_gates[0] - sorted_gates[1]).abs().max()),
+            "update_error": float((apply_projector(rows, top_projector) - reference).norm() / reference.norm()),
+            "tau_error": abs(top_report.tau / full_report.tau - 1)}
 
 
 def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, solvers: list[str],
@@ -135,6 +151,10 @@ def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, s
                          f"{row['min_cosine']:.8f}, gate error {row['gate_error']:.1e}, update error "
                          f"{row['update_error']:.1e}, tau error {row['tau_error']:.1e}, fallbacks "
                          f"{row['top_k_fallbacks']}")
+            if "refresh_update_error" in row:
+                line += (f"; refresh against its full solve: min cosine {row['refresh_min_cosine']:.8f}, gate error "
+                         f"{row['refresh_gate_error']:.1e}, update error {row['refresh_update_error']:.1e}, tau error "
+                         f"{row['refresh_tau_error']:.1e}")
             print(line, flush=True)
             if json_path:
                 Path(json_path).write_text(json.dumps(rows, indent=1))

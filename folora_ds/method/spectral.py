@@ -229,7 +229,8 @@ class SpectralSolver:
 
         With ``task_rows`` < d, the null space is counted rather than estimated: at least d − task_rows
         directions, moved to λ = 0 in the estimate (``SpectrumEstimate.with_null_share``), which SLQ alone cannot
-        tell from small positive λ (a refresh after a window of new tokens would fall back every time)."""
+        tell from small positive λ (a refresh after a window of new tokens would fall back every time). A counted
+        null space larger than k settles the side of k it lies on; more positive λ found than rows falls back."""
         cfg, dim, k = self.config, c_pre.shape[0], self.config.k
         dtype = getattr(torch, cfg.solve_dtype)
         scale = float(torch.trace(c_pre)) / dim
@@ -248,6 +249,8 @@ class SpectralSolver:
             return None
         threshold = NULL_SPACE_RTOL * largest
         counted_null = 0 if task_rows is None else max(dim - task_rows, 0)  # C_task's rank is ≤ its rows
+        if counted_null >= dim:
+            return None  # no rows, yet a positive C_task: a count that does not fit, the full solve decides
         if counted_null:
             spectrum = spectrum.with_null_share(counted_null / dim)
 
@@ -302,6 +305,8 @@ class SpectralSolver:
         if not large.converged:
             return None
         useful = int((cleaned(large.eigenvalues) > 0).sum())
+        if task_rows is not None and useful > task_rows:
+            return None  # more positive λ than rows: the count is wrong, and so is the null share it moved
         if useful < wanted:  # the whole positive part: τ from it, as the full solve computes it
             tau = effective_tau(cleaned(large.eigenvalues), cfg.tau, cfg.tau_mode) * tau_scale
         large_gates = gate(large.eigenvalues)  # ascending

@@ -52,7 +52,7 @@ def merge_state_parts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     merged = {name: {} for name in PER_INPUT_PARTS}
     for part in parts:
         for name in PER_INPUT_PARTS:
-            merged[name].update(part.get(name, {}))  # "ema_rows" is missing from older parts
+            merged[name].update(part.get(name, {}) if name == "ema_rows" else part[name])  # older parts lack it
     return {**common, "part": (0, 1), **merged}
 
 

@@ -64,8 +64,8 @@ class SpectrumEstimate:
         40 steps leave Gauss nodes that mix the two, so no mass falls below the null threshold and the median of
         the "positive" λ lands among them. Moving the counted null share to 0 restores it (the nodes it comes
         from are the lowest, where the null space's mass sits)."""
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"null share {share!r} must be in [0, 1]")
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"null share {share!r} must be in [0, 1): some mass must stay positive")
         order = torch.argsort(self.nodes)
         nodes, weights = self.nodes[order], self.weights[order]
         below = torch.cumsum(weights, 0) - weights
@@ -174,8 +174,9 @@ def top_eigenpairs(apply: Operator, dim: int, k: int, *, start: torch.Tensor | N
                    generator: torch.Generator | None = None, device=None) -> TopEigenpairs:
     """Randomized block Krylov with Rayleigh–Ritz: the block (d, k + oversample) — ``start``'s columns first (a
     warm start), random ones after — grows ``depth`` Krylov blocks, the top Ritz pairs of the whole basis restart
-    it, until every one of the k pairs has a relative residual ≤ ``tolerance`` (default ``residual_tolerance`` of
-    ``dtype``) or ``restarts`` run out."""
+    it (their images where the basis could not grow past one block: k + oversample > d/2), until every one of the k
+    pairs has a relative residual ≤ ``tolerance`` (default ``residual_tolerance`` of ``dtype``) or ``restarts`` run
+    out."""
     tolerance = residual_tolerance(dtype) if tolerance is None else tolerance
     width = min(k + oversample, dim)
     block = torch.randn(dim, width, generator=generator, dtype=dtype).to(device)  # drawn on the CPU: any device

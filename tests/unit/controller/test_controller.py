@@ -178,6 +178,33 @@ def test_label_mask_restricts_task_statistics():
     assert controller.task_ema.rows(key) == rows.shape[0], "the rows folded in bound C_task's rank for the solver"
 
 
+def test_each_solve_is_told_the_rows_folded_into_its_c_task(monkeypatch):
+    """The top-k solver counts C_task's null space from them (``SpectralSolver.solve(task_rows=)``): calibration's
+    task rows first, a training window's rows added at the refresh."""
+    model, controller = calibrated_controller(FoLoRAConfig(task_token_mask="attention", statistics_tokens=None,
+                                                           refresh_interval=1))
+    calibration_rows = {key: controller.task_ema.rows(key) for key in controller.pre_covariances}
+    assert all(isinstance(rows, int) and rows > 0 for rows in calibration_rows.values())
+    told = {}
+    solve = controller.solver.solve
+
+    def spying(key, *args, task_rows=None, **kwargs):
+        told[key] = task_rows
+        return solve(key, *args, task_rows=task_rows, **kwargs)
+
+    monkeypatch.setattr(controller.solver, "solve", spying)
+    optimizer = GatedAdamW(folora_param_groups(model), lr=1e-2)
+    controller.attach(optimizer)
+    batch = token_batches(1, 5)[0]
+    with controller.track_task(batch):
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    controller.after_step()  # the refresh at step 1: the window folds in, every input is solved again
+    real_tokens = int(batch["attention_mask"].sum())
+    assert told == {key: rows + real_tokens for key, rows in calibration_rows.items()}
+
+
 def test_the_default_label_mask_refuses_task_batches_without_labels_and_attention_counts_them():
     unlabelled = token_batches(1, 3, labels=False)
     with pytest.raises(ValueError, match="task calibration batch has no 'labels'.*task_token_mask='attention'"):

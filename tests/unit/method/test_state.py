@@ -38,6 +38,10 @@ def test_the_ema_rows_merge_with_their_inputs_and_a_part_saved_before_them_still
     del older["ema_rows"]  # written before the rows were counted
     merged = merge_state_parts([older, _part(0, 2, ["attn"])])
     assert merged["ema_rows"] == {"attn": 10} and set(merged["ema"]) == {"attn", "down"}
+    broken = _part(1, 2, ["down"])
+    del broken["task_window"]  # any other entry is still required
+    with pytest.raises(KeyError, match="task_window"):
+        merge_state_parts([broken, _part(0, 2, ["attn"])])
 
 
 def test_a_missing_rank_or_a_part_of_another_step_is_refused_by_name():

@@ -251,8 +251,23 @@ def test_a_null_share_moves_the_lowest_mass_to_zero():
     torch.testing.assert_close(moved.weights.sum(), torch.tensor(1.0, dtype=F64))
     assert moved.mean(moved.nodes) == pytest.approx(0.1 * 2e-3 + 0.25 * (2.0 + 3.0)), "taken from the lowest nodes"
     assert moved.probes == 2
-    with pytest.raises(ValueError, match="null share 1.5 must be in"):
-        estimate.with_null_share(1.5)
+    assert torch.equal(estimate.with_null_share(0.0).weights[1:], estimate.weights[torch.argsort(estimate.nodes)])
+    for share in (1.0, 1.5):  # all of it at 0 would leave τ's median nothing to stand on
+        with pytest.raises(ValueError, match=f"null share {share} must be in"):
+            estimate.with_null_share(share)
+
+
+def test_a_row_count_below_the_rank_falls_back_instead_of_moving_positive_mass(one_torch_thread):
+    """A count of fewer rows than C_task's rank would move positive λ to the null space and gate them at 0: the
+    solver finds more positive λ than rows and leaves the choice to the full solve, as it does for no rows at all."""
+    d, tokens = 400, 100
+    c_task, c_pre = _refreshed_task(d, tokens), spd(d, 31)  # rank 200
+    for wrong in (150, 0):
+        top_k, _ = _solvers()
+        projector, _ = top_k.solve("layer", c_task, c_pre, task_rows=wrong)
+        assert top_k.top_k_fallbacks == {"layer": 1}, wrong
+        full_projector, _ = _solvers()[1].solve("layer", c_task, c_pre)
+        torch.testing.assert_close(projector.gates, full_projector.gates)
 
 
 def test_a_solve_refuses_a_row_count_that_is_not_one():
