@@ -14,12 +14,14 @@ top-k solver counts the null space instead of estimating it. Columns:
   (in the C̃ inner product; 1 = the same subspace); ``gate_error``: the largest difference of their stored gates;
   ``update_error``: ‖P_topk u − P_full u‖ / ‖P_full u‖ over 16 random LoRA-A rows u; ``tau_error``: τ's relative
   difference (the top-k solver estimates the median λ). The ``refresh_`` columns compare the top-k refresh with a
-  full solve of the refresh's statistics (run after the timings, untimed).
+  full solve of the refresh's statistics (run after the timings, untimed). The top-k solver runs at the config's
+  ``top_k_residual`` unless ``--top-k-residual`` names another (``none``: to the solve dtype's limit).
 
 The full solve's fit c = Σ t·d³ / Σ d⁶ gives the seconds per d³/10⁹ that ``folora-ds plan --solve-rate`` takes.
 
     python benchmarks/eigensolve.py                                   # CPU here: d = 1024 ... 4096, full only
     python benchmarks/eigensolve.py --dims 4096 8192 --solvers full top_k --k 64 --dtypes float64
+    python benchmarks/eigensolve.py --dims 8192 --solvers full top_k --dtypes float32 --top-k-residual none  # exact
     python benchmarks/eigensolve.py --device cuda --dims 4096 8192 14336 28672 --solvers full top_k --json out.json
 """
 
@@ -35,7 +37,7 @@ EXTRAPOLATE = (8192, 14336, 28672)
 
 
 def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: list[str], task_tokens: int,
-         pre_ratio: float, refresh: bool = True) -> dict:
+         pre_ratio: float, refresh: bool = True, top_k_residual: float | None | str = "default") -> dict:
     import resource
     import time
 
@@ -64,10 +66,12 @@ def _one(dim: int, dtype_name: str, device: str, repeats: int, k: int, solvers: 
         if device == "cuda":
             torch.cuda.synchronize()
 
-    row: dict = {"dim": dim, "dtype": dtype_name, "k": k, "task_tokens": tokens, "pre_rows": rows_pre}
+    residual = {} if top_k_residual == "default" else {"top_k_residual": top_k_residual}
+    row: dict = {"dim": dim, "dtype": dtype_name, "k": k, "task_tokens": tokens, "pre_rows": rows_pre,
+                 "top_k_residual": FoLoRAConfig(**residual).top_k_residual}
     projectors, reports = {}, {}
     for solver_name in solvers:
-        config = FoLoRAConfig(k=k, eigensolver=solver_name, solve_dtype=dtype_name)
+        config = FoLoRAConfig(k=k, eigensolver=solver_name, solve_dtype=dtype_name, **residual)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -124,7 +128,7 @@ def _agreement(full, top, rows) -> dict:
 
 def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, solvers: list[str],
         task_tokens: int | None, json_path: str | None = None, pre_ratio: float = 2.0,
-        refresh: bool = True) -> list[dict]:
+        refresh: bool = True, top_k_residual: float | None | str = "default") -> list[dict]:
     """Every (dtype, d) in its own subprocess; prints a line per row, rewrites ``json_path`` after each (a run
     stopped by a time limit keeps the rows it finished) and returns the rows."""
     rows = []
@@ -134,6 +138,7 @@ def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, s
             out = subprocess.run([sys.executable, __file__, "--one", str(dim), dtype, "--device", device,
                                   "--repeats", str(repeats), "--k", str(k), "--solvers", *solvers,
                                   "--task-tokens", str(tokens), "--pre-ratio", str(pre_ratio),
+                                  "--top-k-residual", str(top_k_residual).lower(),
                                   *([] if refresh else ["--no-refresh"])],
                                  capture_output=True, text=True)
             if out.returncode != 0:
@@ -161,6 +166,13 @@ def run(dims: list[int], dtypes: list[str], device: str, repeats: int, k: int, s
     return rows
 
 
+def _residual(text: str) -> float | None | str:
+    """``--top-k-residual``: 'default', 'none' or a number."""
+    if text in ("default", "none"):
+        return None if text == "none" else text
+    return float(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
@@ -174,6 +186,9 @@ def main() -> None:
     parser.add_argument("--no-refresh", action="store_true",
                         help="skip the top-k refresh (where it falls back, a second full solve: half an hour at "
                              "d = 28672 on 2 CPU cores)")
+    parser.add_argument("--top-k-residual", default="default", type=_residual,
+                        help="the top-k solver's top_k_residual: a number, 'none' (iterate to the solve dtype's "
+                             "limit, the exact mode) or 'default' (the config's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", help="also write the rows here")
@@ -181,13 +196,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         print(json.dumps(_one(int(args.one[0]), args.one[1], args.device, args.repeats, args.k, args.solvers,
-                              args.task_tokens, args.pre_ratio, not args.no_refresh)))
+                              args.task_tokens, args.pre_ratio, not args.no_refresh, args.top_k_residual)))
         return
     import torch
 
-    print(f"device={args.device} threads={torch.get_num_threads()} k={args.k} solvers={args.solvers}")
+    print(f"device={args.device} threads={torch.get_num_threads()} k={args.k} solvers={args.solvers} "
+          f"top_k_residual={args.top_k_residual}")
     rows = run(args.dims, args.dtypes, args.device, args.repeats, args.k, args.solvers, args.task_tokens, args.json,
-               args.pre_ratio, not args.no_refresh)
+               args.pre_ratio, not args.no_refresh, args.top_k_residual)
     if "full" in args.solvers:
         for dtype in args.dtypes:
             mine = [r for r in rows if r["dtype"] == dtype]

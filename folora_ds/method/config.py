@@ -123,6 +123,12 @@ class FoLoRAConfig:
             iteration, with the spectrum's distribution — τ's median, the base gate, Σg — estimated by stochastic
             Lanczos quadrature; needs ``k``; falls back to the full solve when it does not converge or when k
             would cut a tied cluster), or "auto" (top_k from d ≥ ``TOP_K_MIN_DIM`` with k ≤ d/16, else full).
+        top_k_residual: the relative residual ‖My − θy‖ / θ_max each of the top-k solver's eigenpairs must reach
+            (None: as small as the solve dtype allows, 1e-8 in float64 and 3.1e-5 in float32). It is a backward
+            error: the stored directions and their λ are exact for whitened task statistics M within 2× this of
+            the largest λ — far below what one refresh window moves C_task or what sampling its tokens leaves
+            uncertain. At 1e-3 a refresh at d = 28672 needs about half the applications of float32's limit, with
+            the gated update within 2e-3 of it (docs/benchmarks.md).
         max_consecutive_failures: the N-th failed re-solve in a row of one input stops training with an error
             naming the layer; the N − 1 before it keep the previous basis.
         refresh_interval: optimizer steps between re-solves from the running C_task (0 = never).
@@ -180,6 +186,7 @@ class FoLoRAConfig:
     solve_dtype: str = "float64"
     retry_float64: bool = True
     eigensolver: str = "full"
+    top_k_residual: float | None = 1e-3
     max_consecutive_failures: int = 3
     refresh_interval: int = 100
     ema_decay: float = 0.9
@@ -223,6 +230,8 @@ class FoLoRAConfig:
         _require_choice("eigensolver", self.eigensolver, EIGENSOLVERS)
         _require(self.eigensolver != "top_k" or self.k is not None, "eigensolver", self.eigensolver,
                  '"full" or "auto" when k is null (every direction is stored: there is nothing to skip)')
+        if self.top_k_residual is not None:
+            _require_real("top_k_residual", self.top_k_residual, low=0.0, high=0.1)
         _require_int("max_consecutive_failures", self.max_consecutive_failures, 1)
         _require_int("refresh_interval", self.refresh_interval, 0)
         _require_real("ema_decay", self.ema_decay, low=0.0, high=1.0, low_open=False, high_open=True)

@@ -35,6 +35,7 @@ from folora_ds.method.topk_eigensolve import (
     SpectrumEstimate,
     generalized_spectrum,
     generalized_top_k,
+    residual_tolerance,
     shifted_cholesky,
 )
 
@@ -49,6 +50,13 @@ def solves_top_k(config: FoLoRAConfig, dim: int) -> bool:
     """Whether an input of width ``dim`` is solved for its k stored directions only (``config.eigensolver``)."""
     return config.k is not None and config.k < dim and (config.eigensolver == "top_k" or (
         config.eigensolver == "auto" and dim >= TOP_K_MIN_DIM and 16 * config.k <= dim))
+
+
+def top_k_tolerance(config: FoLoRAConfig) -> float:
+    """The relative residual the top-k solver's eigenpairs must reach: ``config.top_k_residual``, or what the
+    solve dtype allows where that is finer (``residual_tolerance``; None asks for exactly that)."""
+    floor = residual_tolerance(getattr(torch, config.solve_dtype))
+    return floor if config.top_k_residual is None else max(config.top_k_residual, floor)
 
 
 def zero_null_space(eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -236,11 +244,19 @@ class SpectralSolver:
         scale = float(torch.trace(c_pre)) / dim
         if not scale > 0:
             return None
-        c_tilde = c_pre.to(dtype, copy=True)
-        c_tilde.diagonal().add_(cfg.ridge * scale)
+
+        made: list[torch.Tensor] = []
+
+        def tilde() -> torch.Tensor:  # C̃ in the solve dtype: a (d, d) copy, made once and only where a step needs
+            if not made:  # it (a refresh of the largest end keeps L and needs none)
+                made.append(c_pre.to(dtype, copy=True))
+                made[0].diagonal().add_(cfg.ridge * scale)
+            return made[0]
+
         c_task = c_task.to(dtype)
         generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))  # the same draw on any rank
-        lower = self._pre_factor(key, c_pre, c_tilde)
+        tolerance = top_k_tolerance(cfg)
+        lower = self._pre_factor(key, c_pre, tilde)
         if lower is None:
             return None
         spectrum = generalized_spectrum(c_task, lower, generator=generator)
@@ -287,9 +303,11 @@ class SpectralSolver:
                                             - end_share(1 - node_gates, descending=False))
                 store_largest = left_with_null_base < left_with_base_one - 1e-9 * dim
         if not store_largest:
+            c_tilde = tilde()
             try:
                 small = generalized_top_k(c_task, c_tilde, k + 1, "smallest", factor=shifted_cholesky(c_task, c_tilde),
-                                          start=self._warm_starts.get((key, "smallest")), generator=generator)
+                                          start=self._warm_starts.get((key, "smallest")), tolerance=tolerance,
+                                          generator=generator)
             except torch.linalg.LinAlgError:
                 return None
             small_gates = gate(small.eigenvalues)
@@ -300,7 +318,7 @@ class SpectralSolver:
         # SLQ's count is off by a few σ at most: ask for 4σ more, so a short count still finds every positive λ
         margin = math.ceil(4 * dim * spectrum.share_deviation(null_count / dim, dim)) + 1
         wanted = min(positives + margin if positives <= max(4 * k, EXACT_POSITIVES) else k + 1, dim)
-        large = generalized_top_k(c_task, c_tilde, wanted, "largest", factor=(lower, 0.0),
+        large = generalized_top_k(c_task, None, wanted, "largest", factor=(lower, 0.0), tolerance=tolerance,
                                   start=self._warm_starts.get((key, "largest")), generator=generator)
         if not large.converged:
             return None
@@ -316,13 +334,14 @@ class SpectralSolver:
         chosen = slice(large.eigenvalues.numel() - count, large.eigenvalues.numel())
         return self._top_k_result(key, large, chosen, large_gates[chosen], null_gate, spectrum, gate, tau, cfg.ridge)
 
-    def _pre_factor(self, key: str, c_pre: torch.Tensor, c_tilde: torch.Tensor) -> torch.Tensor | None:
+    def _pre_factor(self, key: str, c_pre: torch.Tensor, tilde) -> torch.Tensor | None:
         """L = chol(C̃) of ``key``: the kept one while ``c_pre`` is the same unmodified tensor (a refresh), else
-        computed and kept; None when C̃ is not positive definite."""
+        computed from ``tilde()`` and kept; None when C̃ is not positive definite."""
         kept = self._pre_factors.get(key)
-        if kept is not None and kept[0] is c_pre and kept[1] == c_pre._version and kept[2].dtype == c_tilde.dtype:
+        dtype = getattr(torch, self.config.solve_dtype)
+        if kept is not None and kept[0] is c_pre and kept[1] == c_pre._version and kept[2].dtype == dtype:
             return kept[2]
-        lower, info = torch.linalg.cholesky_ex(c_tilde)
+        lower, info = torch.linalg.cholesky_ex(tilde())
         if int(info) != 0:
             self._pre_factors.pop(key, None)
             return None

@@ -221,7 +221,8 @@ class GridSpec:
     figures: Mapping[str, str] = field(default_factory=dict)
 
 
-FOLORA_FIELDS_ADDED = {"eigensolver": "full", "statistics_flops_share": None, "statistics_flop_cost": None}
+FOLORA_FIELDS_ADDED = {"eigensolver": "full", "statistics_flops_share": None, "statistics_flop_cost": None,
+                       "top_k_residual": 1e-3}
 """FoLoRA config fields added after grids had run, with the value that does what every run did before them: a run's
 key leaves such a field out at that value, so adding a field invalidates no finished run (a changed default of an
 older field still does)."""

@@ -33,6 +33,7 @@ TOP_LEVEL_BAD = [
     ("max_ridge_escalations", -1),
     ("solve_dtype", "float16"),
     ("eigensolver", "lobpcg"),
+    ("top_k_residual", 0.0), ("top_k_residual", 0.5), ("top_k_residual", float("nan")),
     ("retry_float64", 1), ("retry_float64", "true"),
     ("max_consecutive_failures", 0),
     ("refresh_interval", -1), ("refresh_interval", 1.5),
@@ -274,7 +275,8 @@ def test_invalid_value_in_deepspeed_file_names_the_field(tmp_path):
 NON_DEFAULT = FoLoRAConfig(
     lora_rank=4, lora_alpha=8.0, lora_dropout=0.05, target_modules=("q_proj", "down_proj"), gate="sigmoid",
     temperature=0.5, tau=3.0, tau_mode="absolute", k=12, gate_tie_tolerance=1e-4, ridge=1e-4,
-    max_ridge_escalations=2, solve_dtype="float32", eigensolver="top_k", statistics_tokens=16, statistics_every=3,
+    max_ridge_escalations=2, solve_dtype="float32", eigensolver="top_k", top_k_residual=1e-4, statistics_tokens=16,
+    statistics_every=3,
     statistics_flops_share=0.02, statistics_flop_cost=3.0,
     retry_float64=False, max_consecutive_failures=5, refresh_interval=10, ema_decay=0.5, variant="A",
     cap_update_norm=True, init="kaiming", task_token_mask="attention", statistics_dtype="float64", max_seq_len=64,

@@ -130,6 +130,19 @@ def test_non_finite_statistics_raise_naming_the_layer(which, bad):
     assert isinstance(caught.value, SpectralSolveError)
 
 
+def test_finite_statistics_whose_float32_sum_overflows_are_not_called_non_finite():
+    """The NaN/Inf check sums each matrix in its own dtype; a finite float32 C_task whose sum overflows must pass it
+    (the exact check decides) and fail, if at all, for what it is."""
+    from folora_ds.method.eigensolve import check_statistics
+
+    huge = torch.full((4, 4), 3e38, dtype=torch.float32)
+    assert not bool(torch.isfinite(huge.sum()))
+    check_statistics(huge, torch.eye(4), LAYER)
+    huge[1, 2] = math.nan
+    with pytest.raises(NonFiniteStatisticsError, match="C_task contains NaN or Inf"):
+        check_statistics(huge, torch.eye(4), LAYER)
+
+
 def test_zero_c_pre_raises_spectral_solve_error():
     with pytest.raises(SpectralSolveError) as caught:
         solve_generalized_eigenproblem(spd(5, seed=0), torch.zeros(5, 5, dtype=F64), layer=LAYER)

@@ -108,10 +108,12 @@ def test_slq_estimates_the_effective_rank_and_the_median(one_torch_thread):
 
 
 def _solvers(**overrides):
+    """(top-k, full) solvers; the top-k one iterates to float64's limit (``top_k_residual=None``), so these cases
+    test what the algorithm computes, not the default tolerance (its own test below)."""
     from folora_ds.method.config import FoLoRAConfig
     from folora_ds.method.spectral import SpectralSolver
 
-    settings = {"k": 12, "ridge": RIDGE, "eigensolver": "top_k", **overrides}
+    settings = {"k": 12, "ridge": RIDGE, "eigensolver": "top_k", "top_k_residual": None, **overrides}
     return SpectralSolver(FoLoRAConfig(**settings)), SpectralSolver(FoLoRAConfig(**{**settings, "eigensolver": "full"}))
 
 
@@ -308,3 +310,68 @@ def test_auto_solves_narrow_inputs_in_full():
 
     auto = FoLoRAConfig(k=12, eigensolver="auto")
     assert not solves_top_k(auto, 4096) and solves_top_k(auto, 8192) and not solves_top_k(auto, 100)
+
+
+def test_a_looser_residual_stops_earlier_and_is_a_backward_error(one_torch_thread):
+    """``top_k_residual``'s meaning: the Ritz pairs at a 1e-3 residual are exact eigenpairs of M + E with
+    E = −(R Yᵀ + Y Rᵀ) (R = MY − YΘ ⊥ Y after Rayleigh–Ritz), ‖E‖₂ = ‖R‖₂ ≤ √k · 1e-3 · θ_max; a dense top of the
+    spectrum (where the iteration is slow) needs fewer applications for it than for float64's 1e-8."""
+    d, k = 400, 12
+    generator = torch.Generator().manual_seed(14)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=F64))
+    matrix = q @ torch.diag(torch.cat([torch.logspace(-3, -1, d - 40, dtype=F64),
+                                       torch.linspace(0.5, 1.0, 40, dtype=F64)])) @ q.mT
+    matrix = (matrix + matrix.mT) / 2
+
+    def solve(tolerance):
+        return top_eigenpairs(lambda block: matrix @ block, d, k, tolerance=tolerance, dtype=F64,
+                              generator=torch.Generator().manual_seed(14))
+
+    loose, tight = solve(1e-3), solve(1e-8)
+    assert loose.converged and tight.converged and loose.residual <= 1e-3
+    assert loose.applications < tight.applications
+    residuals = matrix @ loose.vectors - loose.vectors * loose.values
+    perturbation = -(residuals @ loose.vectors.mT + loose.vectors @ residuals.mT)
+    torch.testing.assert_close((matrix + perturbation) @ loose.vectors, loose.vectors * loose.values,
+                               atol=1e-12, rtol=0)
+    assert float(torch.linalg.matrix_norm(perturbation, ord=2)) <= math.sqrt(k) * 1e-3 * float(loose.values[0])
+
+
+def test_the_default_residual_stores_the_exact_modes_directions(one_torch_thread):
+    """The default ``top_k_residual`` (1e-3) against the exact mode (None) beside a counted null space: the same
+    stored directions, gates and gated update to well within the tolerance τ's estimate already has (10%)."""
+    from folora_ds.method.config import FoLoRAConfig
+    from folora_ds.method.spectral import SpectralSolver, top_k_tolerance
+
+    d, tokens = 800, 150
+    c_task, c_pre = _refreshed_task(d, tokens), spd(d, 31)
+    exact, _ = _solvers()
+    default, _ = _solvers(top_k_residual=FoLoRAConfig().top_k_residual)
+    assert top_k_tolerance(default.config) == 1e-3 and top_k_tolerance(exact.config) == 1e-8
+    exact_projector, exact_report = exact.solve("layer", c_task, c_pre, task_rows=2 * tokens)
+    default_projector, default_report = default.solve("layer", c_task, c_pre, task_rows=2 * tokens)
+    assert default.top_k_fallbacks == {} and default_report.estimated
+    cosines = torch.linalg.svdvals(exact_projector.c_tilde_v.mT @ default_projector.v)
+    assert float(cosines.min()) > 1 - 1e-5  # measured: 1 − 1.1e-6, a principal angle of 1.5e-3
+    torch.testing.assert_close(default_projector.gates, exact_projector.gates, atol=1e-5, rtol=0)  # 5e-8
+    gated_default, gated_exact = _gated_rows(default_projector, 0, d), _gated_rows(exact_projector, 0, d)
+    assert float((gated_default - gated_exact).norm() / gated_exact.norm()) < 5e-3  # 1.4e-3: the angle
+    assert SpectralSolver(FoLoRAConfig(k=12, solve_dtype="float32", top_k_residual=1e-6)).config.top_k_residual == 1e-6
+    assert top_k_tolerance(FoLoRAConfig(k=12, solve_dtype="float32", top_k_residual=1e-6)) == residual_tolerance(
+        torch.float32), "never finer than the solve dtype reaches"
+
+
+def test_the_largest_end_needs_no_c_tilde_given_its_factor(one_torch_thread):
+    """A refresh of the largest end keeps L and never copies C̃: C̃V comes out as L·Y, equal to C̃ @ V."""
+    d, k = 300, 10
+    c_task, _, c_tilde, _ = _problem(d, 15, tokens=40)
+    lower = torch.linalg.cholesky(c_tilde)
+    with_c_tilde = generalized_top_k(c_task, c_tilde, k, "largest", factor=(lower, 0.0),
+                                     generator=torch.Generator().manual_seed(15))
+    without = generalized_top_k(c_task, None, k, "largest", factor=(lower, 0.0),
+                                generator=torch.Generator().manual_seed(15))
+    torch.testing.assert_close(without.c_tilde_v, c_tilde @ without.v, atol=1e-10, rtol=0)
+    torch.testing.assert_close(without.c_tilde_v, with_c_tilde.c_tilde_v)
+    for end, factor in (("smallest", (lower, 0.0)), ("largest", None)):
+        with pytest.raises(ValueError, match="needs C̃"):
+            generalized_top_k(c_task, None, k, end, factor=factor)
