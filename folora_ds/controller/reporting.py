@@ -23,7 +23,9 @@ class LayerSummary:
     fed by it): input width ``dim``, ``effective_rank`` Σg, ``attenuated`` directions (g < 0.5), the absolute ``tau``
     used, the consecutive failed re-solves at the end (``solve_failures``), and what the width-k projector keeps:
     ``stored`` directions, the ``base_gate`` of all others, ``approximated`` directions (k too small) and, of
-    those, ``split_ties`` (tied clusters left out whole; see ``projector.select_directions``)."""
+    those, ``split_ties`` (tied clusters left out whole; see ``projector.select_directions``); ``estimated``: the
+    top-k solver made its last solve (Σg and τ then come from its spectrum estimate), False where it fell back to
+    or was not chosen over the full solve (``eigensolver``)."""
 
     key: str
     members: tuple[str, ...]
@@ -36,6 +38,7 @@ class LayerSummary:
     base_gate: float
     approximated: int
     split_ties: int
+    estimated: bool = False
 
 
 def summarize(reports: Mapping[str, SolveReport], members: Mapping[str, Sequence[str]]) -> list[LayerSummary]:
@@ -49,7 +52,8 @@ def summarize(reports: Mapping[str, SolveReport], members: Mapping[str, Sequence
                          effective_rank=float(report.gates.sum()),
                          attenuated=int((report.gates < ATTENUATED_BELOW).sum()), tau=report.tau,
                          solve_failures=report.consecutive_failures, stored=report.stored,
-                         base_gate=report.base_gate, approximated=report.approximated, split_ties=report.split_ties)
+                         base_gate=report.base_gate, approximated=report.approximated, split_ties=report.split_ties,
+                         estimated=report.estimated)
             for key, report in reports.items()]
 
 

@@ -166,3 +166,20 @@ def test_k_splitting_a_tied_cluster_of_gates_gives_the_same_result_on_every_worl
                 torch.testing.assert_close(result["weights"][name], expected, rtol=0, atol=1e-6, msg=name)
         assert [(s.key, s.stored, s.base_gate, s.approximated) for s in result["summaries"]] == [
             (s.key, s.stored, s.base_gate, s.approximated) for s in reference["summaries"]]
+
+
+TOP_K = {"eigensolver": "top_k"}  # k = 5 of inputs 24 and 40 wide: every input solved for its 5 directions
+
+
+@pytest.mark.parametrize(("stage", "world"), [(2, 3), (3, 2)])
+def test_the_top_k_solver_gives_the_same_result_on_every_world_size(stage, world):
+    """The top-k solver (its default ``top_k_residual``, random draws seeded by the input's name, so the same on
+    every owner) in calibration and at both refreshes: ZeRO-2 on 3 ranks and ZeRO-3 on 2 equal one process, and
+    every input really was solved top-k (no fall-back to the full solve, which would make this test the others)."""
+    reference = single_process_reference(TOP_K)
+    assert reference["summaries"] and all(s.estimated for s in reference["summaries"])
+    results = run_ranks(world, _distributed, stage, None, TOP_K)
+    assert_matches_reference(results, reference)
+    for result in results:
+        assert [(s.key, s.estimated, s.stored, s.base_gate) for s in result["summaries"]] == [
+            (s.key, s.estimated, s.stored, s.base_gate) for s in reference["summaries"]]

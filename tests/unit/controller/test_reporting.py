@@ -3,6 +3,8 @@ ranks, the aggregation of per-rank values into the ``folora/...`` metrics, and t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -34,6 +36,9 @@ def test_a_summary_counts_gates_below_one_half_as_attenuated_and_sums_the_gates_
     assert summary.members == tuple(members[ATTN])
     assert (summary.tau, summary.solve_failures, summary.stored, summary.approximated, summary.split_ties) == (
         0.25, 2, 1, 3, 1)
+    assert not summary.estimated
+    (estimated,) = summarize({ATTN: dataclasses.replace(_report(ATTN, [0.1, 0.9]), estimated=True)}, members)
+    assert estimated.estimated, "a top-k solve shows in the summary"
 
 
 def test_summaries_of_every_rank_come_back_in_input_order_without_unsolved_inputs():
