@@ -125,10 +125,10 @@ class FoLoRAConfig:
             would cut a tied cluster), or "auto" (top_k from d ≥ ``TOP_K_MIN_DIM`` with k ≤ d/16, else full).
         top_k_residual: the relative residual ‖My − θy‖ / θ_max each of the top-k solver's eigenpairs must reach
             (None: as small as the solve dtype allows, 1e-8 in float64 and 3.1e-5 in float32). It is a backward
-            error: the stored directions and their λ are exact for whitened task statistics M within 2× this of
-            the largest λ — far below what one refresh window moves C_task or what sampling its tokens leaves
-            uncertain. At 1e-3 a refresh at d = 28672 needs about half the applications of float32's limit, with
-            the gated update within 2e-3 of it (docs/benchmarks.md).
+            error: the stored directions and their λ are exact for whitened task statistics M + E with
+            ‖E‖₂ ≤ √k · this · λ_max — far below what one refresh window moves C_task or what sampling its tokens
+            leaves uncertain (docs/method.md). At 1e-3 a refresh at d = 28672 needed 1,458 operator columns
+            instead of float32's 2,349, with the gated update within 7.3e-4 of it (docs/benchmarks.md).
         max_consecutive_failures: the N-th failed re-solve in a row of one input stops training with an error
             naming the layer; the N − 1 before it keep the previous basis.
         refresh_interval: optimizer steps between re-solves from the running C_task (0 = never).
